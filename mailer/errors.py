@@ -1,0 +1,61 @@
+"""The error tree. Library code raises these; only the CLI turns them into `Error:` lines."""
+
+from __future__ import annotations
+
+
+class MailerError(Exception):
+    """Anything the user can act on. The message names the file, row, host or campaign."""
+
+    exit_code: int = 1
+
+
+class WorkspaceError(MailerError):
+    """No workspace where one is needed, or a broken `mailer.toml`."""
+
+
+class DatabaseError(MailerError):
+    """The database cannot be opened, or is not migrated to the code's schema."""
+
+
+class ImportFileError(MailerError):
+    """An input file that cannot be read at all (encoding, layout, format)."""
+
+
+class StrictImportError(ImportFileError):
+    """`--strict` was asked for and at least one row was rejected: nothing was written."""
+
+
+class NotFoundError(MailerError):
+    """An unknown campaign, contact or template."""
+
+
+class ConflictError(MailerError):
+    """Something with that name exists already."""
+
+
+class InvalidValueError(MailerError):
+    """A flag or field value that does not parse (a `--where` field, a rate, a date)."""
+
+
+class TemplateError(MailerError):
+    """A template that cannot be loaded or rendered; the message names file and line."""
+
+
+class CheckFailed(MailerError):
+    """`check` found problems that block sending."""
+
+
+class TransportError(MailerError):
+    """A systemic delivery failure: server unreachable, TLS refused, authentication refused."""
+
+
+class SendIncomplete(MailerError):
+    """`send` ended with messages still failed, uncertain, retrying or held back by a cap."""
+
+    exit_code = 3
+
+
+class Interrupted(MailerError):
+    """The run was interrupted (Ctrl-C, SIGTERM) and paused cleanly."""
+
+    exit_code = 130
