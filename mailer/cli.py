@@ -201,14 +201,1075 @@ def db_current() -> None:
 # --------------------------------------------------------------------------- import & contacts
 # (importers.py, audience.py)
 
+MAX_REJECT_LINES = 20
+_READ_OPTIONS = (
+    click.option(
+        "--encoding",
+        metavar="E",
+        help="The file's encoding (default: detected; UTF-8/16 with BOM, UTF-8, cp1251, cp1252).",
+    ),
+    click.option(
+        "--delimiter",
+        metavar="D",
+        help="Field separator: , ; | or tab (default: detected).",
+    ),
+    click.option(
+        "--map",
+        "mappings",
+        metavar="SOURCE=FIELD",
+        multiple=True,
+        help="Read column SOURCE as FIELD (repeatable), e.g. --map 'E-Post=email'.",
+    ),
+    click.option("--strict", is_flag=True, help="Write nothing if any row is rejected."),
+    click.option("--dry-run", is_flag=True, help="Validate and report; write nothing."),
+    click.option(
+        "--rejects",
+        "rejects_path",
+        metavar="FILE.csv",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write rejected rows (original cells + reject_reason) to this CSV.",
+    ),
+)
+
+
+def _read_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_READ_OPTIONS):
+        func = option(func)
+    return func
+
+
+def _print_import(summary: Any, rejects_path: Path | None) -> None:
+    for reject in summary.rejects[:MAX_REJECT_LINES]:
+        click.echo(reject.line(summary.file))
+    more = summary.rejected - MAX_REJECT_LINES
+    if more > 0:
+        where = f"{rejects_path} and the import record" if rejects_path else "the import record"
+        click.echo(f"... and {more} more rejected rows (all listed in {where})")
+    click.echo(summary.line())
+
+
+def _run_import(func: Callable[..., Any], rejects_path: Path | None, **kwargs: Any) -> None:
+    from mailer import importers
+
+    factory = db.session_factory(state().engine())
+    try:
+        summary = func(factory, rejects_path=rejects_path, **kwargs)
+    except importers.StrictImportFailed as exc:
+        _print_import(exc.summary, rejects_path)
+        raise
+    _print_import(summary, rejects_path)
+
+
+@cli.group(name="import")
+def import_group() -> None:
+    """Import contacts, partner-city ties or signatories from CSV or XLSX.
+
+    \b
+    Example:
+      mailer import contacts mayors.xlsx --tag wave-1
+      mailer import partnerships seeds/partnerships.csv
+    """
+
+
+@import_group.command(name="contacts")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_read_options
+@click.option("--tag", "tags", metavar="T", multiple=True, help="Tag every imported contact.")
+def import_contacts_cmd(
+    file: Path,
+    encoding: str | None,
+    delimiter: str | None,
+    mappings: tuple[str, ...],
+    strict: bool,
+    dry_run: bool,
+    rejects_path: Path | None,
+    tags: tuple[str, ...],
+) -> None:
+    """Add or update contacts from FILE (CSV in any usual encoding, or XLSX), by email.
+
+    Columns: email plus any of name, title, salutation, organisation, city, region, country,
+    language, tags (usual synonyms such as E-mail, Full name, Municipality, Lang are
+    understood); every other column is kept as an attribute for templates. Empty cells never
+    erase stored values; tags and attributes merge. Suppressed addresses stay suppressed.
+    Rejected rows are listed as FILE:ROW: column: reason (the header is row 1).
+
+    \b
+    Example:
+      mailer import contacts mayors.csv --tag germany --rejects rejected.csv
+      mailer import contacts liste.csv --encoding cp1252 --delimiter ';' --map 'E-Post=email'
+    """
+    from mailer import importers
+
+    _run_import(
+        importers.import_contacts,
+        rejects_path,
+        path=file,
+        encoding=encoding,
+        delimiter=delimiter,
+        mapping=importers.parse_mapping(mappings),
+        tags=tags,
+        strict=strict,
+        dry_run=dry_run,
+    )
+
+
+@import_group.command(name="partnerships")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_read_options
+def import_partnerships_cmd(
+    file: Path,
+    encoding: str | None,
+    delimiter: str | None,
+    mappings: tuple[str, ...],
+    strict: bool,
+    dry_run: bool,
+    rejects_path: Path | None,
+) -> None:
+    """Add or update partner-city ties from FILE; cities are created as needed.
+
+    Columns: ukrainian_city, partner_city, partner_country, kind (twin, sister, partner,
+    friendship, cooperation), since (a year), note; optional ukrainian_region, partner_region.
+
+    \b
+    Example:
+      mailer import partnerships seeds/partnerships.csv
+    """
+    from mailer import importers
+
+    _run_import(
+        importers.import_partnerships,
+        rejects_path,
+        path=file,
+        encoding=encoding,
+        delimiter=delimiter,
+        mapping=importers.parse_mapping(mappings),
+        strict=strict,
+        dry_run=dry_run,
+    )
+
+
+@import_group.command(name="signatories")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_read_options
+def import_signatories_cmd(
+    file: Path,
+    encoding: str | None,
+    delimiter: str | None,
+    mappings: tuple[str, ...],
+    strict: bool,
+    dry_run: bool,
+    rejects_path: Path | None,
+) -> None:
+    """Add or update the Ukrainian signatories from FILE, by (name, city).
+
+    Columns: name, title, city (a Ukrainian city), email (optional reply-to address);
+    optional region.
+
+    \b
+    Example:
+      mailer import signatories seeds/signatories.csv
+    """
+    from mailer import importers
+
+    _run_import(
+        importers.import_signatories,
+        rejects_path,
+        path=file,
+        encoding=encoding,
+        delimiter=delimiter,
+        mapping=importers.parse_mapping(mappings),
+        strict=strict,
+        dry_run=dry_run,
+    )
+
+
+@cli.group(name="contacts")
+def contacts_group() -> None:
+    """Look at the imported contacts.
+
+    \b
+    Example:
+      mailer contacts list --where country=DE
+    """
+
+
+@contacts_group.command(name="list")
+@click.option(
+    "--where",
+    "wheres",
+    metavar="FIELD=VALUE",
+    multiple=True,
+    help="Filter (repeatable): a field (email, name, city, country, language, ...) or an "
+    "imported column. The same field twice means either value.",
+)
+@click.option("--tag", "tags", metavar="T", multiple=True, help="Only contacts with this tag.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="table: for people; csv: a header row, formula-like cells neutralised; "
+    "json: one JSON array of objects (with attributes).",
+)
+def contacts_list(wheres: tuple[str, ...], tags: tuple[str, ...], fmt: str) -> None:
+    """List contacts, optionally filtered.
+
+    \b
+    Example:
+      mailer contacts list --where country=DE --where language=de
+      mailer contacts list --tag wave-1 --format csv > wave-1.csv
+    """
+    import csv
+    import io
+    import json
+
+    from mailer import importers
+    from mailer.audience import Audience, parse_where
+
+    audience = Audience(where=parse_where(wheres), tags=tuple(tags))
+    records = importers.contact_records(db.session_factory(state().engine()), audience=audience)
+    columns = importers.LIST_COLUMNS
+
+    def text(record: dict[str, Any], column: str) -> str:
+        value = record[column]
+        if isinstance(value, list):
+            return ";".join(value)
+        if isinstance(value, bool):
+            return "yes" if value else ""
+        return "" if value is None else str(value)
+
+    if fmt == "json":
+        click.echo("[", nl=False)
+        for index, record in enumerate(records):
+            item = json.dumps(record, ensure_ascii=False)
+            click.echo(("," if index else "") + "\n  " + item, nl=False)
+        click.echo("\n]")
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for record in records:
+            writer.writerow([importers.spreadsheet_safe(text(record, c)) for c in columns])
+            click.echo(buffer.getvalue(), nl=False)
+            buffer.seek(0)
+            buffer.truncate()
+        click.echo(buffer.getvalue(), nl=False)
+    else:
+        rows = [[text(record, c) for c in columns] for record in records]
+        if not rows:
+            click.echo(f"No contacts match ({audience.describe()}).")
+            return
+        widths = [min(40, max(len(c), *(len(r[i]) for r in rows))) for i, c in enumerate(columns)]
+        click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+        for row in rows:
+            cells = (
+                v if len(v) <= w else v[: w - 1] + "…" for v, w in zip(row, widths, strict=True)
+            )
+            click.echo("  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip())
+        click.echo(f"{len(rows)} contact(s)")
+
+
+@cli.group(name="suppress")
+def suppress_group() -> None:
+    """Addresses that must never be contacted, whatever campaign or import brings them back.
+
+    \b
+    Example:
+      mailer suppress add mayor@example.org --reason unsubscribed
+    """
+
+
+@suppress_group.command(name="add")
+@click.argument("emails", metavar="EMAIL...", nargs=-1, required=True)
+@click.option(
+    "--reason",
+    required=True,
+    metavar="R",
+    help="unsubscribed, hard_bounce, complaint or manual.",
+)
+def suppress_add(emails: tuple[str, ...], reason: str) -> None:
+    """Suppress addresses (an address suppressed already keeps its first reason).
+
+    \b
+    Example:
+      mailer suppress add mayor@example.org office@example.org --reason manual
+    """
+    from mailer import audience, importers
+    from mailer.errors import InvalidValueError
+
+    parsed = audience.parse_reason(reason)
+    check = importers.EmailChecker()
+    valid = []
+    for email in emails:
+        try:
+            valid.append(check(email))
+        except ValueError as exc:
+            raise InvalidValueError(f"not an email address: {exc}") from None
+    with db.transaction(db.session_factory(state().engine())) as session:
+        added = audience.suppress(session, emails=valid, reason=parsed, source="cli")
+    click.echo(f"{added} address(es) suppressed, {len(set(valid)) - added} already suppressed.")
+
+
+@suppress_group.command(name="list")
+def suppress_list() -> None:
+    """List suppressed addresses with reason, source and time.
+
+    \b
+    Example:
+      mailer suppress list
+    """
+    from mailer import audience
+
+    with db.session_factory(state().engine())() as session:
+        rows = audience.list_suppressions(session)
+    for row in rows:
+        when = row.created_at.strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{row.email}  {row.reason}  {row.source or ''}  {when}".rstrip())
+    click.echo(f"{len(rows)} suppressed address(es)")
+
+
+@suppress_group.command(name="import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--reason",
+    default="manual",
+    show_default=True,
+    metavar="R",
+    help="Reason for rows without a reason column value.",
+)
+@click.option("--encoding", metavar="E", help="The file's encoding (default: detected).")
+@click.option("--delimiter", metavar="D", help="Field separator (default: detected).")
+def suppress_import(file: Path, reason: str, encoding: str | None, delimiter: str | None) -> None:
+    """Suppress every address in FILE (an email column, optionally a reason column).
+
+    \b
+    Example:
+      mailer suppress import unsubscribed.csv --reason unsubscribed
+    """
+    from mailer import audience, importers
+
+    summary = importers.import_suppressions(
+        db.session_factory(state().engine()),
+        path=file,
+        reason=audience.parse_reason(reason),
+        encoding=encoding,
+        delimiter=delimiter,
+    )
+    for reject in summary.rejects[:MAX_REJECT_LINES]:
+        click.echo(reject.line(summary.file))
+    if summary.rejected > MAX_REJECT_LINES:
+        click.echo(f"... and {summary.rejected - MAX_REJECT_LINES} more rejected rows")
+    click.echo(
+        f"{summary.file}: {summary.added} suppressed, {summary.unchanged} already suppressed, "
+        f"{summary.rejected} rejected"
+    )
+
 
 # --------------------------------------------------------------------------- campaigns, check, preview
 # (audience.py, render.py)
+
+
+def _session() -> Any:
+    return db.transaction(db.session_factory(state().engine()))
+
+
+@cli.group(name="campaign")
+def campaign_group() -> None:
+    """Create and inspect campaigns (one letter, one audience).
+
+    \b
+    Example:
+      mailer campaign create appeal-2022 --template appeal --from office@example.org
+      mailer campaign show appeal-2022
+    """
+
+
+@campaign_group.command(name="create")
+@click.argument("slug")
+@click.option("--template", "template", required=True, metavar="NAME", help="templates/NAME/")
+@click.option("--from", "from_address", required=True, metavar="ADDRESS", help="Sender.")
+@click.option(
+    "--reply-to",
+    "reply_to",
+    metavar="ADDRESS|signatory",
+    help="Reply-To address, or `signatory`: the partner city's signatory where one has an address.",
+)
+@click.option("--where", "where", multiple=True, metavar="FIELD=VALUE", help="Audience filter.")
+@click.option("--tag", "tags", multiple=True, metavar="T", help="Only contacts with this tag.")
+@click.option("--title", default=None, help="A title for people (default: none).")
+@click.option(
+    "--language",
+    default=None,
+    metavar="LANG",
+    help="Default language (default: [campaign] default_language in mailer.toml, else en).",
+)
+def campaign_create(
+    slug: str,
+    template: str,
+    from_address: str,
+    reply_to: str | None,
+    where: tuple[str, ...],
+    tags: tuple[str, ...],
+    title: str | None,
+    language: str | None,
+) -> None:
+    """Create a draft campaign; its audience is a filter, resolved whenever needed.
+
+    \b
+    Example:
+      mailer campaign create appeal-de --template appeal --from office@example.org \\
+          --reply-to signatory --where country=DE --tag mayor
+    """
+    from mailer import campaigns
+    from mailer.audience import Audience, parse_where
+
+    workspace = state().workspace()
+    audience = Audience(where=parse_where(where), tags=tuple(tags))
+    default_language = language or str(workspace.setting("campaign", "default_language", "en"))
+    with _session() as session:
+        campaign = campaigns.create_campaign(
+            session,
+            slug=slug,
+            template=template,
+            from_address=from_address,
+            reply_to=reply_to,
+            audience=audience,
+            title=title,
+            default_language=default_language,
+            templates_dir=workspace.templates_dir,
+        )
+        size = campaigns.audience_size(session, audience)
+    click.echo(
+        f"Created campaign {campaign.slug} (draft): template {template}, "
+        f"{size:,} recipients ({audience.describe()})."
+    )
+    click.echo(f"Next: mailer check {slug}   then   mailer preview {slug}")
+
+
+@campaign_group.command(name="list")
+def campaign_list() -> None:
+    """List campaigns.
+
+    \b
+    Example:
+      mailer campaign list
+    """
+    from mailer import campaigns
+
+    with _session() as session:
+        rows = campaigns.list_campaigns(session)
+    if not rows:
+        click.echo("No campaigns yet; create one with `mailer campaign create`.")
+        return
+    for c in rows:
+        click.echo(f"{c.slug:<24} {c.status:<10} template {c.template:<16} from {c.from_address}")
+
+
+@campaign_group.command(name="show")
+@click.argument("slug")
+def campaign_show(slug: str) -> None:
+    """Show a campaign: audience size and languages, template, status, sender.
+
+    \b
+    Example:
+      mailer campaign show appeal-2022
+    """
+    from mailer import campaigns
+
+    workspace = state().workspace()
+    with _session() as session:
+        campaign = campaigns.get_campaign(session, slug)
+        summary = campaigns.summarise(session, campaign, templates_dir=workspace.templates_dir)
+    frozen = "frozen copy" if campaign.template_sources else f"live from {workspace.templates_dir}"
+    click.echo(f"Campaign:  {campaign.slug}" + (f" ({campaign.title})" if campaign.title else ""))
+    click.echo(f"Status:    {campaign.status}")
+    variants = ", ".join(summary.template_languages) or "none"
+    click.echo(f"Template:  {campaign.template} ({frozen}); variants: {variants}")
+    if summary.template_error:
+        click.echo(f"           problem: {summary.template_error}")
+    click.echo(f"From:      {campaign.from_address}")
+    click.echo(f"Reply-To:  {campaign.reply_to or '(none)'}")
+    click.echo(f"Language:  {campaign.default_language} (default)")
+    click.echo(f"Audience:  {summary.audience}: {summary.size:,} contacts")
+    for lang, n, used in summary.languages:
+        arrow = f" -> {used}" if used and used != lang else ""
+        click.echo(f"           {lang or '(no language)':<14} {n:>8,}{arrow}")
+
+
+@cli.command(name="check")
+@click.argument("slug")
+def check(slug: str) -> None:
+    """Render for every recipient and report every problem; exit 1 if any blocks sending.
+
+    \b
+    Example:
+      mailer check appeal-2022
+    """
+    from mailer import campaigns
+    from mailer.errors import CheckFailed
+
+    workspace = state().workspace()
+    with _session() as session:
+        campaign = campaigns.get_campaign(session, slug)
+        report = campaigns.check_campaign(
+            session, campaign, templates_dir=workspace.templates_dir, settings=workspace
+        )
+    for line in campaigns.format_report(report):
+        click.echo(line)
+    if not report.ok:
+        raise CheckFailed(
+            f"campaign {slug}: {len(report.blocking)} kinds of problem block sending; "
+            f"fix them and run `mailer check {slug}` again"
+        )
+
+
+@cli.command(name="preview")
+@click.argument("slug")
+@click.option("--contact", "contact", metavar="EMAIL", help="Default: the first recipient.")
+@click.option("--raw", is_flag=True, help="Write the exact bytes that would be sent.")
+def preview(slug: str, contact: str | None, raw: bool) -> None:
+    """Show exactly what one recipient would receive.
+
+    \b
+    Example:
+      mailer preview appeal-2022 --contact mayor@nuernberg.example.org
+      mailer preview appeal-2022 --raw > letter.eml
+    """
+    from mailer import campaigns, message
+
+    workspace = state().workspace()
+    with _session() as session:
+        campaign = campaigns.get_campaign(session, slug)
+        composed = campaigns.preview(
+            session,
+            campaign,
+            contact_email=contact,
+            templates_dir=workspace.templates_dir,
+            settings=workspace,
+        )
+    if raw:
+        # click.echo writes bytes to the binary stream untouched: the exact message.
+        click.echo(composed.data, nl=False)
+        return
+    note = f" (fallback from {composed.requested_language})" if composed.fell_back else ""
+    click.echo(f"[language {composed.language}{note}; {len(composed.data):,} bytes]")
+    click.echo(message.readable(composed.data), nl=False)
 
 
 # --------------------------------------------------------------------------- send & retry
 # (engine.py, transport.py)
 
 
+def _on_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+@cli.command()
+@click.argument("slug")
+@click.option(
+    "--smtp",
+    "smtp_url",
+    metavar="URL",
+    help="smtp://user@host:587 (STARTTLS), smtps://user@host:465, or smtp+plain://host:25.",
+)
+@click.option(
+    "--outbox",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write a Maildir of .eml files instead of sending.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Render and build every message; send nothing, change nothing."
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="SMTP connections.",
+)
+@click.option(
+    "--rate", metavar="N/s|N/min|N/h", help="At most this many messages per second, minute or hour."
+)
+@click.option(
+    "--daily-cap",
+    type=click.IntRange(min=1),
+    help="At most this many sent in any 24 hours (all campaigns).",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Send at most this many in this run.")
+@click.option(
+    "--test-to",
+    metavar="ADDRESS",
+    help="Send real renderings of the first recipients (3, or --limit) to this address only; record nothing.",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Trust this CA for the server's certificate (a private CA).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for each SMTP reply.",
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def send(
+    slug: str,
+    smtp_url: str | None,
+    outbox: Path | None,
+    dry_run: bool,
+    concurrency: int,
+    rate: str | None,
+    daily_cap: int | None,
+    limit: int | None,
+    test_to: str | None,
+    ca_file: Path | None,
+    timeout: float,
+    yes: bool,
+) -> None:
+    """Deliver a campaign: every recipient at most once, every outcome in the send log.
+
+    Exit status: 0 all sent; 3 messages left failed, uncertain, retrying or held by a cap;
+    130 interrupted (run send again to continue).
+
+    \b
+    Example:
+      MAILER_SMTP_PASSWORD=... mailer send appeal-2022 --smtp smtp://office@mail.example.org:587 --rate 300/min
+      mailer send appeal-2022 --outbox out/
+      mailer send appeal-2022 --smtp smtp+plain://127.0.0.1:1025 --test-to me@example.org
+    """
+    from mailer import engine as send_engine
+    from mailer import transport as tr
+    from mailer.errors import SendIncomplete
+
+    if sum((smtp_url is not None, outbox is not None, dry_run)) != 1:
+        raise click.UsageError("give exactly one of --smtp URL, --outbox DIR or --dry-run")
+    st = state()
+    workspace = st.workspace()
+    engine = st.engine()
+    terminal = _on_terminal()
+    if dry_run:
+        report = send_engine.dry_run(workspace=workspace, engine=engine, slug=slug, limit=limit)
+        click.echo(report.note or "")
+        for line in report.errors:
+            click.echo(f"  {line}")
+        if report.build_errors:
+            raise SendIncomplete(
+                f"{report.build_errors} message(s) of {slug} cannot be built; `mailer check {slug}` lists them"
+            )
+        return
+    per_second = tr.parse_rate(rate) if rate else None
+    transport: tr.Transport
+    if smtp_url is not None:
+        settings = tr.parse_smtp_url(smtp_url, ca_file=ca_file, timeout=timeout)
+        password = tr.resolve_password(
+            settings=settings,
+            password_command=workspace.setting("smtp", "password_command"),
+            prompt=(lambda text: str(click.prompt(text, hide_input=True))) if terminal else None,
+        )
+        transport = tr.SmtpPool(settings.with_password(password), size=concurrency)
+        shown = settings.display
+    else:
+        assert outbox is not None
+        transport = tr.MaildirOutbox(outbox)
+        shown = f"Maildir {outbox}"
+    plan = send_engine.plan_send(workspace=workspace, engine=engine, slug=slug)
+    if test_to is not None:
+        click.echo(
+            f"Test send of {slug}: {limit or 3} real rendering(s) to {test_to} only (nothing recorded)"
+        )
+    else:
+        click.echo(f"Sending {slug}: {plan.pending} message(s) to send (audience {plan.audience})")
+    click.echo(f"  from:      {plan.from_address}")
+    click.echo(f"  subject:   {plan.sample_subject or '(no recipient)'}")
+    click.echo(f"  transport: {shown}")
+    if per_second or daily_cap or limit:
+        limits = [
+            f"rate {rate}" if rate else "",
+            f"daily cap {daily_cap}" if daily_cap else "",
+            f"limit {limit}" if limit else "",
+        ]
+        click.echo(f"  limits:    {', '.join(x for x in limits if x)}")
+    if terminal and not yes:
+        click.confirm("Send now?", abort=True)
+    with _send_progress(terminal=terminal) as progress:
+        report = send_engine.send_campaign(
+            workspace=workspace,
+            engine=engine,
+            slug=slug,
+            transport=transport,
+            concurrency=concurrency,
+            rate=per_second,
+            daily_cap=daily_cap,
+            limit=limit,
+            test_to=test_to,
+            progress=progress,
+            handle_signals=True,
+        )
+    for line in _send_summary(report):
+        click.echo(line)
+    if report.incomplete:
+        raise SendIncomplete(_incomplete_reason(report))
+
+
+class _send_progress:
+    """A rich progress bar on a terminal; elsewhere a plain line every 5 s or 10 %."""
+
+    def __init__(self, *, terminal: bool) -> None:
+        self.terminal = terminal
+        self.bar: Any = None
+        self.task: Any = None
+        self.last_time = 0.0
+        self.last_tenth = -1
+        self.started = 0.0
+
+    def __enter__(self) -> Callable[[Any], None]:
+        import time
+
+        self.started = time.monotonic()
+        if self.terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("sending"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeRemainingColumn(),
+            )
+            self.bar.start()
+        return self.update
+
+    def update(self, report: Any) -> None:
+        import time
+
+        done = report.done + report.released
+        total = max(report.due, done)
+        now = time.monotonic()
+        rate = done / (now - self.started) if now > self.started else 0.0
+        problems = report.failed + report.uncertain + report.build_errors
+        if self.bar is not None:
+            detail = f"{problems} failed · {report.deferred} retry · {rate:,.0f} msg/s"
+            if self.task is None:
+                self.task = self.bar.add_task("send", total=total, detail=detail)
+            self.bar.update(self.task, completed=done, total=total, detail=detail)
+            return
+        tenth = (done * 10 // total) if total else 10
+        if done and (now - self.last_time >= 5 or tenth > self.last_tenth):
+            self.last_time, self.last_tenth = now, tenth
+            percent = done * 100 // total if total else 100
+            click.echo(
+                f"sent {report.sent}/{total} ({percent}%), {problems} failed, {report.deferred} retry, {rate:,.0f} msg/s"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _send_summary(report: Any) -> list[str]:
+    if report.test:
+        lines = [report.note or ""]
+        lines += [f"  {e}" for e in report.errors]
+        return lines
+    lines = []
+    if report.recovered:
+        lines.append(
+            f"{report.recovered} message(s) left `sending` by an earlier run are now `uncertain` "
+            f"(they may have been delivered); `mailer retry {report.campaign} --uncertain` re-sends them"
+        )
+    if report.newly_queued or report.skipped:
+        lines.append(
+            f"Queued {report.newly_queued} new message(s); skipped {report.skipped} (suppressed or invalid address)"
+        )
+    lines.append(
+        f"This run: {report.sent} sent, {report.deferred} to retry, {report.failed} failed, "
+        f"{report.uncertain} uncertain, {report.build_errors} not buildable"
+        + (f", {report.released} released unsent" if report.released else "")
+        + f" ({report.rate:,.0f} msg/s via {report.via})"
+    )
+    t = report.totals
+    lines.append(
+        f"Campaign {report.campaign}: "
+        + ", ".join(
+            f"{t.get(k, 0)} {k}"
+            for k in ("sent", "queued", "retry", "failed", "uncertain", "skipped", "sending")
+        )
+    )
+    if report.stopped == "limit":
+        lines.append(f"Stopped at --limit; run `mailer send {report.campaign}` again for the rest.")
+    return lines
+
+
+def _incomplete_reason(report: Any) -> str:
+    slug = report.campaign
+    if report.stopped == "daily-cap":
+        when = f"{report.resume_at:%Y-%m-%d %H:%M} UTC" if report.resume_at else "later"
+        return f"daily cap reached for {slug}; sending may continue after {when}"
+    if report.stopped == "paused":
+        return (
+            f"paused {slug}: more than half of the recent messages failed; see "
+            f"`mailer log {slug} --status failed`, then run send again"
+        )
+    if report.test or report.dry_run:
+        return f"{report.failed + report.build_errors} test message(s) were not accepted"
+    t = report.totals
+    left = ", ".join(f"{t.get(k, 0)} {k}" for k in ("failed", "uncertain", "retry") if t.get(k, 0))
+    return (
+        f"campaign {slug} is not complete: {left}; retries go out on a later `mailer send`, "
+        f"`mailer retry {slug} --failed/--uncertain` requeues the others"
+    )
+
+
+@cli.command()
+@click.argument("slug")
+@click.option("--failed", is_flag=True, help="Requeue messages refused for good or given up.")
+@click.option(
+    "--uncertain",
+    is_flag=True,
+    help="Requeue messages whose delivery is unknown (the recipient may have them).",
+)
+def retry(slug: str, failed: bool, uncertain: bool) -> None:
+    """Put failed and/or uncertain messages back in the queue for the next send.
+
+    \b
+    Example:
+      mailer retry appeal-2022 --failed
+      mailer retry appeal-2022 --uncertain    # may reach someone a second time
+    """
+    from mailer import engine as send_engine
+
+    if not (failed or uncertain):
+        raise click.UsageError("say what to retry: --failed, --uncertain, or both")
+    moved = send_engine.requeue(
+        engine=state().engine(), slug=slug, failed=failed, uncertain=uncertain
+    )
+    parts = [f"{n} {status}" for status, n in moved.items()]
+    click.echo(
+        f"Requeued {' and '.join(parts)} message(s) of {slug}; `mailer send {slug} ...` sends them."
+    )
+
+
 # --------------------------------------------------------------------------- review & demo
 # (review.py, demo.py)
+
+
+@contacts_group.command(name="show")
+@click.argument("email")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table: for people; json: the same as one object.",
+)
+def contacts_show(email: str, fmt: str) -> None:
+    """One contact's data, suppression and full history.
+
+    Their data, whether they are suppressed, and every campaign message and event.
+
+    The answer to "have we contacted this mayor, and what happened?", oldest event first.
+    An address that was suppressed but never imported is shown as such.
+
+    \b
+    Example:
+      mailer contacts show mayor@city.example.org
+      mailer contacts show mayor@city.example.org --format json
+    """
+    import json
+
+    from mailer import review
+
+    with db.session_factory(state().engine())() as session:
+        history = review.contact_history(session, email)
+    if fmt == "json":
+        click.echo(json.dumps(history.to_json(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(review.format_contact_history(history), nl=False)
+
+
+@cli.command()
+@click.argument("slug", required=False)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table: for people; json: one object per campaign in an array.",
+)
+def status(slug: str | None, fmt: str) -> None:
+    """Progress of each campaign, per message state.
+
+    Messages per state, progress, start and end, the recent send rate, and the top failure
+    reasons (SMTP code and reply, counted). Without SLUG, every campaign. The JSON keys are campaign, status, total and one per
+    state (queued, sending, sent, retry, failed, skipped, uncertain).
+
+    \b
+    Example:
+      mailer status appeal-2022
+      mailer status --format json
+    """
+    import json
+
+    from mailer import review
+
+    with db.session_factory(state().engine())() as session:
+        summaries = review.campaign_status(session, slug)
+    if fmt == "json":
+        click.echo(json.dumps([s.to_json() for s in summaries], indent=2, ensure_ascii=False))
+    elif sys.stdout.isatty():
+        from rich.console import Console
+
+        console = Console()
+        for renderable in review.status_renderables(summaries):
+            console.print(renderable)
+    else:
+        click.echo(review.format_status_text(summaries), nl=False)
+
+
+@cli.command(name="log")
+@click.argument("slug")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    metavar="STATE",
+    help="Only messages in this state (repeatable): queued, sending, sent, retry, failed, "
+    "skipped, uncertain.",
+)
+@click.option("--contact", metavar="EMAIL", help="Only this recipient.")
+@click.option("--city", metavar="CITY", help="Only recipients in this city.")
+@click.option(
+    "--country", metavar="CC", help="Only recipients in this country (ISO code, e.g. DE)."
+)
+@click.option(
+    "--since",
+    metavar="WHEN",
+    help="Only activity since then: 2026-03-14, 2026-03-14T09:30, or an age: 30m, 2h, 3d, 1w.",
+)
+@click.option(
+    "--events", is_flag=True, help="One line per send-log event instead of per recipient."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="csv and json stream any size; json is an array, one object per line.",
+)
+def log_command(
+    slug: str,
+    statuses: tuple[str, ...],
+    contact: str | None,
+    city: str | None,
+    country: str | None,
+    since: str | None,
+    events: bool,
+    fmt: str,
+) -> None:
+    """Who was sent what, when, and the server's answer.
+
+    One line per recipient with its state, attempts, sent time, SMTP code and reply, and
+    Message-ID. With --events, one line per send-log event (queued, claimed, sent, deferred, ...),
+    oldest first. CSV cells that a spreadsheet would run as a formula get a leading '.
+
+    \b
+    Example:
+      mailer log appeal-2022 --status failed
+      mailer log appeal-2022 --country DE --since 2d --format csv > sent.csv
+      mailer log appeal-2022 --contact mayor@city.example.org --events
+    """
+    from mailer import review
+
+    flt = review.LogFilter(
+        statuses=review.parse_statuses(statuses),
+        contact=contact,
+        city=city,
+        country=country,
+        since=review.parse_since(since) if since is not None else None,
+    )
+    with db.session_factory(state().engine())() as session:
+        if events:
+            rows = review.event_rows(session, slug=slug, flt=flt)
+            columns, table_columns = review.EVENT_COLUMNS, review.EVENT_TABLE_COLUMNS
+        else:
+            rows = review.log_rows(session, slug=slug, flt=flt)
+            columns, table_columns = review.LOG_COLUMNS, review.LOG_TABLE_COLUMNS
+        writer = {"csv": review.write_csv, "json": review.write_json}.get(fmt)
+        try:
+            if writer is not None:
+                writer(rows, columns=columns, out=sys.stdout)
+            else:
+                review.write_table(rows, columns=table_columns, out=sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `mailer log ... | head` closed the pipe: what was wanted is written; no traceback.
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@cli.command()
+@click.argument("slug")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    # Not dir_okay=False: the library names a folder given here in its one `Error:` line.
+    type=click.Path(path_type=Path),
+    metavar="FILE.html",
+    help="Where to write the report (one self-contained HTML file).",
+)
+def report(slug: str, output: Path) -> None:
+    """Write a one-file HTML report anyone can open.
+
+    Totals, a chart of sends over time, results by country and language, failures grouped
+    by reason, and the failed and uncertain recipients with the server's answers. The file
+    needs nothing else (no internet, no scripts): mail it, open it in any browser.
+
+    \b
+    Example:
+      mailer report appeal-2022 --output appeal-2022.html
+    """
+    from mailer.report import write_report
+
+    with db.session_factory(state().engine())() as session:
+        data = write_report(session, slug=slug, output=output)
+    s = data.summary
+    click.echo(
+        f"Wrote {output}: {s.total:,} recipients, {s.counts['sent']:,} sent, "
+        f"{s.counts['failed']:,} failed, {s.counts['uncertain']:,} uncertain."
+    )
+
+
+@cli.command()
+@click.argument(
+    "directory", type=click.Path(file_okay=False, path_type=Path), default="mailer-demo"
+)
+def demo(directory: Path) -> None:
+    """The whole job on sample data, on this machine only.
+
+    Makes a workspace in DIRECTORY (default: mailer-demo), imports the sample recipients,
+    creates the `appeal` campaign, checks it, sends it to a mail server running on this
+    machine only (127.0.0.1, nothing leaves it), then shows the status, the received
+    letters and an HTML report. DIRECTORY must not exist yet, or be empty.
+
+    \b
+    Example:
+      mailer demo
+      mailer demo /tmp/try-mailer
+    """
+    from mailer.demo import run_demo
+
+    run_demo(directory=directory, out=click.echo)

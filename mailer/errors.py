@@ -37,6 +37,10 @@ class InvalidValueError(MailerError):
     """A flag or field value that does not parse (a `--where` field, a rate, a date)."""
 
 
+class OutputFileError(MailerError):
+    """An output file (report, export) that cannot be written; the message names the path."""
+
+
 class TemplateError(MailerError):
     """A template that cannot be loaded or rendered; the message names file and line."""
 
@@ -47,6 +51,18 @@ class CheckFailed(MailerError):
 
 class TransportError(MailerError):
     """A systemic delivery failure: server unreachable, TLS refused, authentication refused."""
+
+
+class AuthenticationRefused(TransportError):
+    """The SMTP server refused the login."""
+
+
+class ServerUnreachable(TransportError):
+    """The SMTP server cannot be reached (refused, unresolvable, timed out, dropped on connect)."""
+
+
+class TlsFailure(TransportError):
+    """TLS could not be set up: certificate refused, handshake failed, STARTTLS not offered."""
 
 
 class SendIncomplete(MailerError):

@@ -34,7 +34,9 @@ class Cli:
         self.workspace = workspace
         self.runner = CliRunner()
 
-    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    def __call__(
+        self, *args: str, input: str | None = None, env: dict[str, str] | None = None
+    ) -> Result:
         return self.runner.invoke(
             cli, ["-w", str(self.workspace), *args], input=input, env=env, catch_exceptions=False
         )

@@ -30,7 +30,5 @@ def test_ruff_is_clean() -> None:
 
 
 def test_mypy_strict_is_clean() -> None:
-    result = subprocess.run(
-        [_tool("mypy")], cwd=ROOT, capture_output=True, text=True
-    )
+    result = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

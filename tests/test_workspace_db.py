@@ -88,12 +88,16 @@ def test_workspace_found_from_subfolder_and_env(
 def test_db_flag_and_env_override_workspace_database(workspace: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.db"
     runner = CliRunner()
-    result = runner.invoke(cli, ["-w", str(workspace), "--db", f"sqlite:///{other}", "db", "upgrade"])
+    result = runner.invoke(
+        cli, ["-w", str(workspace), "--db", f"sqlite:///{other}", "db", "upgrade"]
+    )
     assert result.exit_code == 0, result.output
     assert "upgraded from empty" in result.output
     assert other.is_file()
     result = runner.invoke(
-        cli, ["-w", str(workspace), "db", "current"], env={"MAILER_DATABASE_URL": f"sqlite:///{other}"}
+        cli,
+        ["-w", str(workspace), "db", "current"],
+        env={"MAILER_DATABASE_URL": f"sqlite:///{other}"},
     )
     assert str(other) in result.output
 

@@ -1,0 +1,298 @@
+"""Send benchmark: `mailer send` end to end into a fast local SMTP sink, against a naive baseline.
+
+A campaign of N fictional contacts (`mayorN@example.org`, bulk-inserted) is sent with
+`mailer send --smtp smtp+plain://127.0.0.1:PORT --concurrency 4 --yes` as a child process (claim,
+render, build, send, record), into an aiosmtpd sink in another process that answers 250 to
+everything and keeps nothing. Reports messages/s and the sender's peak RSS, then the naive
+baseline in the same run: one `EmailMessage` and one `aiosmtplib.send` per message.
+
+    .venv/bin/python benchmarks/send_bench.py                 # 200,000 recipients
+    .venv/bin/python benchmarks/send_bench.py --count 20000   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+TEMPLATE = """Subject: An appeal to the mayor of {{ contact.name }}
+
+Dear {{ contact.name }},
+
+On 14 March 2022 the mayors of Ukraine's cities wrote to the mayors of the world. They ask you
+to use your city's ties with Ukrainian communities: to contact your counterparts, to let them
+address your people, and to press your government to act.
+
+With respect and hope,
+the campaign office
+"""
+
+
+# --------------------------------------------------------------------------- the sink
+
+
+class RawSink(asyncio.Protocol):
+    """Just enough SMTP to take mail and forget it, with no per-command machinery: a ceiling
+    check that shows what the sender does when the server costs next to nothing."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.buffer = bytearray()
+        self.in_data = False
+        transport.write(b"220 sink ESMTP\r\n")
+
+    def data_received(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        out: list[bytes] = []
+        while True:
+            if self.in_data:
+                if self.buffer.startswith(b".\r\n"):
+                    end = -2
+                else:
+                    end = self.buffer.find(b"\r\n.\r\n")
+                    if end < 0:
+                        break
+                del self.buffer[: end + 5]
+                self.in_data = False
+                out.append(b"250 2.0.0 Ok\r\n")
+                continue
+            eol = self.buffer.find(b"\r\n")
+            if eol < 0:
+                break
+            line = bytes(self.buffer[:eol]).upper()
+            del self.buffer[: eol + 2]
+            if line.startswith(b"EHLO"):
+                out.append(b"250-sink\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000\r\n")
+            elif line.startswith(b"DATA"):
+                self.in_data = True
+                out.append(b"354 go ahead\r\n")
+            elif line.startswith(b"QUIT"):
+                self.transport.write(b"".join([*out, b"221 bye\r\n"]))
+                self.transport.close()
+                return
+            else:
+                out.append(b"250 OK\r\n")
+        if out:
+            self.transport.write(b"".join(out))
+
+
+def run_raw_sink(port_file: Path) -> None:
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(RawSink, "127.0.0.1", 0)
+        port_file.write_text(str(server.sockets[0].getsockname()[1]))
+        await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def run_sink(port_file: Path) -> None:
+    from aiosmtpd.controller import Controller
+
+    class Sink:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            return "250 2.0.0 Ok"
+
+    class FreePort(Controller):  # type: ignore[misc]
+        def _create_server(self) -> Any:
+            creating = super()._create_server()
+
+            async def create() -> Any:
+                server = await creating
+                self.port = server.sockets[0].getsockname()[1]
+                return server
+
+            return create()
+
+    controller = FreePort(Sink(), hostname="127.0.0.1", port=0)
+    controller.start()
+    port_file.write_text(str(controller.port))
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        controller.stop()
+
+
+def start_sink(tmp: Path, kind: str) -> tuple[subprocess.Popen[bytes], int]:
+    port_file = tmp / f"sink-{kind}.port"
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--sink", str(port_file), "--sink-kind", kind]
+    )
+    deadline = time.monotonic() + 20
+    while not port_file.exists() or not port_file.read_text():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit("the SMTP sink did not start")
+        time.sleep(0.05)
+    return proc, int(port_file.read_text())
+
+
+# --------------------------------------------------------------------------- the campaign
+
+
+def prepare(root: Path, count: int) -> None:
+    from sqlalchemy import insert
+    from sqlalchemy.orm import Session
+
+    from mailer import campaigns, db
+    from mailer.audience import Audience
+    from mailer.config import create_workspace
+    from mailer.models import Contact
+
+    workspace = create_workspace(root=root)
+    engine = db.make_engine(workspace.database_url)
+    db.upgrade(engine)
+    folder = root / "templates" / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "en.txt.j2").write_text(TEMPLATE, encoding="utf-8")
+    now = dt.datetime.now(dt.UTC)
+    with engine.begin() as conn:
+        for first in range(0, count, 10_000):
+            conn.execute(
+                insert(Contact),
+                [
+                    {
+                        "email": f"mayor{i}@example.org",
+                        "name": f"City {i}",
+                        "language": "en",
+                        "attributes": {},
+                        "tags": [],
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for i in range(first, min(count, first + 10_000))
+                ],
+            )
+    with Session(engine) as session, session.begin():
+        campaigns.create_campaign(
+            session,
+            slug="bench",
+            template="bench",
+            from_address="Campaign Office <office@example.org>",
+            reply_to=None,
+            audience=Audience(),
+            title="Benchmark",
+            default_language="en",
+            templates_dir=root / "templates",
+        )
+    engine.dispose()
+
+
+def children_peak_rss_mb() -> float:
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale / 1024 / 1024
+
+
+def run_send(root: Path, port: int, concurrency: int) -> tuple[float, float, str]:
+    command = [
+        sys.executable,
+        "-c",
+        "from mailer.cli import main; main()",
+        "-w",
+        str(root),
+        "send",
+        "bench",
+        "--smtp",
+        f"smtp+plain://127.0.0.1:{port}",
+        "--concurrency",
+        str(concurrency),
+        "--yes",
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"mailer send failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return elapsed, children_peak_rss_mb(), done.stdout
+
+
+# --------------------------------------------------------------------------- the baseline
+
+
+async def naive(port: int, count: int) -> float:
+    import aiosmtplib
+
+    started = time.perf_counter()
+    for i in range(count):
+        message = EmailMessage()
+        message["From"] = "Campaign Office <office@example.org>"
+        message["To"] = f"City {i} <baseline{i}@example.org>"
+        message["Subject"] = f"An appeal to the mayor of City {i}"
+        message.set_content(TEMPLATE.split("\n\n", 1)[1].replace("{{ contact.name }}", f"City {i}"))
+        await aiosmtplib.send(message, hostname="127.0.0.1", port=port)
+    return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--baseline", type=int, default=2000, help="messages for the naive baseline"
+    )
+    parser.add_argument(
+        "--sink-kind",
+        choices=["aiosmtpd", "raw"],
+        default="aiosmtpd",
+        help="aiosmtpd (the default), or a minimal asyncio sink that shows the sender's ceiling",
+    )
+    parser.add_argument("--sink", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sink is not None:
+        (run_raw_sink if args.sink_kind == "raw" else run_sink)(args.sink)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="send-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        sink, port = start_sink(tmp, args.sink_kind)
+        try:
+            t0 = time.perf_counter()
+            prepare(tmp / "ws", args.count)
+            prepared = time.perf_counter() - t0
+            elapsed, rss, output = run_send(tmp / "ws", port, args.concurrency)
+            baseline = asyncio.run(naive(port, args.baseline))
+        finally:
+            sink.terminate()
+            sink.wait()
+    in_run = re.search(r"\(([\d,]+) msg/s", output)
+    rate = args.count / elapsed
+    base_rate = args.baseline / baseline
+    print(
+        f"machine:   {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}"
+    )
+    print(f"date:      {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC")
+    print(
+        f"command:   python benchmarks/send_bench.py --count {args.count} "
+        f"--concurrency {args.concurrency} --sink-kind {args.sink_kind}"
+    )
+    print(f"prepare:   {args.count:,} contacts + campaign in {prepared:.1f} s (not timed below)")
+    print(
+        f"send:      {args.count:,} messages in {elapsed:.1f} s end to end (process start, queue, "
+        f"claim, render, build, send, record): {rate:,.0f} msg/s"
+        + (f"; pipeline rate reported by send: {in_run.group(1)} msg/s" if in_run else "")
+    )
+    print(f"peak RSS:  {rss:.0f} MB (the `mailer send` process)")
+    print(
+        f"baseline:  {args.baseline:,} messages, one EmailMessage + one aiosmtplib.send each: {base_rate:,.0f} msg/s"
+    )
+    print(f"ratio:     {rate / base_rate:.1f}x")
+    print(output.strip().splitlines()[-2] if output.strip() else "")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1877 @@
+"""Reading lists as they come from real spreadsheets, and upserting them (DESIGN §9).
+
+One pass over the file with bounded memory: a pre-scan hashes the bytes and settles the encoding,
+then `csv.reader` runs over a decoding text stream (or openpyxl over a read-only workbook) and
+rows are validated and written in chunks. The whole import is one transaction, so `--strict`,
+`--dry-run`, a file that turns out unreadable half-way, and Ctrl-C all leave nothing written.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import datetime as dt
+import functools
+import hashlib
+import io
+import operator
+import re
+import sqlite3
+import tempfile
+import unicodedata
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import charset_normalizer
+import email_validator
+from babel import Locale, UnknownLocaleError
+from sqlalchemy import String, bindparam, insert, select, update
+from sqlalchemy import Table as SqlTable
+from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
+from sqlalchemy.orm import Session, sessionmaker
+
+from mailer.audience import Audience, contacts_query, suppressed_among
+from mailer.errors import ImportFileError, InvalidValueError, StrictImportError
+from mailer.models import (
+    PARTNERSHIP_KINDS,
+    City,
+    Contact,
+    ContactTag,
+    ImportRecord,
+    Partnership,
+    Signatory,
+    Suppression,
+    SuppressionReason,
+    city_key,
+    utcnow,
+)
+
+MAX_CELL = 10_000
+SAMPLE_BYTES = 64 * 1024
+CHUNK_ROWS = 2_000
+DELIMITERS = ",;\t|"
+_SCAN_BLOCK = 1 << 20
+
+# Any C0/C1 control (tab included: every field is single-line) and the Unicode line separators:
+# a CR/LF in a name is how a header injection ("\r\nBcc: ...") gets in.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ATEXT_LOCAL = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z"
+)
+
+
+class StrictImportFailed(StrictImportError):
+    """`--strict` refused the file; carries the summary so the caller can list the rejects."""
+
+    def __init__(self, message: str, *, summary: ImportSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass(frozen=True)
+class Reject:
+    row: int
+    column: str
+    reason: str
+
+    def line(self, file: str) -> str:
+        return f"{file}:{self.row}: {self.column}: {self.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"row": self.row, "column": self.column, "reason": self.reason}
+
+
+@dataclass(kw_only=True)
+class ImportSummary:
+    file: str
+    kind: str
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejects: list[Reject] = field(default_factory=list)
+    suppressed: int = 0
+    dry_run: bool = False
+    encoding: str | None = None
+    delimiter: str | None = None
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejects)
+
+    def line(self) -> str:
+        text = (
+            f"{self.file}: {self.added} added, {self.updated} updated, "
+            f"{self.unchanged} unchanged, {self.rejected} rejected"
+        )
+        if self.suppressed:
+            text += f"; {self.suppressed} of them suppressed (they stay suppressed)"
+        if self.dry_run:
+            text += " (dry run: nothing written)"
+        return text
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+@dataclass
+class _Scan:
+    sha256: str
+    size: int
+    head: bytes
+    utf8_ok: bool
+    non_ascii_sample: bytes
+
+
+def _scan(path: Path) -> _Scan:
+    """Hash the file and check it decodes as UTF-8, in one bounded-memory pass."""
+    digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    utf8_ok = True
+    head = b""
+    sample: list[bytes] = []
+    sample_size = 0
+    size = 0
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(_SCAN_BLOCK):
+                if not head:
+                    head = block[:SAMPLE_BYTES]
+                size += len(block)
+                digest.update(block)
+                if utf8_ok:
+                    try:
+                        decoder.decode(block)
+                    except UnicodeDecodeError:
+                        utf8_ok = False
+                if sample_size < SAMPLE_BYTES and not block.isascii():
+                    # Only lines with non-ASCII bytes tell encodings apart; keep them whole.
+                    for line in block.split(b"\n"):
+                        if not line.isascii():
+                            sample.append(line)
+                            sample_size += len(line)
+                            if sample_size >= SAMPLE_BYTES:
+                                break
+            if utf8_ok:
+                try:
+                    decoder.decode(b"", final=True)
+                except UnicodeDecodeError:
+                    utf8_ok = False
+    except OSError as exc:
+        raise ImportFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return _Scan(digest.hexdigest(), size, head, utf8_ok, b"\n".join(sample))
+
+
+def _looks_binary(head: bytes) -> bool:
+    if b"\x00" in head:
+        return True
+    controls = sum(1 for b in head[:8192] if b < 32 and b not in (9, 10, 13))
+    return controls > max(2, len(head[:8192]) // 100)
+
+
+def _implausible_words(text: str) -> float:
+    """Share of non-ASCII words that look like a wrong decoding ("Mьnchen", "Êè¿â")."""
+    words = [w for w in re.split(r"[\s,;|\t\"'@.()/]+", text) if w and not w.isascii()]
+    if not words:
+        return 0.0
+    bad = 0
+    for word in words:
+        latin = cyrillic = non_ascii_latin = 0
+        symbol_inside = False
+        for i, ch in enumerate(word):
+            if ch.isascii():
+                if ch.isalpha():
+                    latin += 1
+                continue
+            name = unicodedata.name(ch, "")
+            category = unicodedata.category(ch)
+            if "CYRILLIC" in name:
+                cyrillic += 1
+            elif category.startswith("L"):
+                latin += 1
+                non_ascii_latin += 1
+            elif (
+                category[0] in "NSP"
+                and category not in ("Pd", "Pi", "Pf")
+                and 0 < i < len(word) - 1
+                and word[i - 1].isalpha()
+                and word[i + 1].isalpha()
+            ):
+                symbol_inside = True
+        letters = latin + cyrillic
+        if (
+            (latin and cyrillic)
+            or symbol_inside
+            or (not cyrillic and letters >= 3 and non_ascii_latin * 2 > letters)
+        ):
+            bad += 1
+    return bad / len(words)
+
+
+def _guess_legacy_encoding(sample: bytes, display: str) -> str:
+    """Not UTF-8: tell Cyrillic (cp1251) from Western European (cp1252), or ask."""
+    plausible = []
+    for encoding in ("cp1251", "cp1252"):
+        try:
+            text = sample.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if _implausible_words(text) <= 0.1:
+            plausible.append(encoding)
+    if len(plausible) == 1:
+        return plausible[0]
+    best = charset_normalizer.from_bytes(
+        sample, cp_isolation=plausible or None, explain=False
+    ).best()
+    if len(plausible) == 2 and best is not None and best.encoding in plausible:
+        return str(best.encoding)
+    hint = f" (it may be {best.encoding})" if best is not None else ""
+    raise ImportFileError(
+        f"{display}: cannot tell the file's encoding with confidence: it is not UTF-8{hint}; "
+        "give it with --encoding, e.g. --encoding cp1252 (Western European) or "
+        "--encoding cp1251 (Cyrillic)"
+    )
+
+
+def _choose_encoding(scan: _Scan, encoding: str | None, display: str) -> str:
+    head = scan.head
+    if encoding:
+        try:
+            name = codecs.lookup(encoding).name
+        except LookupError:
+            raise InvalidValueError(f"--encoding {encoding}: unknown encoding") from None
+        # Excel's "CSV UTF-8" writes a BOM; don't let it stick to the first header name.
+        if name == "utf-8" and head.startswith(codecs.BOM_UTF8):
+            return "utf-8-sig"
+        return name
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if _looks_binary(head):
+        raise ImportFileError(f"{display}: not a CSV or XLSX file (binary content)")
+    if scan.utf8_ok:
+        return "utf-8"
+    return _guess_legacy_encoding(scan.non_ascii_sample, display)
+
+
+def _sniff_delimiter(text: str) -> str:
+    header_line = re.split(r"[\r\n]", text, maxsplit=1)[0]
+    cut = text.rfind("\n", 0, 8192)
+    sample = text[: cut if cut > 0 else 8192]
+    try:
+        sniffed = csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
+        if sniffed in header_line:
+            return sniffed
+    except csv.Error:
+        pass
+    counts = {d: header_line.count(d) for d in DELIMITERS}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def _decode_error(path: Path, encoding: str, display: str) -> ImportFileError:
+    """Find where the bytes stop decoding (only on the error path, so a second pass is fine)."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset = 0
+    lines = 1
+    with path.open("rb") as fh:
+        while block := fh.read(_SCAN_BLOCK):
+            try:
+                lines += decoder.decode(block).count("\n")
+            except UnicodeDecodeError as exc:
+                good = exc.object[: exc.start]
+                lines += good.decode(encoding, errors="replace").count("\n")
+                at = offset + exc.start - (len(exc.object) - len(block))
+                byte = exc.object[exc.start : exc.start + 1].hex()
+                return ImportFileError(
+                    f"{display}: line {lines}, byte {max(at, 0)}: 0x{byte} is not valid "
+                    f"{encoding}; give the file's real encoding with --encoding"
+                )
+            offset += len(block)
+    return ImportFileError(
+        f"{display}: the file ends in the middle of a {encoding} character; "
+        "give the file's real encoding with --encoding"
+    )
+
+
+@dataclass(slots=True)
+class RawRow:
+    number: int
+    cells: list[str]
+    # A problem the reader found itself (an XLSX formula without a value): (column, reason).
+    problem: tuple[str, str] | None = None
+
+
+class Table:
+    """An open CSV or XLSX file: `header`, then iterate `RawRow`s. Use as a context manager."""
+
+    def __init__(self, path: Path, *, encoding: str | None = None, delimiter: str | None = None):
+        self.path = path
+        self.display = path.name
+        self.encoding: str | None = None
+        self.delimiter: str | None = None
+        self.kind = "csv"
+        self._stack = ExitStack()
+        if not path.is_file():
+            raise ImportFileError(f"{path}: no such file")
+        if delimiter is not None:
+            delimiter = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(delimiter, delimiter)
+            if len(delimiter) != 1:
+                raise InvalidValueError(
+                    f"--delimiter {delimiter!r}: give one character, e.g. ';' or tab"
+                )
+        self._scan = _scan(path)
+        self.sha256 = self._scan.sha256
+        head = self._scan.head
+        if self._scan.size == 0:
+            raise ImportFileError(f"{self.display}: empty file")
+        if head.startswith(b"PK\x03\x04"):
+            self.kind = "xlsx"
+            self.header, self._rows = self._open_xlsx()
+        elif head.startswith(b"\xd0\xcf\x11\xe0"):
+            raise ImportFileError(
+                f"{self.display}: an old Excel .xls file; save it as .xlsx or CSV first"
+            )
+        else:
+            self.header, self._rows = self._open_csv(encoding, delimiter)
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __iter__(self) -> Iterator[RawRow]:
+        return self._rows
+
+    # -- CSV
+
+    def _open_csv(
+        self, encoding: str | None, delimiter: str | None
+    ) -> tuple[list[str], Iterator[RawRow]]:
+        chosen = _choose_encoding(self._scan, encoding, self.display)
+        self.encoding = chosen
+        head_text = self._scan.head.decode(chosen, errors="replace").lstrip("\ufeff")
+        self.delimiter = delimiter or _sniff_delimiter(head_text)
+        raw = self._stack.enter_context(self.path.open("rb"))
+        text = io.TextIOWrapper(raw, encoding=chosen, errors="strict", newline="")
+        self._stack.callback(text.detach)
+        reader = csv.reader(text, delimiter=self.delimiter, strict=True)
+        rows = self._csv_rows(reader, chosen)
+        header: RawRow | None = None
+        for row in rows:
+            if any(cell.strip() for cell in row.cells):
+                header = row
+                break
+        if header is None:
+            raise ImportFileError(f"{self.display}: empty file")
+        cells = header.cells
+        cells[0] = cells[0].lstrip("\ufeff")
+        return cells, rows
+
+    def _csv_rows(self, reader: Iterator[list[str]], encoding: str) -> Iterator[RawRow]:
+        number = 0
+        while True:
+            number += 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                raise _decode_error(self.path, encoding, self.display) from None
+            except csv.Error as exc:
+                message = str(exc)
+                if "end of data" in message:
+                    raise ImportFileError(
+                        f"{self.display}:{number}: a quoted cell is never closed "
+                        "(its opening quote is in this row)"
+                    ) from None
+                if "field larger than field limit" in message:
+                    raise ImportFileError(
+                        f"{self.display}:{number}: a cell over {csv.field_size_limit()} "
+                        "characters, or a quote that is never closed"
+                    ) from None
+                yield RawRow(number, [], ("(row)", f"malformed CSV: {message}"))
+                continue
+            yield RawRow(number, cells)
+
+    # -- XLSX
+
+    def _open_xlsx(self) -> tuple[list[str], Iterator[RawRow]]:
+        import openpyxl
+        from openpyxl.utils.exceptions import InvalidFileException
+
+        try:
+            # File objects, not the path: openpyxl would refuse a name not ending in .xlsx.
+            values_wb = openpyxl.load_workbook(
+                self._stack.enter_context(self.path.open("rb")), read_only=True, data_only=True
+            )
+            self._stack.callback(values_wb.close)
+            formulas_wb = openpyxl.load_workbook(
+                self._stack.enter_context(self.path.open("rb")), read_only=True, data_only=False
+            )
+            self._stack.callback(formulas_wb.close)
+        except (zipfile.BadZipFile, InvalidFileException, KeyError, OSError, ValueError):
+            self.close()
+            raise ImportFileError(
+                f"{self.display}: not a CSV or XLSX file (a ZIP archive that is not an "
+                "Excel workbook)"
+            ) from None
+        sheets = [ws for ws in values_wb.worksheets if _sheet_has_data(ws)]
+        if not sheets:
+            self.close()
+            raise ImportFileError(f"{self.display}: empty file")
+        if len(sheets) > 1:
+            names = ", ".join(repr(ws.title) for ws in sheets)
+            self.close()
+            raise ImportFileError(
+                f"{self.display}: {len(sheets)} sheets hold data ({names}); save the sheet "
+                "to import as its own file, or delete the other sheets"
+            )
+        values = sheets[0]
+        formulas = formulas_wb[values.title]
+        rows = self._xlsx_rows(values, formulas)
+        for row in rows:
+            if any(cell.strip() for cell in row.cells):
+                cells = row.cells
+                while cells and not cells[-1].strip():
+                    cells.pop()
+                return cells, rows
+        self.close()
+        raise ImportFileError(f"{self.display}: empty file")
+
+    def _xlsx_rows(self, values: Any, formulas: Any) -> Iterator[RawRow]:
+        from openpyxl.utils import get_column_letter
+
+        header: list[str] | None = None
+        pairs = zip(
+            values.iter_rows(values_only=True), formulas.iter_rows(values_only=True), strict=False
+        )
+        for number, (value_row, formula_row) in enumerate(pairs, start=1):
+            cells = [_cell_text(v) for v in value_row]
+            problem = None
+            for index, (value, formula) in enumerate(zip(value_row, formula_row, strict=False)):
+                if value is None and formula is not None and _is_formula(formula):
+                    column = header[index] if header and index < len(header) else ""
+                    label = column or get_column_letter(index + 1)
+                    problem = (
+                        label,
+                        f"formula without a cached value in cell {get_column_letter(index + 1)}"
+                        f"{number} (open and save the file in Excel/LibreOffice)",
+                    )
+                    break
+            row = RawRow(number, cells, problem)
+            if header is None and any(c.strip() for c in cells):
+                header = cells
+            yield row
+
+
+def _sheet_has_data(ws: Any) -> bool:
+    for row in ws.iter_rows(values_only=True):
+        if any(v is not None and str(v).strip() for v in row):
+            return True
+    return False
+
+
+def _is_formula(value: object) -> bool:
+    if isinstance(value, str):
+        return value.startswith("=")
+    return type(value).__name__ in ("ArrayFormula", "DataTableFormula")
+
+
+def _cell_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float) and value.is_integer():
+        # Postcodes and years come out of Excel as 1990.0.
+        return str(int(value))
+    if isinstance(value, dt.datetime):
+        if value.time() == dt.time(0):
+            return value.date().isoformat()
+        return value.isoformat(sep=" ")
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+def read_table(
+    path: Path, *, encoding: str | None = None, delimiter: str | None = None
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """(row number, {header: cell}) for every non-empty row; header is row 1 as in a spreadsheet.
+
+    Rows with more or fewer cells than the header raise `ImportFileError`; importers that want
+    to reject such rows instead use `Table` directly.
+    """
+    with Table(path, encoding=encoding, delimiter=delimiter) as table:
+        header = table.header
+        for row in table:
+            if not any(c.strip() for c in row.cells):
+                continue
+            if row.problem:
+                raise ImportFileError(f"{table.display}:{row.number}: {': '.join(row.problem)}")
+            if table.kind == "csv" and len(row.cells) != len(header):
+                raise ImportFileError(
+                    f"{table.display}:{row.number}: {len(row.cells)} cells, "
+                    f"the header has {len(header)}"
+                )
+            yield row.number, dict(zip(header, row.cells, strict=False))
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def normalise_header(name: str) -> str:
+    """Header key for matching: case, spaces and punctuation ignored ("E-Mail" -> "email")."""
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
+
+
+def attribute_key(name: str) -> str:
+    """The attribute a free column is kept under: snake_case of the header name."""
+    key = re.sub(r"\W+", "_", name.strip().casefold()).strip("_")
+    return key
+
+
+def _synonyms(table: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for target, names in table.items():
+        out[normalise_header(target)] = target
+        for name in names:
+            out[normalise_header(name)] = target
+    return out
+
+
+CONTACT_FIELDS = (
+    "email",
+    "name",
+    "title",
+    "salutation",
+    "organisation",
+    "city",
+    "region",
+    "country",
+    "language",
+    "tags",
+)
+_CONTACT_SYNONYMS = _synonyms(
+    {
+        "email": [
+            "E-mail",
+            "Email address",
+            "E-mail address",
+            "Mail",
+            "E-Mail-Adresse",
+            "Courriel",
+            "Correo",
+            "Correo electrónico",
+            "Пошта",
+            "Електронна пошта",
+        ],
+        "name": ["Full name", "Contact", "Contact name", "Mayor", "Ім'я", "ПІБ", "Nombre"],
+        "title": ["Position", "Office", "Function", "Job title", "Role", "Funktion", "Посада"],
+        "salutation": ["Greeting", "Anrede", "Saludo", "Звернення"],
+        "organisation": [
+            "Org",
+            "Organization",
+            "Organisation name",
+            "Institution",
+            "Municipality name",
+        ],
+        "city": [
+            "Municipality",
+            "Town",
+            "Stadt",
+            "Gemeinde",
+            "Ville",
+            "Ciudad",
+            "Місто",
+            "Partner city",
+        ],
+        "region": ["State", "Oblast", "Province", "Bundesland", "Область"],
+        "country": ["Land", "Country code", "Pays", "País", "Країна"],
+        "language": ["Lang", "Locale", "Sprache", "Langue", "Idioma", "Мова"],
+        "tags": ["Tag", "Labels", "Groups"],
+    }
+)
+PARTNERSHIP_FIELDS = (
+    "ukrainian_city",
+    "partner_city",
+    "partner_country",
+    "kind",
+    "since",
+    "note",
+    "ukrainian_region",
+    "partner_region",
+)
+_PARTNERSHIP_SYNONYMS = _synonyms(
+    {
+        "ukrainian_city": ["UA city", "City UA", "Ukrainian community", "Місто"],
+        "partner_city": ["Partner", "City abroad", "Foreign city"],
+        "partner_country": ["Country", "Partner country code"],
+        "kind": ["Type", "Relationship", "Tie"],
+        "since": ["Year", "Since year", "Established"],
+        "note": ["Notes", "Comment", "Remarks"],
+        "ukrainian_region": ["Oblast", "Region UA"],
+        "partner_region": ["Region", "State"],
+    }
+)
+SIGNATORY_FIELDS = ("name", "title", "city", "email", "region")
+_SIGNATORY_SYNONYMS = _synonyms(
+    {
+        "name": ["Full name", "Signatory", "Mayor"],
+        "title": ["Position", "Office", "Function"],
+        "city": ["Municipality", "Town", "Community", "Місто"],
+        "email": ["E-mail", "Email address", "Mail", "Reply-to", "Reply to"],
+        "region": ["Oblast", "State"],
+    }
+)
+_SUPPRESSION_SYNONYMS = _synonyms(
+    {"email": ["E-mail", "Email address", "Mail", "Address"], "reason": ["Why"]}
+)
+
+
+@dataclass
+class _Columns:
+    header: list[str]
+    fields: dict[str, int]
+    # (cell index, attribute key) for columns that are no known field.
+    extra: list[tuple[int, str]]
+
+    def label(self, index: int) -> str:
+        return (
+            self.header[index]
+            if index < len(self.header) and self.header[index]
+            else (f"column {index + 1}")
+        )
+
+
+def _resolve_columns(
+    *,
+    header: Sequence[str],
+    display: str,
+    fields: Sequence[str],
+    synonyms: Mapping[str, str],
+    mapping: Mapping[str, str],
+    required: Sequence[str],
+) -> _Columns:
+    keys = [normalise_header(h) for h in header]
+    found: dict[str, int] = {}
+    mapped_indexes: set[int] = set()
+    for source, target in mapping.items():
+        target_field = target.strip().lower().replace("-", "_").replace(" ", "_")
+        if target_field not in fields:
+            raise InvalidValueError(
+                f"--map {source}={target}: unknown field {target!r}; valid fields: "
+                + ", ".join(fields)
+            )
+        source_key = normalise_header(source)
+        if source_key not in keys:
+            raise InvalidValueError(
+                f"--map {source}={target}: {display} has no column {source!r} "
+                f"(found: {', '.join(h for h in header if h)})"
+            )
+        index = keys.index(source_key)
+        found[target_field] = index
+        mapped_indexes.add(index)
+    for index, key in enumerate(keys):
+        if index in mapped_indexes:
+            continue
+        meaning = synonyms.get(key)
+        if meaning is None or (meaning in found and found[meaning] in mapped_indexes):
+            continue
+        if meaning in found:
+            raise ImportFileError(
+                f"{display}: columns {header[found[meaning]]!r} and {header[index]!r} "
+                f"both mean {meaning}; rename one or pick with --map COLUMN={meaning}"
+            )
+        found[meaning] = index
+    for name in required:
+        if name not in found:
+            listing = ", ".join(h for h in header if h) or "nothing"
+            raise ImportFileError(
+                f"{display}: no {name} column (found: {listing}); use --map COLUMN={name}"
+            )
+    used = set(found.values())
+    extra: list[tuple[int, str]] = []
+    seen_keys: set[str] = set()
+    for index, name in enumerate(header):
+        if index in used:
+            continue
+        key = attribute_key(name) or f"column_{index + 1}"
+        if key in seen_keys:
+            key = f"{key}_{index + 1}"
+        seen_keys.add(key)
+        extra.append((index, key))
+    return _Columns(list(header), found, extra)
+
+
+def parse_mapping(items: Iterable[str]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for item in items:
+        source, sep, target = item.rpartition("=")
+        if not sep or not source.strip() or not target.strip():
+            raise InvalidValueError(f"--map {item!r}: expected SOURCE=FIELD, e.g. 'E-Post=email'")
+        mapping[source.strip()] = target.strip()
+    return mapping
+
+
+# --------------------------------------------------------------------------- field validation
+
+
+class _RowRejected(Exception):
+    def __init__(self, column: str, reason: str) -> None:
+        super().__init__(reason)
+        self.column = column
+        self.reason = reason
+
+
+@functools.cache
+def _country_names() -> dict[str, str]:
+    names: dict[str, str] = {}
+    # English first so it wins; a few endonyms help with lists from partner cities themselves.
+    for locale in ("en", "de", "fr", "es", "it", "pl", "uk", "nl", "pt"):
+        for code, name in Locale(locale).territories.items():
+            if len(code) == 2 and code.isalpha() and code not in _PSEUDO_TERRITORIES:
+                names.setdefault(_fold(name), code)
+    for code in list(names.values()):
+        names.setdefault(code.casefold(), code)
+    names.update(
+        {
+            "uk": "GB",
+            "great britain": "GB",
+            "britain": "GB",
+            "england": "GB",
+            "scotland": "GB",
+            "wales": "GB",
+            "northern ireland": "GB",
+            "usa": "US",
+            "u s a": "US",
+            "u s": "US",
+            "united states of america": "US",
+            "america": "US",
+            "the netherlands": "NL",
+            "holland": "NL",
+            "czech republic": "CZ",
+            "turkey": "TR",
+            "republic of korea": "KR",
+            "korea": "KR",
+            "ivory coast": "CI",
+            "russian federation": "RU",
+            "republic of moldova": "MD",
+            "macedonia": "MK",
+        }
+    )
+    return names
+
+
+_PSEUDO_TERRITORIES = frozenset({"EU", "EZ", "UN", "QO", "XA", "XB", "ZZ"})
+
+
+def _fold(text: str) -> str:
+    return " ".join(re.sub(r"[.\-_,()]", " ", text.casefold()).split())
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_country(value: str) -> str:
+    code = _country_names().get(_fold(value))
+    if code is None:
+        raise ValueError(f"unknown country {value!r}; use an ISO code like DE or an English name")
+    return code
+
+
+@functools.cache
+def _language_names() -> dict[str, str]:
+    return {
+        name.casefold(): code for code, name in Locale("en").languages.items() if "_" not in code
+    }
+
+
+@functools.cache
+def parse_language(value: str) -> str:
+    """A BCP 47 tag, normalised (`de`, `de-AT`, `sr-Latn`); English names like German accepted."""
+    tag = value.strip()
+    by_name = _language_names().get(tag.casefold())
+    if by_name:
+        tag = by_name
+    try:
+        locale = Locale.parse(tag.replace("-", "_"))
+    except (UnknownLocaleError, ValueError, TypeError):
+        raise ValueError(
+            f"{value!r} is not a language code (use a BCP 47 tag such as en, de, uk, de-AT)"
+        ) from None
+    parts = [locale.language]
+    if locale.script:
+        parts.append(locale.script)
+    if locale.territory:
+        parts.append(locale.territory)
+    return "-".join(parts)
+
+
+class EmailChecker:
+    """email-validator (no DNS) with a fast path: plain ASCII local parts, domains cached.
+
+    email-validator costs ~60 µs a call; the fast path checks the local part with the same
+    dot-atom rule it applies and asks it about each distinct domain only once.
+    """
+
+    def __init__(self) -> None:
+        self._domains: dict[str, str | None] = {}
+
+    def __call__(self, address: str) -> str:
+        """The normalised, lower-cased address; `ValueError` with the reason otherwise."""
+        local, at, domain = address.rpartition("@")
+        if (
+            at
+            and address.isascii()
+            and len(address) <= 254
+            and len(local) <= 64
+            and _ATEXT_LOCAL.match(local)
+        ):
+            domain = domain.lower()
+            problem = self._domains.get(domain, "")
+            if problem == "":
+                problem = self._check_domain(domain)
+            if problem is None:
+                return f"{local}@{domain}".lower()
+        return self._full(address)
+
+    def _check_domain(self, domain: str) -> str | None:
+        try:
+            email_validator.validate_email(
+                f"x@{domain}", check_deliverability=False, test_environment=True
+            )
+            problem = None
+        except email_validator.EmailNotValidError as exc:
+            problem = str(exc)
+        if len(self._domains) > 100_000:
+            self._domains.clear()
+        self._domains[domain] = problem
+        return problem
+
+    @staticmethod
+    def _full(address: str) -> str:
+        try:
+            result = email_validator.validate_email(
+                address, check_deliverability=False, test_environment=True
+            )
+        except email_validator.EmailNotValidError as exc:
+            raise ValueError(f"{address!r}: {exc}") from None
+        return result.normalized.lower()
+
+
+def _clean(cells: Sequence[str], columns: _Columns, header_len: int) -> list[str]:
+    """Checks every importer applies, then the cells stripped. Raises `_RowRejected`."""
+    joined = "".join(cells)
+    if _CONTROL.search(joined):
+        for index, cell in enumerate(cells):
+            match = _CONTROL.search(cell)
+            if match:
+                char = match.group()
+                raise _RowRejected(
+                    columns.label(index),
+                    f"contains a control character ({_char_name(char)}); "
+                    "fields must be single-line text",
+                )
+    if len(joined) > MAX_CELL:
+        for index, cell in enumerate(cells):
+            if len(cell) > MAX_CELL:
+                raise _RowRejected(
+                    columns.label(index), f"{len(cell)} characters, more than {MAX_CELL}"
+                )
+    return list(map(str.strip, cells))
+
+
+def _char_name(char: str) -> str:
+    names = {"\r": "CR", "\n": "LF", "\t": "tab", "\x00": "NUL"}
+    return names.get(char, f"U+{ord(char):04X}")
+
+
+def _limit_at(columns: _Columns, index: int | None, value: str, limit: int) -> str:
+    if len(value) > limit:
+        raise _RowRejected(
+            columns.label(index) if index is not None else "tags",
+            f"{len(value)} characters, more than {limit}",
+        )
+    return value
+
+
+def _limit(column: str, value: str, limit: int) -> str:
+    if len(value) > limit:
+        raise _RowRejected(column, f"{len(value)} characters, more than {limit}")
+    return value
+
+
+class _Tags(frozenset[str]):
+    too_long: str | None = None
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_tags(value: str) -> _Tags:
+    tags = _Tags(t.strip() for t in re.split(r"[;,]", value) if t.strip())
+    tags.too_long = next((t for t in tags if len(t) > 100), None)
+    return tags
+
+
+# --------------------------------------------------------------------------- shared machinery
+
+
+class _SeenKeys:
+    """Which keys an import has met, and in which row: hashes in a temporary SQLite file.
+
+    A million addresses in a Python dict cost ~120 MB; on disk the import stays flat. A Bloom
+    filter in front (16 MB) answers "never seen" without touching the file for almost every row.
+    """
+
+    _BITS = 27
+
+    def __init__(self, stack: ExitStack) -> None:
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="mailer-import-"))
+        self._db = sqlite3.connect(Path(folder) / "seen.db")
+        stack.callback(self._db.close)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE seen (h INTEGER PRIMARY KEY, row INTEGER NOT NULL)")
+        self._filter = bytearray(1 << (self._BITS - 3))
+        self._mask = (1 << self._BITS) - 1
+
+    def _maybe_seen(self, key: int) -> bool:
+        bits = self._filter
+        a = key & self._mask
+        b = (key >> 32) & self._mask
+        return bool(bits[a >> 3] & (1 << (a & 7))) and bool(bits[b >> 3] & (1 << (b & 7)))
+
+    def earlier(self, hashes: Sequence[int]) -> dict[int, int]:
+        candidates = [key for key in hashes if self._maybe_seen(key)]
+        found: dict[int, int] = {}
+        for start in range(0, len(candidates), 900):
+            part = candidates[start : start + 900]
+            marks = ",".join("?" * len(part))
+            found.update(self._db.execute(f"SELECT h, row FROM seen WHERE h IN ({marks})", part))
+        return found
+
+    def add(self, pairs: Mapping[int, int]) -> None:
+        bits = self._filter
+        mask = self._mask
+        for key in pairs:
+            a = key & mask
+            b = (key >> 32) & mask
+            bits[a >> 3] |= 1 << (a & 7)
+            bits[b >> 3] |= 1 << (b & 7)
+        self._db.executemany("INSERT OR IGNORE INTO seen (h, row) VALUES (?, ?)", pairs.items())
+
+
+class _RejectSink:
+    """Collects rejects (sorted per chunk) and writes them to `--rejects FILE` as they come."""
+
+    def __init__(self, *, stack: ExitStack, path: Path | None, header: Sequence[str]) -> None:
+        self.rejects: list[Reject] = []
+        self._pending: list[tuple[Reject, Sequence[str]]] = []
+        self._writer: Any = None
+        if path is not None:
+            try:
+                # utf-8-sig: Excel opens it with the right characters.
+                fh = stack.enter_context(path.open("w", encoding="utf-8-sig", newline=""))
+            except OSError as exc:
+                raise ImportFileError(f"{path}: cannot write: {exc.strerror}") from exc
+            self._writer = csv.writer(fh)
+            self._writer.writerow([*header, "reject_reason"])
+
+    def add(self, row: int, column: str, reason: str, cells: Sequence[str]) -> None:
+        self._pending.append((Reject(row, column, reason), cells))
+
+    def flush(self) -> None:
+        self._pending.sort(key=lambda item: item[0].row)
+        for reject, cells in self._pending:
+            self.rejects.append(reject)
+            if self._writer is not None:
+                self._writer.writerow([*cells, f"{reject.column}: {reject.reason}"])
+        self._pending.clear()
+
+
+_INSERT_CITY = insert(City).returning(City.id)
+_LOOKUP_COLUMNS = (
+    "id",
+    "email",
+    "name",
+    "title",
+    "salutation",
+    "organisation",
+    "language",
+    "city_id",
+    "attributes",
+    "tags",
+)
+
+
+class _Cities:
+    """Find-or-create cities by (folded name, country), cached for the whole import."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._ids: dict[tuple[str, str | None], int] = {}
+        # Same spelling as a row seen before: skip folding the name again.
+        self._spelled: dict[tuple[str, str | None], int] = {}
+        self._regions: dict[int, str | None] = {}
+        for city_id, key, country, region in session.execute(
+            select(City.id, City.name_key, City.country, City.region)
+        ):
+            self._ids.setdefault((key, country), city_id)
+            self._regions[city_id] = region
+
+    def get(self, name: str, country: str | None, region: str | None) -> int:
+        city_id = self._spelled.get((name, country))
+        if city_id is not None and (not region or self._regions.get(city_id)):
+            return city_id
+        city_id = self._get(name, country, region)
+        self._spelled[name, country] = city_id
+        return city_id
+
+    def _get(self, name: str, country: str | None, region: str | None) -> int:
+        key = (city_key(name), country)
+        city_id = self._ids.get(key)
+        if city_id is None:
+            city_id = self._session.execute(
+                _INSERT_CITY,
+                {"name": name, "name_key": key[0], "country": country, "region": region or None},
+            ).scalar_one()
+            self._ids[key] = city_id
+            self._regions[city_id] = region or None
+        elif region and not self._regions.get(city_id):
+            self._session.execute(update(City).where(City.id == city_id).values(region=region))
+            self._regions[city_id] = region
+        return city_id
+
+
+def _executemany(session: Session, statement: Any, rows: list[dict[str, Any]]) -> None:
+    """Many rows of already-converted values straight to the driver's executemany.
+
+    SQLAlchemy's own executemany costs ~20 µs a row in parameter processing, most of an
+    import's budget; the statement is still compiled by SQLAlchemy for the right dialect.
+    """
+    connection = session.connection()
+    compiled = statement.compile(dialect=connection.dialect, column_keys=list(rows[0]))
+    if compiled.positional:
+        order = compiled.positiontup or []
+        getter = operator.itemgetter(*order)
+        if len(order) == 1:
+            connection.exec_driver_sql(compiled.string, [(getter(row),) for row in rows])
+        else:
+            connection.exec_driver_sql(compiled.string, [getter(row) for row in rows])
+    else:
+        connection.exec_driver_sql(compiled.string, rows)
+
+
+def _finish(
+    session: Session,
+    *,
+    summary: ImportSummary,
+    table: Table,
+    path: Path,
+    strict: bool,
+    dry_run: bool,
+) -> None:
+    if strict and summary.rejects:
+        session.rollback()
+        raise StrictImportFailed(
+            f"{summary.file}: {summary.rejected} row(s) rejected and --strict given: "
+            "nothing was written",
+            summary=summary,
+        )
+    if dry_run:
+        session.rollback()
+        return
+    session.add(
+        ImportRecord(
+            file_name=str(path),
+            sha256=table.sha256,
+            kind=summary.kind,
+            added=summary.added,
+            updated=summary.updated,
+            unchanged=summary.unchanged,
+            rejected=summary.rejected,
+            rejects=[r.to_json() for r in summary.rejects],
+            dry_run=False,
+        )
+    )
+    session.commit()
+
+
+# --------------------------------------------------------------------------- contacts
+
+_CONTACTS = cast(SqlTable, Contact.__table__)
+_CONTACT_TAGS = cast(SqlTable, ContactTag.__table__)
+# The same table without column types: rows are written with values converted once by the real
+# types' processors (JSON per row, the timestamp once per import) instead of per row and column,
+# which triples the insert rate.
+_CONTACTS_RAW = sa_table(_CONTACTS.name, *(sa_column(col.name) for col in _CONTACTS.c))
+_INSERT_NEW_TAGS = insert(_CONTACT_TAGS).from_select(
+    ["contact_id", "tag"],
+    select(_CONTACTS.c.id, bindparam("tag", type_=String)).where(
+        _CONTACTS.c.email == bindparam("email")
+    ),
+)
+_CONTACT_SCALARS = ("name", "title", "salutation", "organisation", "language")
+_SCALAR_LIMITS = {
+    "name": 300,
+    "title": 300,
+    "salutation": 300,
+    "organisation": 300,
+    "language": 35,
+}
+
+
+@dataclass(slots=True)
+class _ContactRow:
+    number: int
+    cells: list[str]
+    email: str
+    values: dict[str, str]
+    attributes: dict[str, str]
+    tags: frozenset[str]
+    city: tuple[str, str | None, str | None] | None
+    city_id: int | None = None
+
+
+class _ContactImport:
+    def __init__(
+        self,
+        *,
+        session: Session,
+        table: Table,
+        columns: _Columns,
+        tags: Sequence[str],
+        sink: _RejectSink,
+        seen: _SeenKeys,
+        summary: ImportSummary,
+    ) -> None:
+        self.session = session
+        self.table = table
+        self.columns = columns
+        self.sink = sink
+        self.seen = seen
+        self.summary = summary
+        self.extra_tags = frozenset(t.strip() for t in tags if t.strip())
+        self.check_email = EmailChecker()
+        self.cities = _Cities(session)
+        f = columns.fields
+        self.i_email = f["email"]
+        self.scalars = [
+            (name, f[name], _SCALAR_LIMITS[name]) for name in _CONTACT_SCALARS if name in f
+        ]
+        self.i_city = f.get("city")
+        self.i_country = f.get("country")
+        self.i_region = f.get("region")
+        self.i_tags = f.get("tags")
+        self.update_columns = sorted(
+            {name for name, _, _ in self.scalars}
+            | ({"city_id"} if self.i_city is not None else set())
+            | {"attributes", "tags"}
+        )
+        # Only a count for the summary: skip the look-ups when nobody is suppressed at all.
+        self.any_suppressed = session.scalar(select(Suppression.id).limit(1)) is not None
+        dialect = session.get_bind().dialect
+        json_processor = _CONTACTS.c.attributes.type.dialect_impl(dialect).bind_processor(dialect)
+        self.to_json: Callable[[Any], Any] = json_processor or (lambda value: value)
+        json_reader = _CONTACTS.c.attributes.type.dialect_impl(dialect).result_processor(
+            dialect, None
+        )
+        self.from_json: Callable[[Any], Any] = json_reader or (lambda value: value)
+        self._lookup_statements: dict[int, Any] = {}
+        self._tags_json: dict[frozenset[str], Any] = {}
+        time_processor = _CONTACTS.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
+        now = utcnow()
+        self.now_param = time_processor(now) if time_processor else now
+
+    def validate(self, number: int, raw: list[str]) -> _ContactRow:
+        columns = self.columns
+        width = len(columns.header)
+        if self.table.kind == "csv":
+            if len(raw) != width:
+                raise _RowRejected("(row)", f"{len(raw)} cells, the header has {width}")
+        else:
+            if any(c.strip() for c in raw[width:]):
+                raise _RowRejected("(row)", "a value in a column that has no header")
+            raw = raw[:width] + [""] * (width - len(raw))
+        cells = _clean(raw, columns, width)
+        label = columns.label
+        address = cells[self.i_email]
+        if not address:
+            raise _RowRejected(label(self.i_email), "no address")
+        try:
+            email = self.check_email(address)
+        except ValueError as exc:
+            raise _RowRejected(label(self.i_email), str(exc)) from None
+        values: dict[str, str] = {}
+        for name, index, limit in self.scalars:
+            value = cells[index]
+            if not value:
+                continue
+            if len(value) > limit:
+                raise _RowRejected(label(index), f"{len(value)} characters, more than {limit}")
+            if name == "language":
+                try:
+                    value = parse_language(value)
+                except ValueError as exc:
+                    raise _RowRejected(label(index), str(exc)) from None
+            values[name] = value
+        country: str | None = None
+        if self.i_country is not None and cells[self.i_country]:
+            try:
+                country = parse_country(cells[self.i_country])
+            except ValueError as exc:
+                raise _RowRejected(label(self.i_country), str(exc)) from None
+        region = cells[self.i_region] if self.i_region is not None else ""
+        region = _limit_at(columns, self.i_region, region, 200)
+        attributes = {key: cells[i] for i, key in columns.extra if i < len(cells) and cells[i]}
+        city = None
+        city_name = cells[self.i_city] if self.i_city is not None else ""
+        if city_name:
+            city = (_limit_at(columns, self.i_city, city_name, 200), country, region or None)
+        else:
+            # Without a city there is no row to hang country/region on: keep them for templates.
+            if country:
+                attributes["country"] = country
+            if region:
+                attributes["region"] = region
+        tags = self.extra_tags
+        if self.i_tags is not None and cells[self.i_tags]:
+            split = _split_tags(cells[self.i_tags])
+            if split.too_long:
+                raise _RowRejected(
+                    label(self.i_tags), f"a tag over 100 characters: {split.too_long!r}"
+                )
+            tags = tags | split
+        return _ContactRow(number, raw, email, values, attributes, tags, city)
+
+    def flush(self, rows: list[_ContactRow]) -> None:
+        rows = self._drop_duplicates(rows)
+        if not rows:
+            return
+        for row in rows:
+            if row.city is not None:
+                row.city_id = self.cities.get(*row.city)
+        existing = self._existing([row.email for row in rows])
+        to_json = self.to_json
+        now = self.now_param
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        new_tags: list[tuple[str, Iterable[str]]] = []
+        tag_rows: list[dict[str, Any]] = []
+        for row in rows:
+            old = existing.get(row.email)
+            if old is None:
+                record: dict[str, Any] = {
+                    "email": row.email,
+                    "name": None,
+                    "title": None,
+                    "salutation": None,
+                    "organisation": None,
+                    "language": None,
+                    "city_id": row.city_id,
+                    "attributes": to_json(row.attributes),
+                    "tags": self.tags_json(row.tags),
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                record.update(row.values)
+                inserts.append(record)
+                if row.tags:
+                    new_tags.append((row.email, row.tags))
+                continue
+            merged: dict[str, Any] = {name: old[name] for name in self.update_columns}
+            merged.update(row.values)
+            if row.city_id is not None:
+                merged["city_id"] = row.city_id
+            merged["attributes"] = {**(old["attributes"] or {}), **row.attributes}
+            old_tags = set(old["tags"] or [])
+            merged["tags"] = sorted(old_tags | row.tags)
+            if all(merged[name] == old[name] for name in self.update_columns):
+                self.summary.unchanged += 1
+                continue
+            merged["attributes"] = to_json(merged["attributes"])
+            merged["tags"] = to_json(merged["tags"])
+            merged["b_id"] = old["id"]
+            merged["updated_at"] = now
+            updates.append(merged)
+            tag_rows.extend({"contact_id": old["id"], "tag": t} for t in row.tags - old_tags)
+        if inserts:
+            _executemany(self.session, insert(_CONTACTS_RAW), inserts)
+        if new_tags:
+            # The database finds the new ids itself: no round trip through Python.
+            _executemany(
+                self.session,
+                _INSERT_NEW_TAGS,
+                [{"email": email, "tag": tag} for email, tag_set in new_tags for tag in tag_set],
+            )
+        if updates:
+            raw = _CONTACTS_RAW.c
+            statement = (
+                update(_CONTACTS_RAW)
+                .where(raw.id == bindparam("b_id"))
+                .values({name: bindparam(name) for name in [*self.update_columns, "updated_at"]})
+            )
+            _executemany(self.session, statement, updates)
+        if tag_rows:
+            _executemany(self.session, insert(_CONTACT_TAGS), tag_rows)
+        self.summary.added += len(inserts)
+        self.summary.updated += len(updates)
+        if self.any_suppressed:
+            self.summary.suppressed += len(suppressed_among(self.session, [r.email for r in rows]))
+
+    def tags_json(self, tags: frozenset[str]) -> Any:
+        # Few distinct tag sets in a file: serialise each once.
+        cached = self._tags_json.get(tags)
+        if cached is None:
+            cached = self._tags_json[tags] = self.to_json(sorted(tags))
+        return cached
+
+    def _existing(self, emails: list[str]) -> dict[str, dict[str, Any]]:
+        """Stored contacts among `emails`, as plain dicts, straight from the driver.
+
+        SQLAlchemy's result rows cost ~20 µs each here; the statement is still compiled by
+        SQLAlchemy for the dialect, and JSON columns go through the type's own processor.
+        """
+        connection = self.session.connection()
+        compiled = self._lookup_statements.get(len(emails))
+        if compiled is None:
+            c = _CONTACTS.c
+            statement = select(*(c[name] for name in _LOOKUP_COLUMNS)).where(
+                c.email.in_([bindparam(f"e{i}") for i in range(len(emails))])
+            )
+            compiled = statement.compile(dialect=connection.dialect)
+            self._lookup_statements[len(emails)] = compiled
+        if compiled.positional:
+            params: Any = tuple(emails)
+        else:
+            params = {f"e{i}": email for i, email in enumerate(emails)}
+        from_json = self.from_json
+        found: dict[str, dict[str, Any]] = {}
+        for values in connection.exec_driver_sql(compiled.string, params):
+            record = dict(zip(_LOOKUP_COLUMNS, values, strict=True))
+            record["attributes"] = from_json(record["attributes"])
+            record["tags"] = from_json(record["tags"])
+            found[record["email"]] = record
+        return found
+
+    def _drop_duplicates(self, rows: list[_ContactRow]) -> list[_ContactRow]:
+        hashes = [hash(row.email) for row in rows]
+        earlier = self.seen.earlier(hashes)
+        first_here: dict[int, int] = {}
+        kept = []
+        for row, key in zip(rows, hashes, strict=True):
+            first = earlier.get(key) if earlier else None
+            first = first or first_here.get(key)
+            if first is not None:
+                self.sink.add(
+                    row.number,
+                    self.columns.label(self.i_email),
+                    f"duplicate of row {first} ({row.email})",
+                    row.cells,
+                )
+                continue
+            first_here[key] = row.number
+            kept.append(row)
+        self.seen.add(first_here)
+        return kept
+
+
+def import_contacts(
+    session_factory: sessionmaker[Session],
+    *,
+    path: Path,
+    encoding: str | None = None,
+    delimiter: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+    tags: Sequence[str] = (),
+    strict: bool = False,
+    dry_run: bool = False,
+    rejects_path: Path | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> ImportSummary:
+    """Upsert contacts from a CSV/XLSX file by normalised email.
+
+    Only fields present in the file (and non-empty in a row) overwrite stored values; attributes
+    and tags merge. Suppressions are never touched. Raises `StrictImportFailed` with `strict`
+    when any row is rejected, `ImportFileError` when the file cannot be read.
+    """
+    for tag in tags:
+        if not tag.strip() or len(tag.strip()) > 100 or _CONTROL.search(tag):
+            raise InvalidValueError(f"--tag {tag!r}: a tag is 1 to 100 characters of plain text")
+    with ExitStack() as stack:
+        table = stack.enter_context(Table(path, encoding=encoding, delimiter=delimiter))
+        columns = _resolve_columns(
+            header=table.header,
+            display=table.display,
+            fields=CONTACT_FIELDS,
+            synonyms=_CONTACT_SYNONYMS,
+            mapping=mapping or {},
+            required=("email",),
+        )
+        summary = ImportSummary(
+            file=table.display,
+            kind="contacts",
+            dry_run=dry_run,
+            encoding=table.encoding,
+            delimiter=table.delimiter,
+        )
+        sink = _RejectSink(stack=stack, path=rejects_path, header=table.header)
+        seen = _SeenKeys(stack)
+        session = stack.enter_context(session_factory())
+        importer = _ContactImport(
+            session=session,
+            table=table,
+            columns=columns,
+            tags=tags,
+            sink=sink,
+            seen=seen,
+            summary=summary,
+        )
+        pending: list[_ContactRow] = []
+        has_data = False
+        for raw in table:
+            if raw.problem is None and not "".join(raw.cells).strip():
+                continue
+            has_data = True
+            try:
+                if raw.problem is not None:
+                    raise _RowRejected(*raw.problem)
+                pending.append(importer.validate(raw.number, raw.cells))
+            except _RowRejected as exc:
+                sink.add(raw.number, exc.column, exc.reason, raw.cells)
+            if len(pending) >= chunk_rows:
+                importer.flush(pending)
+                sink.flush()
+                pending = []
+        if not has_data:
+            raise ImportFileError(f"{table.display}: no data rows")
+        importer.flush(pending)
+        sink.flush()
+        summary.rejects = sink.rejects
+        _finish(session, summary=summary, table=table, path=path, strict=strict, dry_run=dry_run)
+        return summary
+
+
+# --------------------------------------------------------------------------- partnerships
+
+
+def _parse_kind(value: str) -> str:
+    folded = " ".join(value.casefold().replace("-", " ").replace("_", " ").split())
+    kind = {
+        "": "partner",
+        "twinning": "twin",
+        "twin town": "twin",
+        "twin city": "twin",
+        "twinned": "twin",
+        "sister city": "sister",
+        "sister cities": "sister",
+        "partner city": "partner",
+        "partnership": "partner",
+        "friendship city": "friendship",
+        "friends": "friendship",
+    }.get(folded, folded)
+    if kind not in PARTNERSHIP_KINDS:
+        raise ValueError(f"unknown kind {value!r}; use one of {', '.join(PARTNERSHIP_KINDS)}")
+    return kind
+
+
+def _parse_year(value: str) -> int | None:
+    if not value:
+        return None
+    this_year = dt.date.today().year
+    try:
+        year = int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a year") from None
+    if not 1900 <= year <= this_year:
+        raise ValueError(f"{year} is not a year between 1900 and {this_year}")
+    return year
+
+
+def _small_import(
+    session_factory: sessionmaker[Session],
+    *,
+    kind: str,
+    path: Path,
+    fields: Sequence[str],
+    synonyms: Mapping[str, str],
+    required: Sequence[str],
+    encoding: str | None,
+    delimiter: str | None,
+    mapping: Mapping[str, str] | None,
+    strict: bool,
+    dry_run: bool,
+    rejects_path: Path | None,
+    handle: Callable[[Session, _Cities, dict[str, str], Callable[[str], str], int], str],
+) -> ImportSummary:
+    """Row-at-a-time import for the small tables; `handle` returns added/updated/unchanged."""
+    with ExitStack() as stack:
+        table = stack.enter_context(Table(path, encoding=encoding, delimiter=delimiter))
+        columns = _resolve_columns(
+            header=table.header,
+            display=table.display,
+            fields=fields,
+            synonyms=synonyms,
+            mapping=mapping or {},
+            required=required,
+        )
+        summary = ImportSummary(
+            file=table.display,
+            kind=kind,
+            dry_run=dry_run,
+            encoding=table.encoding,
+            delimiter=table.delimiter,
+        )
+        sink = _RejectSink(stack=stack, path=rejects_path, header=table.header)
+        session = stack.enter_context(session_factory())
+        cities = _Cities(session)
+        width = len(table.header)
+        has_data = False
+
+        def label(name: str) -> str:
+            return columns.label(columns.fields[name]) if name in columns.fields else name
+
+        for raw in table:
+            if not any(c.strip() for c in raw.cells) and raw.problem is None:
+                continue
+            has_data = True
+            try:
+                if raw.problem is not None:
+                    raise _RowRejected(*raw.problem)
+                cells = raw.cells
+                if table.kind == "csv" and len(cells) != width:
+                    raise _RowRejected("(row)", f"{len(cells)} cells, the header has {width}")
+                cells = cells[:width] + [""] * (width - len(cells))
+                cleaned = _clean(cells, columns, width)
+                values = {name: cleaned[i] for name, i in columns.fields.items()}
+                outcome = handle(session, cities, values, label, raw.number)
+            except _RowRejected as exc:
+                sink.add(raw.number, exc.column, exc.reason, raw.cells)
+                continue
+            if outcome == "added":
+                summary.added += 1
+            elif outcome == "updated":
+                summary.updated += 1
+            else:
+                summary.unchanged += 1
+        if not has_data:
+            raise ImportFileError(f"{table.display}: no data rows")
+        sink.flush()
+        summary.rejects = sink.rejects
+        _finish(session, summary=summary, table=table, path=path, strict=strict, dry_run=dry_run)
+        return summary
+
+
+def _required(values: Mapping[str, str], name: str, label: Callable[[str], str]) -> str:
+    value = values.get(name, "")
+    if not value:
+        raise _RowRejected(label(name), "empty")
+    return _limit(label(name), value, 200)
+
+
+def import_partnerships(
+    session_factory: sessionmaker[Session],
+    *,
+    path: Path,
+    encoding: str | None = None,
+    delimiter: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+    strict: bool = False,
+    dry_run: bool = False,
+    rejects_path: Path | None = None,
+) -> ImportSummary:
+    """Partner-city ties, upserted on (Ukrainian city, partner city); cities made as needed."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def handle(
+        session: Session,
+        cities: _Cities,
+        values: dict[str, str],
+        label: Callable[[str], str],
+        number: int,
+    ) -> str:
+        ua_name = _required(values, "ukrainian_city", label)
+        partner_name = _required(values, "partner_city", label)
+        country_text = _required(values, "partner_country", label)
+        try:
+            country = parse_country(country_text)
+        except ValueError as exc:
+            raise _RowRejected(label("partner_country"), str(exc)) from None
+        try:
+            kind = _parse_kind(values.get("kind", ""))
+        except ValueError as exc:
+            raise _RowRejected(label("kind"), str(exc)) from None
+        try:
+            since = _parse_year(values.get("since", ""))
+        except ValueError as exc:
+            raise _RowRejected(label("since"), str(exc)) from None
+        note = values.get("note") or None
+        ua_id = cities.get(ua_name, "UA", values.get("ukrainian_region") or None)
+        partner_id = cities.get(partner_name, country, values.get("partner_region") or None)
+        if (ua_id, partner_id) in seen:
+            raise _RowRejected(label("partner_city"), f"duplicate of row {seen[ua_id, partner_id]}")
+        seen[ua_id, partner_id] = number
+        existing = session.scalar(
+            select(Partnership).where(
+                Partnership.ukrainian_city_id == ua_id, Partnership.partner_city_id == partner_id
+            )
+        )
+        if existing is None:
+            session.add(
+                Partnership(
+                    ukrainian_city_id=ua_id,
+                    partner_city_id=partner_id,
+                    kind=kind,
+                    since=since,
+                    note=note,
+                )
+            )
+            session.flush()
+            return "added"
+        new = {
+            "kind": kind if values.get("kind") else existing.kind,
+            "since": since if since is not None else existing.since,
+            "note": note if note is not None else existing.note,
+        }
+        if all(getattr(existing, k) == v for k, v in new.items()):
+            return "unchanged"
+        for key, value in new.items():
+            setattr(existing, key, value)
+        session.flush()
+        return "updated"
+
+    return _small_import(
+        session_factory,
+        kind="partnerships",
+        path=path,
+        fields=PARTNERSHIP_FIELDS,
+        synonyms=_PARTNERSHIP_SYNONYMS,
+        required=("ukrainian_city", "partner_city", "partner_country"),
+        encoding=encoding,
+        delimiter=delimiter,
+        mapping=mapping,
+        strict=strict,
+        dry_run=dry_run,
+        rejects_path=rejects_path,
+        handle=handle,
+    )
+
+
+# --------------------------------------------------------------------------- signatories
+
+
+def import_signatories(
+    session_factory: sessionmaker[Session],
+    *,
+    path: Path,
+    encoding: str | None = None,
+    delimiter: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+    strict: bool = False,
+    dry_run: bool = False,
+    rejects_path: Path | None = None,
+) -> ImportSummary:
+    """The letter's signatories, upserted on (name, Ukrainian city); the address is optional."""
+    seen: dict[tuple[str, int], int] = {}
+    check_email = EmailChecker()
+
+    def handle(
+        session: Session,
+        cities: _Cities,
+        values: dict[str, str],
+        label: Callable[[str], str],
+        number: int,
+    ) -> str:
+        name = _limit(label("name"), _required(values, "name", label), 300)
+        city_name = _required(values, "city", label)
+        title = _limit(label("title"), values.get("title", ""), 300) or None
+        email = None
+        if values.get("email"):
+            try:
+                email = check_email(values["email"])
+            except ValueError as exc:
+                raise _RowRejected(label("email"), str(exc)) from None
+        city_id = cities.get(city_name, "UA", values.get("region") or None)
+        key = (name.casefold(), city_id)
+        if key in seen:
+            raise _RowRejected(label("name"), f"duplicate of row {seen[key]}")
+        seen[key] = number
+        existing = next(
+            (
+                s
+                for s in session.scalars(select(Signatory).where(Signatory.city_id == city_id))
+                if s.name.casefold() == name.casefold()
+            ),
+            None,
+        )
+        if existing is None:
+            session.add(Signatory(name=name, title=title, city_id=city_id, email=email))
+            session.flush()
+            return "added"
+        new = {
+            "name": name,
+            "title": title if title is not None else existing.title,
+            "email": email if email is not None else existing.email,
+        }
+        if all(getattr(existing, k) == v for k, v in new.items()):
+            return "unchanged"
+        for k, v in new.items():
+            setattr(existing, k, v)
+        session.flush()
+        return "updated"
+
+    return _small_import(
+        session_factory,
+        kind="signatories",
+        path=path,
+        fields=SIGNATORY_FIELDS,
+        synonyms=_SIGNATORY_SYNONYMS,
+        required=("name", "city"),
+        encoding=encoding,
+        delimiter=delimiter,
+        mapping=mapping,
+        strict=strict,
+        dry_run=dry_run,
+        rejects_path=rejects_path,
+        handle=handle,
+    )
+
+
+# --------------------------------------------------------------------------- suppressions
+
+
+def import_suppressions(
+    session_factory: sessionmaker[Session],
+    *,
+    path: Path,
+    reason: SuppressionReason = SuppressionReason.MANUAL,
+    encoding: str | None = None,
+    delimiter: str | None = None,
+) -> ImportSummary:
+    """Suppress every address of a file (`email` column, optional `reason`).
+
+    `added` counts newly suppressed addresses, `unchanged` those suppressed already.
+    """
+    from mailer.audience import parse_reason, suppress
+
+    check_email = EmailChecker()
+    with ExitStack() as stack:
+        table = stack.enter_context(Table(path, encoding=encoding, delimiter=delimiter))
+        columns = _resolve_columns(
+            header=table.header,
+            display=table.display,
+            fields=("email", "reason"),
+            synonyms=_SUPPRESSION_SYNONYMS,
+            mapping={},
+            required=("email",),
+        )
+        summary = ImportSummary(file=table.display, kind="suppressions", encoding=table.encoding)
+        sink = _RejectSink(stack=stack, path=None, header=table.header)
+        by_reason: dict[SuppressionReason, set[str]] = {}
+        width = len(table.header)
+        has_data = False
+        i_email = columns.fields["email"]
+        i_reason = columns.fields.get("reason")
+        for raw in table:
+            if not any(c.strip() for c in raw.cells) and raw.problem is None:
+                continue
+            has_data = True
+            try:
+                if raw.problem is not None:
+                    raise _RowRejected(*raw.problem)
+                if table.kind == "csv" and len(raw.cells) != width:
+                    raise _RowRejected("(row)", f"{len(raw.cells)} cells, the header has {width}")
+                cells = _clean(raw.cells[:width] + [""] * (width - len(raw.cells)), columns, width)
+                try:
+                    email = check_email(cells[i_email])
+                except ValueError as exc:
+                    raise _RowRejected(columns.label(i_email), str(exc)) from None
+                row_reason = reason
+                if i_reason is not None and cells[i_reason]:
+                    try:
+                        row_reason = parse_reason(cells[i_reason])
+                    except InvalidValueError as exc:
+                        raise _RowRejected(columns.label(i_reason), str(exc)) from None
+            except _RowRejected as exc:
+                sink.add(raw.number, exc.column, exc.reason, raw.cells)
+                continue
+            by_reason.setdefault(row_reason, set()).add(email)
+        if not has_data:
+            raise ImportFileError(f"{table.display}: no data rows")
+        sink.flush()
+        summary.rejects = sink.rejects
+        total = 0
+        with session_factory() as session, session.begin():
+            for row_reason, emails in by_reason.items():
+                total += len(emails)
+                summary.added += suppress(
+                    session, emails=sorted(emails), reason=row_reason, source=f"import:{path.name}"
+                )
+        summary.unchanged = total - summary.added
+        return summary
+
+
+# --------------------------------------------------------------------------- listing contacts
+
+LIST_COLUMNS = (
+    "email",
+    "name",
+    "title",
+    "organisation",
+    "language",
+    "city",
+    "region",
+    "country",
+    "tags",
+    "suppressed",
+)
+
+
+def contact_records(
+    session_factory: sessionmaker[Session], *, audience: Audience, page: int = 1000
+) -> Iterator[dict[str, Any]]:
+    """One plain dict per matching contact (LIST_COLUMNS plus `attributes`), streamed."""
+    with session_factory() as session:
+        query = contacts_query(session, audience).execution_options(yield_per=page)
+        batch: list[Contact] = []
+
+        def emit(contacts: list[Contact]) -> Iterator[dict[str, Any]]:
+            suppressed = suppressed_among(session, [c.email for c in contacts])
+            for c in contacts:
+                yield {
+                    "email": c.email,
+                    "name": c.name,
+                    "title": c.title,
+                    "organisation": c.organisation,
+                    "language": c.language,
+                    "city": c.city.name if c.city else None,
+                    "region": c.city.region if c.city else None,
+                    "country": c.city.country if c.city else None,
+                    "tags": list(c.tags or []),
+                    "suppressed": c.email in suppressed,
+                    "attributes": dict(c.attributes or {}),
+                }
+
+        for contact in session.scalars(query):
+            batch.append(contact)
+            if len(batch) >= page:
+                yield from emit(batch)
+                batch = []
+        yield from emit(batch)
+
+
+def spreadsheet_safe(value: str) -> str:
+    """A cell a spreadsheet will show as text, never run as a formula."""
+    if value and value[0] in "=+-@\t\r":
+        return "'" + value
+    return value

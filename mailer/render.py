@@ -1,0 +1,717 @@
+"""Templates to personal letters. Knows nothing of the database: it renders plain views.
+
+A template is a folder of variants, one per language: `LANG.txt.j2` (header lines, a blank line,
+then the body) and optionally `LANG.html.j2` (an HTML alternative, body only). Only the header
+`Subject:` is allowed: every other header is the message builder's job, so a template can never
+add one (nor can contact data reach the header section, because the subject line is compiled on
+its own and every line break in its output becomes a space).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import re
+import secrets
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_date as babel_format_date
+from babel.lists import format_list as babel_format_list
+from babel.numbers import format_decimal
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from mailer.errors import NotFoundError, TemplateError
+
+FALLBACK_LANGUAGE = "en"
+TEXT_SUFFIX = ".txt.j2"
+HTML_SUFFIX = ".html.j2"
+ALLOWED_HEADERS = ("Subject",)
+_LANGUAGE_RE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*$")
+_HEADER_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]?(.*)$")
+
+
+# --------------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CityView:
+    name: str
+    country: str | None
+    region: str | None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SignatoryView:
+    name: str
+    title: str | None
+    city: str | None
+    email: str | None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PartnershipView:
+    ukrainian_city: CityView
+    kind: str
+    since: int | None
+    years: int | None
+    note: str | None
+    signatory: SignatoryView | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ContactView:
+    email: str
+    name: str | None
+    title: str | None
+    salutation: str | None
+    language: str | None
+    organisation: str | None
+    attributes: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CampaignView:
+    slug: str
+    title: str | None
+    default_language: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Recipient:
+    contact_id: int
+    contact: ContactView
+    city: CityView | None
+    partnerships: tuple[PartnershipView, ...] = ()
+    signatories: tuple[SignatoryView, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Rendered:
+    language: str
+    requested_language: str
+    fell_back: bool
+    subject: str
+    # Extra header lines besides Subject; templates may set none today (see ALLOWED_HEADERS).
+    headers: dict[str, str]
+    text: str
+    html: str | None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class RenderProblem(TemplateError):
+    """A template that fails for one recipient; `file` and `line` say where."""
+
+    def __init__(self, message: str, *, file: str, line: int | None) -> None:
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {message}")
+        self.file = file
+        self.line = line
+        self.detail = message
+
+
+class MissingFieldError(RenderProblem):
+    """The template uses a field this recipient lacks; `field` is its dotted name."""
+
+    def __init__(self, *, field: str, file: str, line: int | None) -> None:
+        super().__init__(f"{field} is missing for this contact", file=file, line=line)
+        self.field = field
+
+
+class TemplateSecurityError(RenderProblem):
+    """The template tried to leave the sandbox; nothing unsafe was executed."""
+
+
+# --------------------------------------------------------------------------- jinja plumbing
+
+
+class _Missing(UndefinedError):
+    def __init__(self, message: str | None, *, obj: Any, name: str | None) -> None:
+        super().__init__(message)
+        self.obj = obj
+        self.name = name
+
+
+class _NonePrinted(Exception):
+    pass
+
+
+class _StrictUndefined(jinja2.StrictUndefined):
+    """StrictUndefined whose error remembers which object lacked which name, to name the field.
+
+    Jinja drops its own frames from tracebacks, so the object and name travel in the exception.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        hint: str | None = None,
+        obj: Any = jinja2.utils.missing,
+        name: str | None = None,
+        exc: type[jinja2.exceptions.TemplateRuntimeError] = UndefinedError,
+    ) -> None:
+        if exc is UndefinedError:
+            exc = _missing_factory(obj, name)  # type: ignore[assignment]
+        super().__init__(hint, obj, name, exc)
+
+
+def _missing_factory(obj: Any, name: str | None) -> Callable[[str | None], _Missing]:
+    def make(message: str | None) -> _Missing:
+        return _Missing(message, obj=obj, name=name)
+
+    return make
+
+
+def _finalize(value: Any) -> Any:
+    # A `None` printed into a letter reads "None": that is a missing field, never text.
+    if value is None:
+        raise _NonePrinted("None printed")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Variant:
+    language: str
+    text_file: str
+    # Header section and body in one template: one pass per letter, and line numbers are the
+    # file's. The output is cut at `separator`, which stands where the blank line was.
+    text: jinja2.Template
+    html_file: str | None
+    html: jinja2.Template | None
+
+
+class _Loader(jinja2.BaseLoader):
+    """Includes and imports resolve inside the template set only, never on disk."""
+
+    def __init__(self, sources: Mapping[str, str], prefix: str) -> None:
+        self.sources = sources
+        self.prefix = prefix
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str | None, Callable[[], bool] | None]:
+        if template not in self.sources:
+            raise jinja2.TemplateNotFound(template)
+        return self.sources[template], self.prefix + template, lambda: True
+
+
+def _locale(language: str) -> Locale:
+    try:
+        return Locale.parse(language.replace("-", "_"))
+    except (UnknownLocaleError, ValueError):
+        return Locale.parse(FALLBACK_LANGUAGE)
+
+
+# The views' own fields are data, never code: reading them skips the sandbox's per-access checks
+# (which otherwise double the cost of a letter). Everything else goes through the full sandbox.
+_VIEW_FIELDS: dict[type, frozenset[str]] = {
+    cls: frozenset(cls.__dataclass_fields__)
+    for cls in (CityView, SignatoryView, PartnershipView, ContactView, CampaignView, Recipient)
+}
+
+
+_DIRECT_CALLS = frozenset({jinja2.runtime.Macro, types.BuiltinMethodType})
+
+
+class _SandboxEnvironment(ImmutableSandboxedEnvironment):
+    # Jinja's verdict depends only on the object's type and the attribute name (isinstance
+    # checks against ABCs, name rules), so it is computed once per pair instead of per access.
+    _verdicts: dict[tuple[type, str], bool] = {}  # noqa: RUF012
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        key = (type(obj), attr)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._verdicts[key] = super().is_safe_attribute(obj, attr, value)
+        return verdict
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        fields = _VIEW_FIELDS.get(type(obj))
+        if fields is not None and attribute in fields:
+            return getattr(obj, attribute)
+        if type(obj) is types.MappingProxyType and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+    def call(
+        __self,  # Jinja's own signature: these names cannot clash with keyword arguments
+        __context: jinja2.runtime.Context,
+        __obj: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        # Macros are template code, and a builtin method was vetted when it was looked up
+        # (ImmutableSandbox refuses mutating ones): neither needs the generic call protocol.
+        if type(__obj) in _DIRECT_CALLS:
+            kwargs.pop("_block_vars", None)
+            kwargs.pop("_loop_vars", None)
+            return __obj(*args, **kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if type(argument) is str:
+            fields = _VIEW_FIELDS.get(type(obj))
+            if fields is not None and argument in fields:
+                return getattr(obj, argument)
+        return super().getitem(obj, argument)
+
+
+def _make_env(*, autoescape: bool, loader: jinja2.BaseLoader) -> ImmutableSandboxedEnvironment:
+    return _SandboxEnvironment(
+        loader=loader,
+        undefined=_StrictUndefined,
+        autoescape=autoescape,
+        finalize=_finalize,
+        # Jinja's own whitespace defaults, so templates behave as its documentation says.
+        keep_trailing_newline=True,
+        auto_reload=False,
+        cache_size=-1,
+    )
+
+
+def _install_filters(env: jinja2.Environment, locale: Locale) -> None:
+    # Babel is slow per call and letters repeat the same dates and city lists: cache per variant.
+    @functools.lru_cache(maxsize=4096)
+    def _list(values: tuple[str, ...], style: str) -> str:
+        return babel_format_list(list(values), style=style, locale=locale)  # type: ignore[arg-type]
+
+    @functools.lru_cache(maxsize=256)
+    def _date(value: dt.date, format: str) -> str:
+        return babel_format_date(value, format=format, locale=locale)
+
+    def format_list(values: Iterable[Any], style: str = "standard") -> str:
+        return _list(tuple(str(v) for v in values), style)
+
+    def format_date(value: dt.date, format: str = "long") -> str:
+        return _date(value, format)
+
+    def format_number(value: float | int) -> str:
+        return format_decimal(value, locale=locale)
+
+    env.filters["format_list"] = format_list
+    env.filters["format_date"] = format_date
+    env.filters["format_number"] = format_number
+
+
+# --------------------------------------------------------------------------- template sets
+
+
+class TemplateSet:
+    """The variants of one template, compiled once and rendered many times."""
+
+    def __init__(self, *, name: str, sources: Mapping[str, str]) -> None:
+        self.name = name
+        self._sources = dict(sources)
+        self.prefix = f"templates/{name}/"
+        # Unguessable, so no contact data can fake the end of the header section.
+        self._separator = f"\x00mailer-body-{secrets.token_hex(16)}\x00"
+        self._variants: dict[str, _Variant] = {}
+        self._by_key: dict[str, str] = {}
+        self._compile()
+
+    # ---- construction
+
+    @classmethod
+    def from_sources(cls, *, name: str, sources: dict[str, str]) -> TemplateSet:
+        return cls(name=name, sources=sources)
+
+    @classmethod
+    def from_directory(cls, path: Path, *, name: str) -> TemplateSet:
+        if not path.is_dir():
+            raise NotFoundError(f"no template {name!r} (no folder {path})")
+        sources: dict[str, str] = {}
+        for file in sorted(path.rglob("*")):
+            if not file.is_file() or file.name.startswith("."):
+                continue
+            relative = file.relative_to(path).as_posix()
+            try:
+                sources[relative] = file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise TemplateError(
+                    f"templates/{name}/{relative}: not UTF-8 text (byte {exc.start})"
+                ) from exc
+            except OSError as exc:
+                raise TemplateError(f"templates/{name}/{relative}: cannot read: {exc}") from exc
+        return cls(name=name, sources=sources)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        return dict(self._sources)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(sorted(self._variants))
+
+    def has_html(self, language: str) -> bool:
+        variant = self._variants.get(language)
+        return variant is not None and variant.html is not None
+
+    def _compile(self) -> None:
+        texts = {f[: -len(TEXT_SUFFIX)]: f for f in self._sources if f.endswith(TEXT_SUFFIX)}
+        htmls = {f[: -len(HTML_SUFFIX)]: f for f in self._sources if f.endswith(HTML_SUFFIX)}
+        if not texts:
+            raise TemplateError(
+                f"{self.prefix}: no variants; a template needs at least one LANG{TEXT_SUFFIX} "
+                f"file such as en{TEXT_SUFFIX}"
+            )
+        for language, file in htmls.items():
+            if language not in texts:
+                raise TemplateError(
+                    f"{self.prefix}{file}: an HTML variant needs its text variant "
+                    f"{language}{TEXT_SUFFIX} beside it"
+                )
+        loader = _Loader(self._sources, self.prefix)
+        for language, file in sorted(texts.items()):
+            if not _LANGUAGE_RE.match(language):
+                raise TemplateError(
+                    f"{self.prefix}{file}: {language!r} is not a language tag (use en, de, pt-BR...)"
+                )
+            locale = _locale(language)
+            text_env = _make_env(autoescape=False, loader=loader)
+            _install_filters(text_env, locale)
+            header, combined = self._split(file)
+            # Compiled alone first, so an error in the header section names its own line.
+            self._compile_one(text_env, header, file)
+            text = self._compile_one(text_env, combined, file)
+            html_file = htmls.get(language)
+            html = None
+            if html_file is not None:
+                html_env = _make_env(autoescape=True, loader=loader)
+                _install_filters(html_env, locale)
+                html = self._compile_one(html_env, self._sources[html_file], html_file)
+            self._variants[language] = _Variant(
+                language=language,
+                text_file=file,
+                text=text,
+                html_file=html_file,
+                html=html,
+            )
+            self._by_key[language.lower().replace("_", "-")] = language
+
+    def _split(self, file: str) -> tuple[str, str]:
+        """(the header section's source, the whole source with the separator for the blank line).
+
+        The header section may hold Jinja statements and comments (`{% set %}`, `{# #}`, even
+        over several lines) before the Subject line; they belong to the subject's template.
+        """
+        where = self.prefix + file
+        lines = self._sources[file].replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        # Kept lines at their own positions (others blank), so Jinja's line numbers are the file's.
+        kept = [""] * len(lines)
+        subject_line: int | None = None
+        end = None
+        index = 0
+        while index < len(lines):
+            line = lines[index]
+            number = index + 1
+            if not line.strip():
+                end = number
+                break
+            opener = line.lstrip()[:2]
+            if opener in ("{%", "{#"):
+                closer = "%}" if opener == "{%" else "#}"
+                while True:
+                    kept[index] = lines[index]
+                    if closer in lines[index] or index + 1 >= len(lines):
+                        break
+                    index += 1
+                index += 1
+                continue
+            match = _HEADER_RE.match(line)
+            if not match:
+                raise TemplateError(
+                    f"{where}:{number}: expected a header line such as `Subject: ...` "
+                    "(header lines, then a blank line, then the body)"
+                )
+            header = match.group(1)
+            if header.lower() != "subject":
+                raise TemplateError(
+                    f"{where}:{number}: header {header!r} is not allowed in a template; "
+                    "only Subject (the other headers come from the campaign)"
+                )
+            if subject_line is not None:
+                raise TemplateError(f"{where}:{number}: a second Subject line")
+            subject_line = number
+            kept[index] = match.group(2)
+            index += 1
+        if subject_line is None:
+            raise TemplateError(
+                f"{where}: no `Subject:` line; a text variant starts with `Subject: ...`, "
+                "a blank line, then the body"
+            )
+        if end is None:
+            raise TemplateError(
+                f"{where}: no blank line after the header lines; put one between "
+                "`Subject: ...` and the body"
+            )
+        header = kept[: end - 1]
+        return "\n".join(header), "\n".join([*header, self._separator, *lines[end:]])
+
+    def _compile_one(self, env: jinja2.Environment, source: str, file: str) -> jinja2.Template:
+        try:
+            code = env.compile(source, name=file, filename=self.prefix + file)
+        except TemplateSyntaxError as exc:
+            raise TemplateError(f"{self.prefix}{file}:{exc.lineno}: {exc.message}") from None
+        template = env.template_class.from_code(env, code, env.make_globals(None), None)
+        template._mailer_ast = env.parse(source)  # type: ignore[attr-defined]
+        return template
+
+    # ---- rendering
+
+    def choose_language(self, *, requested: str | None, default: str) -> tuple[str, str, bool]:
+        """(language used, language asked for, whether that is a fallback)."""
+        wanted = (requested or "").strip() or default
+        for candidate in (wanted, default, FALLBACK_LANGUAGE):
+            found = self._lookup(candidate)
+            if found is not None:
+                return found, wanted, found != self._lookup(wanted)
+        # No en variant and neither requested nor default: any variant beats no letter,
+        # but it is a fallback and check reports it.
+        first = self.languages[0]
+        return first, wanted, True
+
+    def _lookup(self, language: str) -> str | None:
+        key = language.strip().lower().replace("_", "-")
+        if not key:
+            return None
+        found = self._by_key.get(key)
+        if found is None and "-" in key:
+            found = self._by_key.get(key.split("-", 1)[0])
+        return found
+
+    def render(
+        self,
+        *,
+        recipient: Recipient,
+        campaign: CampaignView,
+        unsubscribe_url: str | None,
+        unsubscribe_mailto: str,
+        today: dt.date,
+    ) -> Rendered:
+        language, requested, fell_back = self.choose_language(
+            requested=recipient.contact.language, default=campaign.default_language
+        )
+        variant = self._variants[language]
+        partner = recipient.partnerships[0] if recipient.partnerships else None
+        context = {
+            "contact": recipient.contact,
+            "city": recipient.city,
+            "partnerships": recipient.partnerships,
+            "partner": partner,
+            "signatory": partner.signatory if partner is not None else None,
+            "signatories": recipient.signatories,
+            "campaign": campaign,
+            "unsubscribe_url": unsubscribe_url,
+            "unsubscribe_mailto": unsubscribe_mailto,
+            "today": today,
+        }
+        output = self._run(variant.text, context, variant.text_file)
+        subject, found, body = output.partition(self._separator)
+        if not found:
+            raise RenderProblem(
+                "the header section swallowed the blank line before the body "
+                "(a block opened on a header line must close there)",
+                file=self.prefix + variant.text_file,
+                line=None,
+            )
+        # A `{%-` opening the body may have eaten the newline that follows the separator.
+        body = body.removeprefix("\n")
+        html = None
+        if variant.html is not None and variant.html_file is not None:
+            html = self._run(variant.html, context, variant.html_file)
+        return Rendered(
+            language=language,
+            requested_language=requested,
+            fell_back=fell_back,
+            # Line breaks (CR, LF, U+2028...) in contact data must never reach a header.
+            subject=" ".join(subject.split()),
+            headers={},
+            text=body.replace("\r\n", "\n").replace("\r", "\n"),
+            html=html,
+        )
+
+    def _run(self, template: jinja2.Template, context: dict[str, Any], file: str) -> str:
+        try:
+            return template.render(context)
+        except _Missing as exc:
+            line = _template_line(exc, self.prefix + file)
+            raise MissingFieldError(
+                field=_field_name(exc, context, template, line),
+                file=self.prefix + file,
+                line=line,
+            ) from None
+        except _NonePrinted as exc:
+            line = _template_line(exc, self.prefix + file)
+            name = _none_field(template, line, context)
+            raise MissingFieldError(field=name, file=self.prefix + file, line=line) from None
+        except SecurityError as exc:
+            line = _template_line(exc, self.prefix + file)
+            raise TemplateSecurityError(
+                f"unsafe template code refused by the sandbox: {exc}",
+                file=self.prefix + file,
+                line=line,
+            ) from None
+        except TemplateError:
+            raise
+        except Exception as exc:
+            line = _template_line(exc, self.prefix + file)
+            raise RenderProblem(
+                f"{type(exc).__name__}: {exc}", file=self.prefix + file, line=line
+            ) from None
+
+
+def _template_line(exc: BaseException, filename: str) -> int | None:
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _walk_context(context: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(dotted path, object) for every object a template can reach by name, shallow first."""
+    stack: list[tuple[str, Any]] = [
+        (name, context[name])
+        for name in (
+            "contact",
+            "city",
+            "signatory",
+            "partner",
+            "campaign",
+            "partnerships",
+            "signatories",
+        )
+    ]
+    seen: set[int] = set()
+    while stack:
+        path, obj = stack.pop(0)
+        if obj is None or isinstance(obj, str | int | float | dt.date) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        yield path, obj
+        if isinstance(obj, tuple | list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(obj))
+        elif isinstance(obj, Mapping):
+            stack.extend((f"{path}.{key}", value) for key, value in obj.items())
+        elif hasattr(obj, "__dataclass_fields__"):
+            stack.extend(
+                (f"{path}.{name}", getattr(obj, name)) for name in obj.__dataclass_fields__
+            )
+
+
+def _field_name(
+    exc: _Missing, context: Mapping[str, Any], template: jinja2.Template, line: int | None
+) -> str:
+    name = exc.name or "?"
+    if exc.obj is jinja2.utils.missing:
+        return name
+    if exc.obj is None:
+        # `city.name` when there is no city: find the expression whose base is None.
+        tree: nodes.Template = template._mailer_ast  # type: ignore[attr-defined]
+        for node in tree.find_all(nodes.Getattr):
+            if node.attr != name or (line and node.lineno != line):
+                continue
+            base = _dotted(node.node)
+            if base and _resolve(base, context) == (True, None):
+                return f"{base}.{name}"
+        return name
+    for path, obj in _walk_context(context):
+        if obj is exc.obj:
+            return f"{path}.{name}"
+    return name
+
+
+def _dotted(node: nodes.Node) -> str | None:
+    if isinstance(node, nodes.Name):
+        return node.name
+    if isinstance(node, nodes.Getattr):
+        base = _dotted(node.node)
+        return f"{base}.{node.attr}" if base else None
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+        base = _dotted(node.node)
+        return f"{base}.{node.arg.value}" if base else None
+    return None
+
+
+def _resolve(path: str, context: Mapping[str, Any]) -> tuple[bool, Any]:
+    head, *rest = path.split(".")
+    if head not in context:
+        return False, None
+    value = context[head]
+    for part in rest:
+        if isinstance(value, Mapping):
+            if part not in value:
+                return False, None
+            value = value[part]
+        elif hasattr(value, part):
+            value = getattr(value, part)
+        else:
+            return False, None
+    return True, value
+
+
+def _none_field(template: jinja2.Template, line: int | None, context: Mapping[str, Any]) -> str:
+    """The printed expression on `line` that is None (only computed on failure, so it may be slow)."""
+    tree: nodes.Template = template._mailer_ast  # type: ignore[attr-defined]
+    candidates: list[str] = []
+    for output in tree.find_all(nodes.Output):
+        for expr in output.nodes:
+            if isinstance(expr, nodes.TemplateData) or (line and expr.lineno != line):
+                continue
+            dotted = _dotted(expr)
+            if dotted:
+                candidates.append(dotted)
+    for dotted in candidates:
+        found, value = _resolve(dotted, context)
+        if found and value is None:
+            return dotted
+    # A loop variable (`p.note`) is not in the context: name it as the template writes it.
+    return candidates[0] if candidates else "a value printed here"
+
+
+def leftover_markup(text: str) -> str | None:
+    """The first unrendered `{{`, `{%` or `{#` in output, with some context, or None."""
+    for marker in ("{{", "{%", "{#"):
+        index = text.find(marker)
+        if index >= 0:
+            return text[max(0, index - 10) : index + 20].replace("\n", " ")
+    return None
+
+
+def normalise_sources(sources: Mapping[str, Any]) -> dict[str, str]:
+    """A frozen copy from the database, checked to be {file: text}."""
+    result: dict[str, str] = {}
+    for key, value in sources.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TemplateError(f"frozen template source {key!r} is not text")
+        result[key] = value
+    return result
+
+
+def template_names(templates_dir: Path) -> list[str]:
+    if not templates_dir.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in templates_dir.iterdir()
+        if p.is_dir() and any(f.name.endswith(TEXT_SUFFIX) for f in p.iterdir())
+    )

@@ -1,0 +1,841 @@
+"""Reading the send log back: campaign status, per-recipient logs, a contact's history.
+
+Everything here only reads. The outbox (`messages`) holds each recipient's current state, the
+`events` table the append-only history; both are read in pages so a log of any size streams.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy.orm import Session
+
+from mailer.audience import normalise_email, suppression_for
+from mailer.errors import InvalidValueError, NotFoundError
+from mailer.models import (
+    Campaign,
+    City,
+    Contact,
+    Event,
+    EventKind,
+    Message,
+    MessageStatus,
+    city_key,
+    utcnow,
+)
+
+STATES: tuple[str, ...] = tuple(s.value for s in MessageStatus)
+# States in which a message still has work ahead of it.
+OPEN_STATES = (MessageStatus.QUEUED.value, MessageStatus.SENDING.value, MessageStatus.RETRY.value)
+# States whose last SMTP answer explains something that went wrong.
+PROBLEM_STATES = (
+    MessageStatus.FAILED.value,
+    MessageStatus.RETRY.value,
+    MessageStatus.UNCERTAIN.value,
+)
+RATE_WINDOW = dt.timedelta(minutes=10)
+PAGE_SIZE = 1000
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailureReason:
+    smtp_code: int | None
+    reply: str
+    count: int
+
+    def label(self) -> str:
+        code = str(self.smtp_code) if self.smtp_code is not None else "no code"
+        return f"{code} {self.reply}".strip() if self.reply else code
+
+
+@dataclass(frozen=True, kw_only=True)
+class CampaignSummary:
+    """One campaign's state, as `mailer status` shows it."""
+
+    campaign: str
+    title: str | None
+    status: str
+    counts: dict[str, int]
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    rate_per_minute: float
+    top_failures: list[FailureReason] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def finished(self) -> int:
+        """Messages that reached an end state (sent, failed, skipped, uncertain)."""
+        return self.total - sum(self.counts[s] for s in OPEN_STATES)
+
+    @property
+    def progress(self) -> float:
+        """Percent of messages in an end state; 0 for a campaign with no messages."""
+        return round(100.0 * self.finished / self.total, 1) if self.total else 0.0
+
+    @property
+    def not_sent_yet(self) -> bool:
+        return self.total == 0
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "campaign": self.campaign,
+            "status": self.status,
+            "total": self.total,
+        }
+        data.update(self.counts)
+        data.update(
+            {
+                "title": self.title,
+                "progress": self.progress,
+                "started_at": _iso(self.started_at),
+                "ended_at": _iso(self.ended_at),
+                "rate_per_minute": self.rate_per_minute,
+                "top_failures": [
+                    {"smtp_code": f.smtp_code, "reply": f.reply, "count": f.count}
+                    for f in self.top_failures
+                ],
+                "note": "not sent yet" if self.not_sent_yet else None,
+            }
+        )
+        return data
+
+
+def get_campaign(session: Session, slug: str) -> Campaign:
+    campaign = session.scalar(select(Campaign).where(Campaign.slug == slug))
+    if campaign is None:
+        known = list(session.scalars(select(Campaign.slug).order_by(Campaign.slug).limit(20)))
+        hint = f"; campaigns: {', '.join(known)}" if known else "; there are no campaigns yet"
+        raise NotFoundError(f"no campaign {slug!r}{hint}")
+    return campaign
+
+
+def campaign_status(
+    session: Session, slug: str | None = None, *, now: dt.datetime | None = None
+) -> list[CampaignSummary]:
+    """Every campaign (or the one named), oldest first."""
+    if slug is not None:
+        campaigns = [get_campaign(session, slug)]
+    else:
+        campaigns = list(session.scalars(select(Campaign).order_by(Campaign.id)))
+    return [_summary(session, c, now=now or utcnow()) for c in campaigns]
+
+
+def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> CampaignSummary:
+    counts: dict[str, int] = dict.fromkeys(STATES, 0)
+    rows = session.execute(
+        select(Message.status, func.count())
+        .where(Message.campaign_id == campaign.id)
+        .group_by(Message.status)
+    )
+    for status, n in rows:
+        counts[status] = counts.get(status, 0) + int(n)
+
+    span = session.execute(
+        select(func.min(Event.at), func.max(Event.at)).where(Event.campaign_id == campaign.id)
+    ).one()
+    first, last = _aware(span[0]), _aware(span[1])
+    started = campaign.started_at or first
+    ended = campaign.finished_at
+    total: int = sum(counts.values())
+    if ended is None and total > 0 and not any(counts[s] for s in OPEN_STATES):
+        ended = last
+
+    recent = session.scalar(
+        select(func.count()).where(
+            Event.campaign_id == campaign.id,
+            Event.kind == EventKind.SENT.value,
+            Event.at > now - RATE_WINDOW,
+            Event.at <= now,
+        )
+    )
+    rate = round(int(recent or 0) / (RATE_WINDOW.total_seconds() / 60), 1)
+    return CampaignSummary(
+        campaign=campaign.slug,
+        title=campaign.title,
+        status=campaign.status,
+        counts=counts,
+        started_at=started,
+        ended_at=ended,
+        rate_per_minute=rate,
+        top_failures=failure_reasons(session, campaign_id=campaign.id, limit=5),
+    )
+
+
+def failure_reasons(
+    session: Session, *, campaign_id: int, limit: int | None = None
+) -> list[FailureReason]:
+    """Failed, retrying and uncertain messages grouped by their last SMTP code and reply."""
+    rows = session.execute(
+        select(Message.smtp_code, Message.smtp_reply, func.count())
+        .where(Message.campaign_id == campaign_id, Message.status.in_(PROBLEM_STATES))
+        .group_by(Message.smtp_code, Message.smtp_reply)
+    )
+    # Replies differing only in whitespace or line breaks are the same reason.
+    merged: dict[tuple[int | None, str], int] = {}
+    for code, reply, n in rows:
+        key = (code, _one_line(reply))
+        merged[key] = merged.get(key, 0) + int(n)
+    ordered = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0][0] or 0, kv[0][1]))
+    if limit is not None:
+        ordered = ordered[:limit]
+    return [FailureReason(smtp_code=code, reply=reply, count=n) for (code, reply), n in ordered]
+
+
+def format_status_text(summaries: Sequence[CampaignSummary]) -> str:
+    """Plain aligned text: what `status` prints when the output is not a terminal."""
+    if not summaries:
+        return "No campaigns yet. Create one with `mailer campaign create SLUG ...`.\n"
+    lines: list[str] = []
+    for s in summaries:
+        lines.extend(_status_block(s))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _status_block(s: CampaignSummary) -> list[str]:
+    title = f" — {s.title}" if s.title else ""
+    lines = [f"{s.campaign}{title}  [{s.status}]"]
+    if s.not_sent_yet:
+        lines.append("  not sent yet: no messages queued")
+        return lines
+    width = max(len(state) for state in STATES)
+    for state in STATES:
+        lines.append(f"  {state:<{width}}  {s.counts[state]:>9,}")
+    lines.append(f"  {'total':<{width}}  {s.total:>9,}")
+    lines.append(f"  progress  {s.progress:.1f}% ({s.finished:,} of {s.total:,} finished)")
+    lines.append(f"  started   {_human_time(s.started_at)}")
+    lines.append(f"  ended     {_human_time(s.ended_at)}")
+    lines.append(f"  rate      {s.rate_per_minute:g}/min sent in the last 10 minutes")
+    if s.top_failures:
+        lines.append("  top failure reasons:")
+        for reason in s.top_failures:
+            lines.append(f"    {reason.count:>7,} × {_clip(reason.label(), 90)}")
+    return lines
+
+
+# --------------------------------------------------------------------------- log
+
+LOG_COLUMNS: tuple[str, ...] = (
+    "email",
+    "name",
+    "city",
+    "country",
+    "language",
+    "status",
+    "attempts",
+    "queued_at",
+    "sent_at",
+    "last_event_at",
+    "smtp_code",
+    "smtp_reply",
+    "message_id",
+    "subject",
+)
+EVENT_COLUMNS: tuple[str, ...] = (
+    "at",
+    "kind",
+    "email",
+    "name",
+    "city",
+    "country",
+    "status",
+    "smtp_code",
+    "detail",
+    "via",
+    "message_id",
+)
+# The columns a terminal table shows; exports carry all of them.
+LOG_TABLE_COLUMNS: tuple[str, ...] = (
+    "email",
+    "name",
+    "city",
+    "country",
+    "status",
+    "attempts",
+    "sent_at",
+    "smtp_code",
+    "smtp_reply",
+)
+EVENT_TABLE_COLUMNS: tuple[str, ...] = (
+    "at",
+    "kind",
+    "email",
+    "city",
+    "country",
+    "status",
+    "smtp_code",
+    "detail",
+)
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogFilter:
+    statuses: tuple[str, ...] = ()
+    contact: str | None = None
+    city: str | None = None
+    country: str | None = None
+    since: dt.datetime | None = None
+
+
+def parse_statuses(values: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        for part in value.split(","):
+            state = part.strip().lower()
+            if not state:
+                continue
+            if state not in STATES:
+                raise InvalidValueError(
+                    f"--status {part.strip()!r}: unknown status; use one of {', '.join(STATES)}"
+                )
+            out.append(state)
+    return tuple(dict.fromkeys(out))
+
+
+_RELATIVE = re.compile(
+    r"^\s*(\d+)\s*(m|min|mins|minutes?|h|hours?|d|days?|w|weeks?)\s*(?:ago)?\s*$"
+)
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
+    """`2026-03-14`, `2026-03-14T09:30`, `...+02:00`, or relative: `30m`, `2h`, `3d`, `1w`.
+
+    A date or time without a zone is UTC, like every time mailer prints.
+    """
+    text = value.strip()
+    match = _RELATIVE.match(text.lower())
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        delta = dt.timedelta(**{_UNITS[unit[0]]: amount})
+        return (now or utcnow()) - delta
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace(" ", "T", 1) if len(text) > 10 else text)
+    except ValueError:
+        raise InvalidValueError(
+            f"--since {value!r}: not a date or time; use e.g. 2026-03-14, "
+            "2026-03-14T09:30, or a relative age like 30m, 2h, 3d, 1w"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC)
+
+
+def _filter_conditions(flt: LogFilter) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if flt.statuses:
+        conditions.append(Message.status.in_(flt.statuses))
+    if flt.contact:
+        conditions.append(Contact.email == normalise_email(flt.contact))
+    if flt.city:
+        conditions.append(City.name_key == city_key(flt.city))
+    if flt.country:
+        conditions.append(City.country == flt.country.strip().upper())
+    return conditions
+
+
+def _last_event_at() -> Any:
+    return (
+        select(func.max(Event.at))
+        .where(Event.message_id == Message.id)
+        .correlate(Message)
+        .scalar_subquery()
+    )
+
+
+def log_rows(
+    session: Session, *, slug: str, flt: LogFilter | None = None, page_size: int = PAGE_SIZE
+) -> Iterator[Row]:
+    """One row per recipient message (LOG_COLUMNS), in contact order, read page by page.
+
+    Pages follow the (campaign, contact) unique index, so each page is an index range:
+    the whole export costs one pass, whatever its size.
+
+    `since` keeps the recipients whose message has an event at or after that time.
+    """
+    flt = flt or LogFilter()
+    campaign = get_campaign(session, slug)
+    conditions = [Message.campaign_id == campaign.id, *_filter_conditions(flt)]
+    if flt.since is not None:
+        conditions.append(
+            exists().where(and_(Event.message_id == Message.id, Event.at >= flt.since))
+        )
+    # Plain columns, not ORM objects: nothing piles up in the session's identity map.
+    selected = (
+        Message.contact_id,
+        Contact.email,
+        Contact.name,
+        City.name,
+        City.country,
+        Message.language,
+        Message.status,
+        Message.attempts,
+        Message.queued_at,
+        Message.sent_at,
+        _last_event_at(),
+        Message.smtp_code,
+        Message.smtp_reply,
+        Message.message_id,
+        Message.subject,
+    )
+    base = (
+        select(*selected)
+        .join(Contact, Contact.id == Message.contact_id)
+        .outerjoin(City, City.id == Contact.city_id)
+        .where(*conditions)
+        .order_by(Message.contact_id)
+        .limit(page_size)
+    )
+    last_id = 0
+    while True:
+        # Core execution: the ORM's row machinery would double the cost of a large export.
+        page = session.connection().execute(base.where(Message.contact_id > last_id)).all()
+        for row in page:
+            item = dict(zip(("contact_id", *LOG_COLUMNS), row, strict=True))
+            item["last_event_at"] = _aware(item["last_event_at"])
+            yield item
+        if len(page) < page_size:
+            return
+        last_id = page[-1][0]
+
+
+def event_rows(
+    session: Session, *, slug: str, flt: LogFilter | None = None, page_size: int = PAGE_SIZE
+) -> Iterator[Row]:
+    """One row per event (EVENT_COLUMNS), oldest first, read page by page."""
+    flt = flt or LogFilter()
+    campaign = get_campaign(session, slug)
+    conditions = [Event.campaign_id == campaign.id, *_filter_conditions(flt)]
+    if flt.since is not None:
+        conditions.append(Event.at >= flt.since)
+    base = (
+        select(
+            Event.id,
+            Event.at,
+            Event.kind,
+            Contact.email,
+            Contact.name,
+            City.name,
+            City.country,
+            Message.status,
+            Event.smtp_code,
+            Event.detail,
+            Event.via,
+            Message.message_id,
+        )
+        .outerjoin(Message, Message.id == Event.message_id)
+        .outerjoin(Contact, Contact.id == Event.contact_id)
+        .outerjoin(City, City.id == Contact.city_id)
+        .where(*conditions)
+        .order_by(Event.at, Event.id)
+        .limit(page_size)
+    )
+    after: tuple[dt.datetime, int] | None = None
+    while True:
+        query = base
+        if after is not None:
+            at, event_id = after
+            # `at >= x` first, so the (campaign_id, at) index gives a range, not a scan.
+            query = query.where(Event.at >= at, or_(Event.at > at, Event.id > event_id))
+        page = session.connection().execute(query).all()
+        for row in page:
+            yield dict(zip(("id", *EVENT_COLUMNS), row, strict=True)) | {"at": _aware(row[1])}
+        if len(page) < page_size:
+            return
+        after = (page[-1][1], page[-1][0])
+
+
+# --------------------------------------------------------------------------- writers
+
+# A spreadsheet runs a cell starting with these as a formula (OWASP "CSV injection").
+_FORMULA_CHARS = "=+-@\t\r"
+
+
+def csv_cell(value: Any) -> str:
+    text = value if type(value) is str else _plain(value)
+    if text and text[0] in _FORMULA_CHARS:
+        return "'" + text
+    return text
+
+
+def write_csv(rows: Iterable[Row], *, columns: Sequence[str], out: IO[str]) -> int:
+    """Header plus one line per row, written as the rows arrive. Returns the row count."""
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(columns)
+    n = 0
+    for row in rows:
+        writer.writerow([csv_cell(row.get(c)) for c in columns])
+        n += 1
+    return n
+
+
+def write_json(rows: Iterable[Row], *, columns: Sequence[str], out: IO[str]) -> int:
+    """A JSON array written element by element: one object per line between `[` and `]`."""
+    out.write("[")
+    n = 0
+    for row in rows:
+        out.write(",\n" if n else "\n")
+        out.write(json.dumps({c: _jsonable(row.get(c)) for c in columns}, ensure_ascii=False))
+        n += 1
+    out.write("\n]\n" if n else "]\n")
+    return n
+
+
+def write_table(
+    rows: Iterable[Row],
+    *,
+    columns: Sequence[str],
+    out: IO[str],
+    max_width: int = 40,
+    sample: int = 500,
+) -> int:
+    """Plain aligned columns. Widths come from the first `sample` rows, so output streams."""
+    iterator = iter(rows)
+    head: list[Row] = []
+    for row in iterator:
+        head.append(row)
+        if len(head) >= sample:
+            break
+    if not head:
+        out.write("(no matching rows)\n")
+        return 0
+    widths = {
+        c: min(max_width, max(len(c), *(len(_plain(r.get(c))) for r in head))) for c in columns
+    }
+
+    def line(values: Iterable[str]) -> str:
+        cells = [_clip(v, widths[c]).ljust(widths[c]) for c, v in zip(columns, values, strict=True)]
+        return "  ".join(cells).rstrip() + "\n"
+
+    out.write(line(columns))
+    out.write(line("-" * widths[c] for c in columns))
+    n = 0
+    for row in _chain(head, iterator):
+        out.write(line(_plain(row.get(c)) for c in columns))
+        n += 1
+    return n
+
+
+def _chain(head: list[Row], rest: Iterator[Row]) -> Iterator[Row]:
+    yield from head
+    head.clear()
+    yield from rest
+
+
+# --------------------------------------------------------------------------- contact history
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuppressionInfo:
+    reason: str
+    source: str | None
+    at: dt.datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageRecord:
+    campaign: str
+    status: str
+    attempts: int
+    language: str | None
+    subject: str | None
+    queued_at: dt.datetime
+    sent_at: dt.datetime | None
+    smtp_code: int | None
+    smtp_reply: str | None
+    message_id: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventRecord:
+    at: dt.datetime
+    campaign: str | None
+    kind: str
+    smtp_code: int | None
+    detail: str | None
+    via: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContactHistory:
+    """Everything known about one address. `imported` is False for an address only suppressed."""
+
+    email: str
+    imported: bool
+    name: str | None = None
+    title: str | None = None
+    salutation: str | None = None
+    organisation: str | None = None
+    language: str | None = None
+    city: str | None = None
+    region: str | None = None
+    country: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
+    suppression: SuppressionInfo | None = None
+    messages: list[MessageRecord] = field(default_factory=list)
+    events: list[EventRecord] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        def conv(obj: Any) -> Any:
+            return {k: _jsonable(v) for k, v in obj.__dict__.items()}
+
+        data = {k: _jsonable(v) for k, v in self.__dict__.items()}
+        data["suppression"] = conv(self.suppression) if self.suppression else None
+        data["messages"] = [conv(m) for m in self.messages]
+        data["events"] = [conv(e) for e in self.events]
+        return data
+
+
+def contact_history(session: Session, email: str) -> ContactHistory:
+    address = normalise_email(email)
+    contact = session.scalar(select(Contact).where(Contact.email == address))
+    suppression = suppression_for(session, address)
+    supp = (
+        SuppressionInfo(
+            reason=suppression.reason, source=suppression.source, at=suppression.created_at
+        )
+        if suppression is not None
+        else None
+    )
+    if contact is None:
+        if supp is None:
+            raise NotFoundError(f"no contact {address!r}: it was never imported nor suppressed")
+        return ContactHistory(email=address, imported=False, suppression=supp)
+
+    slugs: dict[int, str] = {
+        cid: slug for cid, slug in session.execute(select(Campaign.id, Campaign.slug))
+    }
+    messages = [
+        MessageRecord(
+            campaign=slugs.get(m.campaign_id, str(m.campaign_id)),
+            status=m.status,
+            attempts=m.attempts,
+            language=m.language,
+            subject=m.subject,
+            queued_at=m.queued_at,
+            sent_at=m.sent_at,
+            smtp_code=m.smtp_code,
+            smtp_reply=m.smtp_reply,
+            message_id=m.message_id,
+        )
+        for m in session.scalars(
+            select(Message)
+            .where(Message.contact_id == contact.id)
+            .order_by(Message.queued_at, Message.id)
+        )
+    ]
+    mine = select(Message.id).where(Message.contact_id == contact.id)
+    events = [
+        EventRecord(
+            at=e.at,
+            campaign=slugs.get(e.campaign_id) if e.campaign_id is not None else None,
+            kind=e.kind,
+            smtp_code=e.smtp_code,
+            detail=e.detail,
+            via=e.via,
+        )
+        for e in session.scalars(
+            select(Event)
+            .where(or_(Event.contact_id == contact.id, Event.message_id.in_(mine)))
+            .order_by(Event.at, Event.id)
+        )
+    ]
+    city = contact.city
+    return ContactHistory(
+        email=contact.email,
+        imported=True,
+        name=contact.name,
+        title=contact.title,
+        salutation=contact.salutation,
+        organisation=contact.organisation,
+        language=contact.language,
+        city=city.name if city else None,
+        region=city.region if city else None,
+        country=city.country if city else None,
+        attributes=dict(contact.attributes or {}),
+        tags=[str(t) for t in (contact.tags or [])],
+        created_at=contact.created_at,
+        updated_at=contact.updated_at,
+        suppression=supp,
+        messages=messages,
+        events=events,
+    )
+
+
+def format_contact_history(history: ContactHistory) -> str:
+    lines: list[str] = []
+    if not history.imported:
+        lines.append(f"{history.email} is not an imported contact, but it is suppressed:")
+    else:
+        lines.append(history.email)
+        for label, value in (
+            ("name", history.name),
+            ("title", history.title),
+            ("salutation", history.salutation),
+            ("organisation", history.organisation),
+            ("city", ", ".join(p for p in (history.city, history.region, history.country) if p)),
+            ("language", history.language),
+            ("tags", ", ".join(history.tags)),
+        ):
+            if value:
+                lines.append(f"  {label:<13} {value}")
+        for key, value in sorted(history.attributes.items()):
+            if value not in (None, ""):
+                lines.append(f"  {key:<13} {_plain(value)}")
+        lines.append(f"  {'imported':<13} {_human_time(history.created_at)}")
+    if history.suppression:
+        s = history.suppression
+        source = f" (source: {s.source})" if s.source else ""
+        lines.append(f"  SUPPRESSED    {s.reason} since {_human_time(s.at)}{source}: never sent to")
+    elif history.imported:
+        lines.append("  suppressed    no")
+    if not history.imported:
+        return "\n".join(lines) + "\n"
+
+    lines.append("")
+    if not history.messages:
+        lines.append("Campaigns: none (never queued in any campaign)")
+    else:
+        lines.append("Campaigns:")
+        for m in history.messages:
+            answer = " ".join(p for p in (str(m.smtp_code or ""), _one_line(m.smtp_reply)) if p)
+            when = (
+                f"sent {_human_time(m.sent_at)}"
+                if m.sent_at
+                else f"queued {_human_time(m.queued_at)}"
+            )
+            lines.append(
+                f"  {m.campaign}: {m.status}, {m.attempts} attempt(s), {when}"
+                + (f" — {answer}" if answer else "")
+            )
+    lines.append("")
+    if not history.events:
+        lines.append("Events: none")
+    else:
+        lines.append("Events (oldest first):")
+        for e in history.events:
+            parts = [_human_time(e.at), e.campaign or "-", e.kind]
+            if e.smtp_code is not None:
+                parts.append(str(e.smtp_code))
+            if e.detail:
+                parts.append(_one_line(e.detail))
+            if e.via:
+                parts.append(f"via {e.via}")
+            lines.append("  " + "  ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    # Aggregates (min/max) bypass the column type, so SQLite hands back naive UTC or strings.
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is not dt.UTC:
+        value = value.astimezone(dt.UTC)
+    return value.isoformat()[:-6] + "Z"  # drop "+00:00"
+
+
+def _human_time(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "-"
+
+
+def _short_time(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        return _iso(value) or ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return _iso(value)
+    return value
+
+
+def status_renderables(summaries: Sequence[CampaignSummary]) -> list[Any]:
+    """Rich tables for a terminal: one overview row per campaign, then its failure reasons."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if not summaries:
+        return ["No campaigns yet. Create one with `mailer campaign create SLUG ...`."]
+    table = Table(title="Campaigns", title_justify="left")
+    table.add_column("campaign")
+    table.add_column("status")
+    for state in STATES:
+        table.add_column(state, justify="right")
+    for label in ("total", "progress", "started (UTC)", "ended (UTC)", "rate/min"):
+        table.add_column(label, justify="right")
+    for s in summaries:
+        if s.not_sent_yet:
+            table.add_row(
+                s.campaign, s.status, *["-"] * len(STATES), "0", "not sent yet", "-", "-", "-"
+            )
+            continue
+        table.add_row(
+            Text(s.campaign),
+            s.status,
+            *(f"{s.counts[state]:,}" for state in STATES),
+            f"{s.total:,}",
+            f"{s.progress:.1f}%",
+            _short_time(s.started_at),
+            _short_time(s.ended_at),
+            f"{s.rate_per_minute:g}",
+        )
+    out: list[Any] = [table]
+    for s in summaries:
+        if s.top_failures:
+            reasons = Table(title=Text(f"{s.campaign}: top failure reasons"), title_justify="left")
+            reasons.add_column("count", justify="right")
+            reasons.add_column("code", justify="right")
+            reasons.add_column("reply")
+            for r in s.top_failures:
+                # Text(), not str: a server reply like "[ABC]" must not be read as rich markup.
+                reasons.add_row(f"{r.count:,}", str(r.smtp_code or "-"), Text(r.reply or "-"))
+            out.append(reasons)
+    return out

@@ -1,0 +1,613 @@
+"""Moving pre-built message bytes: SMTP (a pool of reused connections), a Maildir outbox, a dry run.
+
+This module knows nothing of templates or the database. It takes bytes and an envelope and says
+what became of them, as precisely as SMTP allows: accepted, refused for now, refused for good,
+or *uncertain* (the payload went out and no final answer came back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import os
+import re
+import shlex
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+
+from mailer.errors import (
+    AuthenticationRefused,
+    InvalidValueError,
+    ServerUnreachable,
+    TlsFailure,
+    TransportError,
+)
+
+PASSWORD_ENV = "MAILER_SMTP_PASSWORD"
+DEFAULT_TIMEOUT = 60.0
+SCHEMES = {"smtp": 587, "smtps": 465, "smtp+plain": 25}
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+class OutcomeKind(enum.StrEnum):
+    ACCEPTED = "accepted"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    UNCERTAIN = "uncertain"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    kind: OutcomeKind
+    code: int | None
+    reply: str
+    via: str
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpSettings:
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    # repr=False: a settings object may end up in a traceback or a log line.
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    local_hostname: str | None = None
+
+    @property
+    def via(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def display(self) -> str:
+        """The URL as the user gave it, never with a password."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{self.scheme}://{user}{self.host}:{self.port}"
+
+    def with_password(self, password: str | None) -> SmtpSettings:
+        return replace(self, password=password)
+
+
+def parse_smtp_url(
+    url: str, *, ca_file: Path | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> SmtpSettings:
+    """`smtp://user@host:587` (STARTTLS), `smtps://user@host:465`, `smtp+plain://host:25`."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidValueError(f"--smtp: not a valid URL ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise InvalidValueError(
+            f"--smtp: unknown scheme {scheme or '(none)'!r}; use smtp:// (STARTTLS), "
+            "smtps:// (implicit TLS) or smtp+plain:// (no TLS, local relays only)"
+        )
+    if parts.password is not None:
+        # The URL is in argv, the shell history and the process list: no place for a secret.
+        raise InvalidValueError(
+            f"--smtp: the URL must not contain a password; give it in ${PASSWORD_ENV} "
+            "or [smtp] password_command in mailer.toml"
+        )
+    if not parts.hostname:
+        raise InvalidValueError(f"--smtp {url}: no host name")
+    if ca_file is not None and not ca_file.is_file():
+        raise InvalidValueError(f"--ca-file {ca_file}: no such file")
+    return SmtpSettings(
+        scheme=scheme,
+        host=parts.hostname,
+        port=port or SCHEMES[scheme],
+        username=unquote(parts.username) if parts.username else None,
+        ca_file=ca_file,
+        timeout=timeout,
+    )
+
+
+def resolve_password(
+    *,
+    settings: SmtpSettings,
+    password_command: str | None,
+    prompt: Callable[[str], str] | None = None,
+) -> str | None:
+    """`MAILER_SMTP_PASSWORD`, then `[smtp] password_command`, then `prompt` (the CLI's, on a TTY)."""
+    if settings.username is None:
+        return None
+    from_env = os.environ.get(PASSWORD_ENV)
+    if from_env:
+        return from_env
+    if password_command:
+        return _run_password_command(password_command)
+    if prompt is not None:
+        return prompt(f"SMTP password for {settings.username}@{settings.via}")
+    raise TransportError(
+        f"no password for {settings.username}@{settings.via}: set ${PASSWORD_ENV}, "
+        "or [smtp] password_command in mailer.toml, or run on a terminal to be asked"
+    )
+
+
+def _run_password_command(command: str) -> str:
+    try:
+        argv = shlex.split(command)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise TransportError(f"[smtp] password_command cannot run: {exc}") from None
+    if done.returncode != 0:
+        # stderr is reported, stdout never: stdout is where the secret would be.
+        raise TransportError(
+            f"[smtp] password_command exited with status {done.returncode}: "
+            f"{done.stderr.strip()[:200]}"
+        )
+    password = done.stdout.splitlines()[0] if done.stdout else ""
+    if not password:
+        raise TransportError("[smtp] password_command printed no password")
+    return password
+
+
+def tls_context(*, ca_file: Path | None) -> ssl.SSLContext:
+    # Verification and hostname checks stay on whatever the file: a private CA is trusted, not
+    # "no CA".
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+# --------------------------------------------------------------------------- transports
+
+
+class Transport(Protocol):
+    @property
+    def via(self) -> str: ...
+
+    async def open(self) -> None:
+        """Check the way out works before anything is claimed (raises TransportError)."""
+
+    async def send(
+        self,
+        *,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        smtputf8: bool = False,
+        ref: str | None = None,
+    ) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+def _stuffed(data: bytes) -> bytes:
+    """The DATA payload: CRLF line endings, leading dots doubled, the final dot line."""
+    data = _LINE_ENDINGS.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return _LEADING_DOT.sub(b"..", data) + b".\r\n"
+
+
+def _classify_code(code: int, reply: str, via: str) -> Outcome:
+    if 200 <= code < 300:
+        return Outcome(kind=OutcomeKind.ACCEPTED, code=code, reply=reply, via=via)
+    if 400 <= code < 500:
+        return Outcome(kind=OutcomeKind.TRANSIENT, code=code, reply=reply, via=via)
+    return Outcome(kind=OutcomeKind.PERMANENT, code=code, reply=reply, via=via)
+
+
+class _PayloadSent(Exception):
+    """Marks a failure that happened after the payload went out (so the outcome is uncertain)."""
+
+
+class SmtpPool:
+    """N reused SMTP connections, opened lazily and reopened when a server drops one."""
+
+    def __init__(self, settings: SmtpSettings, *, size: int = 4) -> None:
+        if size < 1:
+            raise InvalidValueError("--concurrency must be at least 1")
+        self.settings = settings
+        self.size = size
+        self._context = (
+            tls_context(ca_file=settings.ca_file) if settings.scheme != "smtp+plain" else None
+        )
+        self._idle: asyncio.Queue[_Connection] | None = None
+        self._all: list[_Connection] = []
+
+    @property
+    def via(self) -> str:
+        return self.settings.via
+
+    def _pool(self) -> asyncio.Queue[_Connection]:
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for _ in range(self.size):
+                conn = _Connection(self.settings, self._context)
+                self._all.append(conn)
+                self._idle.put_nowait(conn)
+        return self._idle
+
+    async def open(self) -> None:
+        pool = self._pool()
+        conn = await pool.get()
+        try:
+            await conn.ensure_connected()
+        finally:
+            pool.put_nowait(conn)
+
+    async def send(
+        self,
+        *,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        smtputf8: bool = False,
+        ref: str | None = None,
+    ) -> Outcome:
+        pool = self._pool()
+        conn = await pool.get()
+        try:
+            return await conn.transact(
+                mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
+            )
+        finally:
+            pool.put_nowait(conn)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(conn.close() for conn in self._all), return_exceptions=True)
+
+
+class _Connection:
+    def __init__(self, settings: SmtpSettings, context: ssl.SSLContext | None) -> None:
+        self.settings = settings
+        self.context = context
+        self.smtp: aiosmtplib.SMTP | None = None
+        self.sent_on_this = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.smtp is not None and self.smtp.is_connected
+
+    async def ensure_connected(self) -> aiosmtplib.SMTP:
+        if self.smtp is not None and self.smtp.is_connected:
+            return self.smtp
+        s = self.settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            timeout=s.timeout,
+            use_tls=s.scheme == "smtps",
+            start_tls=False,
+            tls_context=self.context if s.scheme == "smtps" else None,
+            local_hostname=s.local_hostname or _local_hostname(),
+        )
+        where = f"SMTP server {s.via}"
+        try:
+            await smtp.connect()
+            if s.scheme == "smtp":
+                await smtp.ehlo()
+                if not smtp.supports_extension("starttls"):
+                    smtp.close()
+                    raise TlsFailure(
+                        f"{where} does not offer STARTTLS, which smtp:// requires; use "
+                        "smtps:// for implicit TLS, or smtp+plain:// for a local relay "
+                        "without TLS"
+                    )
+                assert self.context is not None
+                await smtp.starttls(tls_context=self.context)
+            if s.username is not None:
+                await smtp.login(s.username, s.password or "")
+            # The extensions (SMTPUTF8, 8BITMIME) must be known before the first MAIL.
+            if smtp.is_ehlo_or_helo_needed:
+                await smtp.ehlo()
+        except TransportError:
+            raise
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            smtp.close()
+            raise AuthenticationRefused(
+                f"{where} refused the login of {s.username!r}: {exc.code} {_one_line(exc.message)}"
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            tls = _ssl_cause(exc)
+            if tls is not None:
+                hint = (
+                    " (for a private CA give --ca-file)"
+                    if isinstance(tls, ssl.SSLCertVerificationError)
+                    else ""
+                )
+                raise TlsFailure(f"TLS with {where} failed: {_ssl_text(tls)}{hint}") from None
+            if isinstance(exc, aiosmtplib.SMTPResponseException):
+                raise ServerUnreachable(
+                    f"{where} refused the session: {exc.code} {_one_line(exc.message)}"
+                ) from None
+            raise ServerUnreachable(f"cannot reach {where}: {_exc_text(exc)}") from None
+        self.smtp = smtp
+        self.sent_on_this = 0
+        return smtp
+
+    async def transact(
+        self, *, mail_from: str, rcpt_to: Sequence[str], data: bytes, smtputf8: bool
+    ) -> Outcome:
+        reused = self.connected and self.sent_on_this > 0
+        outcome = await self._transact_once(
+            mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
+        )
+        if (
+            outcome.kind is OutcomeKind.TRANSIENT
+            and outcome.code is None
+            and reused
+            and outcome.reply.startswith("connection lost before MAIL")
+        ):
+            # A server may close a connection that sat idle; nothing of this message went out,
+            # so trying once more on a fresh connection is safe.
+            outcome = await self._transact_once(
+                mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
+            )
+        return outcome
+
+    async def _transact_once(
+        self, *, mail_from: str, rcpt_to: Sequence[str], data: bytes, smtputf8: bool
+    ) -> Outcome:
+        smtp = await self.ensure_connected()
+        via = self.settings.via
+        timeout = self.settings.timeout
+        stage = "MAIL"
+        try:
+            options: list[str] = []
+            if smtputf8:
+                if not smtp.supports_extension("smtputf8"):
+                    await self._reset(smtp)
+                    return Outcome(
+                        kind=OutcomeKind.PERMANENT,
+                        code=None,
+                        reply="the message needs SMTPUTF8, which the server does not offer",
+                        via=via,
+                    )
+                options.append("SMTPUTF8")
+            if not data.isascii() and smtp.supports_extension("8bitmime"):
+                options.append("BODY=8BITMIME")
+            encoding = "utf-8" if smtputf8 else "ascii"
+            await smtp.mail(mail_from, options=options, encoding=encoding, timeout=timeout)
+            stage = "RCPT"
+            for rcpt in rcpt_to:
+                await smtp.rcpt(rcpt, encoding=encoding, timeout=timeout)
+            stage = "DATA"
+            start = await smtp.execute_command(b"DATA", timeout=timeout)
+            if start.code != 354:
+                await self._reset(smtp)
+                return _classify_code(start.code, start.message, via)
+            protocol = smtp.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            payload = _stuffed(data)
+            # From here on the server may have the whole message: only its reply says whether
+            # it took it, so any failure to read that reply leaves the outcome uncertain.
+            protocol.write(payload)
+            stage = "payload"
+            reply = await protocol.read_response(timeout=timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == 421:
+                smtp.close()
+            else:
+                await self._reset(smtp)
+            return _classify_code(exc.code, exc.message, via)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            smtp.close()
+            if stage == "payload":
+                return Outcome(
+                    kind=OutcomeKind.UNCERTAIN,
+                    code=None,
+                    reply=f"no reply after the message was sent: {_exc_text(exc)}",
+                    via=via,
+                )
+            return Outcome(
+                kind=OutcomeKind.TRANSIENT,
+                code=None,
+                reply=f"connection lost before {stage}: {_exc_text(exc)}",
+                via=via,
+            )
+        self.sent_on_this += 1
+        if reply.code == 421:
+            smtp.close()
+        return _classify_code(reply.code, reply.message, via)
+
+    async def _reset(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.rset(timeout=self.settings.timeout)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            smtp.close()
+
+    async def close(self) -> None:
+        if self.smtp is not None and self.smtp.is_connected:
+            try:
+                await asyncio.wait_for(self.smtp.quit(), timeout=5)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                self.smtp.close()
+        self.smtp = None
+
+
+_HOSTNAME: str | None = None
+
+
+def _local_hostname() -> str:
+    # socket.getfqdn() can take seconds on a machine with slow DNS: once per process is enough.
+    global _HOSTNAME
+    if _HOSTNAME is None:
+        name = socket.gethostname() or "localhost"
+        _HOSTNAME = name if name.isascii() else "localhost"
+    return _HOSTNAME
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _ssl_text(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate refused ({exc.verify_message})"
+    return exc.reason or str(exc)
+
+
+def _exc_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text} ({cause})"
+    return _one_line(text)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class MaildirOutbox:
+    """One `.eml` per message in a Maildir's `new/`, written to `tmp/` first and renamed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def via(self) -> str:
+        return f"maildir:{self.directory}"
+
+    async def open(self) -> None:
+        try:
+            for sub in ("tmp", "new", "cur"):
+                (self.directory / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TransportError(
+                f"--outbox {self.directory}: cannot create: {exc.strerror}"
+            ) from None
+
+    async def send(
+        self,
+        *,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        smtputf8: bool = False,
+        ref: str | None = None,
+    ) -> Outcome:
+        key = hashlib.sha256((ref or "").encode() or data).hexdigest()[:24]
+        name = f"{key}.eml"
+        try:
+            await asyncio.to_thread(self._write, name, data)
+        except OSError as exc:
+            raise TransportError(
+                f"--outbox {self.directory}: cannot write {name}: {exc.strerror}"
+            ) from None
+        return Outcome(kind=OutcomeKind.ACCEPTED, code=None, reply=f"new/{name}", via=self.via)
+
+    def _write(self, name: str, data: bytes) -> None:
+        tmp = self.directory / "tmp" / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.directory / "new" / name)
+
+    async def close(self) -> None:
+        return None
+
+
+class DryRun:
+    """Takes every message and keeps none of it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+
+    @property
+    def via(self) -> str:
+        return "dry-run"
+
+    async def open(self) -> None:
+        return None
+
+    async def send(
+        self,
+        *,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        smtputf8: bool = False,
+        ref: str | None = None,
+    ) -> Outcome:
+        self.count += 1
+        self.bytes += len(data)
+        return Outcome(kind=OutcomeKind.ACCEPTED, code=None, reply="dry run", via=self.via)
+
+    async def close(self) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------- rate limiting
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hr|hour)\s*$", re.I)
+_UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
+
+
+def parse_rate(text: str) -> float:
+    """`5/s`, `300/min`, `1000/h` -> messages per second."""
+    match = _RATE.match(text)
+    if not match:
+        raise InvalidValueError(f"--rate {text!r}: expected N/s, N/min or N/h (e.g. 300/min)")
+    count = float(match.group(1))
+    unit = match.group(2).lower()
+    seconds = _UNIT_SECONDS.get(unit, 3600)
+    if count <= 0:
+        raise InvalidValueError(f"--rate {text!r}: must be more than zero")
+    return count / seconds
+
+
+class TokenBucket:
+    """A rate limit shared by every connection: `acquire()` waits for the next token."""
+
+    def __init__(
+        self,
+        *,
+        rate: float,
+        capacity: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise InvalidValueError("a rate must be more than zero")
+        self.rate = rate
+        self.capacity = max(1.0, capacity)
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.capacity
+        self._stamp = clock()
+        self._lock: asyncio.Lock | None = None
+
+    async def acquire(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        # One waiter at a time keeps the order fair and the spacing exact.
+        async with self._lock:
+            while True:
+                now = self._clock()
+                self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                await self._sleep((1.0 - self._tokens) / self.rate)

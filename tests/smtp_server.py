@@ -1,0 +1,294 @@
+"""A real SMTP server for tests: aiosmtpd on 127.0.0.1, a free port, with fault injection.
+
+Every envelope that reaches DATA is recorded (with its arrival time), so tests assert at the
+server what was delivered. Faults are plain callables the test sets:
+
+    server.on_rcpt = lambda address: "451 4.7.1 try later" if address == x else None
+    server.on_data = lambda envelope: "550 5.7.1 no"     # or DROP, or Stall(seconds)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import ssl
+import threading
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+DROP = "DROP"
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Hold the reply to the DATA payload for this long (a client timeout makes it uncertain)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Received:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+    at: float
+    # The server closed the connection instead of answering: the client cannot know.
+    dropped: bool = False
+    mail_options: tuple[str, ...] = ()
+
+    def message(self) -> EmailMessage:
+        parsed = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+
+DataAction = str | Stall | None
+
+
+class _Handler:
+    def __init__(self, owner: SmtpTestServer) -> None:
+        self.owner = owner
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        rule = self.owner.on_rcpt
+        reply = rule(address) if rule is not None else None
+        if reply is not None:
+            if reply == DROP:
+                server.transport.close()
+                return "421 4.3.0 closing"
+            if reply.startswith("421"):
+                # A 421 means "closing": say it, then go, as a real server would.
+                asyncio.get_running_loop().call_later(0.01, server.transport.close)
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        rule = self.owner.on_data
+        action: DataAction = rule(envelope) if rule is not None else None
+        if isinstance(action, Awaitable):  # pragma: no cover - async rules are allowed too
+            action = await action
+        data: bytes = envelope.original_content or envelope.content
+        record = Received(
+            mail_from=envelope.mail_from,
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            data=data,
+            at=time.monotonic(),
+            dropped=action == DROP,
+            mail_options=tuple(envelope.mail_options),
+        )
+        if self.owner.delay:
+            await asyncio.sleep(self.owner.delay)
+        if isinstance(action, Stall):
+            with self.owner.lock:
+                self.owner.stalled.append(record)
+            await asyncio.sleep(action.seconds)
+            return "250 2.0.0 accepted late"
+        with self.owner.lock:
+            self.owner.received.append(record)
+        if action == DROP:
+            server.transport.close()
+            return "250 never seen"
+        if isinstance(action, str):
+            return action
+        return f"250 2.0.0 Ok: queued as {len(self.owner.received)}"
+
+
+class _Controller(Controller):  # type: ignore[misc]
+    def factory(self) -> Any:
+        with warnings.catch_warnings():
+            # AUTH over plaintext is what the wrong-password test wants on a loopback server.
+            warnings.simplefilter("ignore", UserWarning)
+            return super().factory()
+
+    def _create_server(self) -> Awaitable[asyncio.AbstractServer]:
+        creating = super()._create_server()
+
+        async def create() -> asyncio.AbstractServer:
+            server: asyncio.AbstractServer = await creating
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            return server
+
+        return create()
+
+
+class SmtpTestServer:
+    """`with SmtpTestServer() as server:` a server on 127.0.0.1:<free port>, stopped on exit."""
+
+    def __init__(
+        self,
+        *,
+        tls: str = "none",
+        server_context: ssl.SSLContext | None = None,
+        auth: tuple[str, str] | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        assert tls in ("none", "implicit", "starttls")
+        self.received: list[Received] = []
+        self.stalled: list[Received] = []
+        self.lock = threading.Lock()
+        self.on_rcpt: Callable[[str], str | None] | None = None
+        self.on_data: Callable[[Any], DataAction] | None = None
+        self.delay = delay
+        self.auth_attempts = 0
+        kwargs: dict[str, Any] = {"hostname": "127.0.0.1", "port": 0, "ready_timeout": 10}
+        if tls == "implicit":
+            kwargs["ssl_context"] = server_context
+        elif tls == "starttls":
+            kwargs["tls_context"] = server_context
+            kwargs["require_starttls"] = True
+        if auth is not None:
+            kwargs["authenticator"] = self._authenticator(auth)
+            kwargs["auth_require_tls"] = tls != "none"
+            kwargs["auth_required"] = True
+        self._controller = _Controller(_Handler(self), **kwargs)
+
+    def _authenticator(self, expected: tuple[str, str]) -> Callable[..., AuthResult]:
+        def check(
+            server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+        ) -> AuthResult:
+            self.auth_attempts += 1
+            if isinstance(data, LoginPassword):
+                given = (data.login.decode(), data.password.decode())
+                if given == expected:
+                    return AuthResult(success=True)
+            return AuthResult(success=False, handled=False)
+
+        return check
+
+    @property
+    def port(self) -> int:
+        port: int = self._controller.port
+        return port
+
+    def url(self, scheme: str = "smtp+plain", *, user: str | None = None) -> str:
+        who = f"{user}@" if user else ""
+        return f"{scheme}://{who}127.0.0.1:{self.port}"
+
+    def start(self) -> SmtpTestServer:
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def __enter__(self) -> SmtpTestServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ----- what arrived
+
+    def accepted(self) -> list[Received]:
+        with self.lock:
+            return [r for r in self.received if not r.dropped]
+
+    def recipients(self) -> list[str]:
+        """Every envelope recipient the server took a payload for (dropped ones included)."""
+        with self.lock:
+            return [rcpt for r in self.received for rcpt in r.rcpt_tos]
+
+    def wait_for(self, count: int, *, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def write_ca(ca: Any, directory: Path) -> Path:
+    path = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+def server_context(ca: Any) -> ssl.SSLContext:
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    return context
+
+
+# --------------------------------------------------------------------------- campaign data
+
+PLAIN_TEMPLATE = """Subject: An appeal to {{ contact.name }}
+
+Dear {{ contact.name }},
+
+the mayors of Ukraine ask you to stand with them.
+.a line that starts with a dot must arrive intact
+With respect,
+the campaign office
+"""
+
+
+def seed_campaign(
+    engine: Any,
+    workspace: Path,
+    *,
+    count: int,
+    slug: str = "appeal",
+    domain: str = "example.org",
+    start: int = 0,
+    create: bool = True,
+) -> list[str]:
+    """`count` fictional contacts and a campaign addressing all of them; returns the addresses."""
+    import datetime as dt
+
+    from sqlalchemy import insert
+    from sqlalchemy.orm import Session
+
+    from mailer import campaigns
+    from mailer.audience import Audience
+    from mailer.models import Contact
+
+    folder = workspace / "templates" / "plain"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "en.txt.j2").write_text(PLAIN_TEMPLATE, encoding="utf-8")
+    now = dt.datetime.now(dt.UTC)
+    emails = [f"mayor{i:06d}@{domain}" for i in range(start, start + count)]
+    rows = [
+        {
+            "email": e,
+            "name": f"Mayor {i}",
+            "language": "en",
+            "attributes": {},
+            "tags": [],
+            "created_at": now,
+            "updated_at": now,
+        }
+        for i, e in enumerate(emails, start)
+    ]
+    with engine.begin() as conn:
+        for first in range(0, len(rows), 5000):
+            conn.execute(insert(Contact), rows[first : first + 5000])
+    if create:
+        with Session(engine) as session, session.begin():
+            campaigns.create_campaign(
+                session,
+                slug=slug,
+                template="plain",
+                from_address="Campaign Office <office@example.org>",
+                reply_to=None,
+                audience=Audience(),
+                title="Test appeal",
+                default_language="en",
+                templates_dir=workspace / "templates",
+            )
+    return emails
