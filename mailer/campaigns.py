@@ -21,6 +21,7 @@ import re
 import types
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -747,7 +748,7 @@ def _run_slice_job(job: _SliceJob) -> _Partial:
     engine = _worker_state.get(job.url)
     if engine is None:
         engine = _worker_state[job.url] = db.make_engine(job.url)
-    key = hashlib.sha256(repr(sorted(job.sources.items())).encode()).hexdigest()
+    key = _composer_key(job.campaign, job.sources)
     composer = _worker_state.get(key)
     if composer is None:
         campaign = Campaign(**job.campaign)
@@ -757,6 +758,11 @@ def _run_slice_job(job: _SliceJob) -> _Partial:
         )
     with db.transaction(db.session_factory(engine)) as session:
         return _check_slice(session, composer, job.ids, job.batch_size)
+
+
+def _composer_key(campaign: dict[str, Any], sources: dict[str, str]) -> str:
+    text = repr((sorted(campaign.items()), sorted(sources.items())))
+    return "composer:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _parallel_url(session: Session) -> str | None:
@@ -771,6 +777,7 @@ def _check_parallel(
     session: Session,
     campaign: Campaign,
     template_set: TemplateSet,
+    composer: Composer,
     settings: Workspace,
     ids: list[int],
     *,
@@ -802,9 +809,17 @@ def _check_parallel(
     ]
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        # map keeps audience order, so examples and duplicates read the same as one process.
-        return list(pool.map(_run_slice_job, jobs))
+    # Forked workers inherit the compiled templates instead of compiling them again.
+    key = _composer_key(fields, template_set.sources)
+    _worker_state[key] = composer
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers, mp_context=context
+        ) as pool:
+            # map keeps audience order, so examples and duplicates read as with one process.
+            return list(pool.map(_run_slice_job, jobs))
+    finally:
+        _worker_state.pop(key, None)
 
 
 def check_campaign(
@@ -853,18 +868,24 @@ def check_campaign(
             min(os.cpu_count() or 1, CHECK_MAX_WORKERS) if len(ids) >= CHECK_PARALLEL_FROM else 1
         )
     url = _parallel_url(session) if workers > 1 and composer is not None else None
-    if url is not None and template_set is not None:
-        parts = _check_parallel(
-            session,
-            campaign,
-            template_set,
-            settings,
-            ids,
-            workers=workers,
-            batch_size=batch_size,
-            url=url,
-        )
-    else:
+    parts: list[_Partial] | None = None
+    if url is not None and template_set is not None and composer is not None:
+        try:
+            parts = _check_parallel(
+                session,
+                campaign,
+                template_set,
+                composer,
+                settings,
+                ids,
+                workers=workers,
+                batch_size=batch_size,
+                url=url,
+            )
+        except (BrokenProcessPool, OSError):
+            # No worker processes here (a sandbox, a resource limit): one process is only slower.
+            parts = None
+    if parts is None:
         parts = [_check_slice(session, composer, ids, batch_size)]
 
     emails: list[str] = []

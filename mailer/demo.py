@@ -23,7 +23,7 @@ from mailer import campaigns, db, importers, review
 from mailer import engine as send_engine
 from mailer import transport as tr
 from mailer.audience import Audience, suppress
-from mailer.config import CONFIG_NAME, Workspace, create_workspace, data_path
+from mailer.config import CONFIG_NAME, DEFAULT_DB_NAME, Workspace, create_workspace, data_path
 from mailer.devserver import DevServer
 from mailer.errors import CheckFailed, ConflictError, SendIncomplete, WorkspaceError
 from mailer.models import SuppressionReason
@@ -92,7 +92,9 @@ def run_demo(*, directory: Path, out: Out) -> DemoResult:
         raise WorkspaceError(f"the sample data is missing from {seeds}: {', '.join(missing)}")
 
     out(f"1. Workspace {root}")
-    workspace = create_workspace(root=root)
+    # Its own SQLite file, whatever MAILER_DATABASE_URL says: sample data never lands in a
+    # real (perhaps shared) database.
+    workspace = create_workspace(root=root, db_url=f"sqlite:///{root / DEFAULT_DB_NAME}")
     (root / MARKER).write_text(
         "Made by `mailer demo`: sample data only, safe to delete.\n", encoding="utf-8"
     )

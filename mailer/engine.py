@@ -27,12 +27,14 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
 from mailer import campaigns
 from mailer.config import Workspace
 from mailer.errors import (
+    DatabaseError,
     Interrupted,
     InvalidValueError,
     MailerError,
@@ -466,7 +468,8 @@ def _event(
 def _freeze_and_start(
     engine: Engine, *, workspace: Workspace, slug: str, now: dt.datetime
 ) -> Campaign:
-    with Session(engine) as session, session.begin():
+    # An IMMEDIATE transaction: two senders starting at once must queue, not fail on upgrade.
+    with _writing(engine) as conn, Session(bind=conn) as session:
         campaign = campaigns.get_campaign(session, slug)
         if campaign.status == CampaignStatus.CANCELLED.value:
             raise InvalidValueError(f"campaign {slug} is cancelled; nothing is sent for it")
@@ -1005,6 +1008,8 @@ class _Run:
 def _as_mailer_error(exc: BaseException) -> MailerError:
     if isinstance(exc, MailerError):
         return exc
+    if isinstance(exc, SQLAlchemyError):
+        return DatabaseError(f"database error while sending: {getattr(exc, 'orig', None) or exc}")
     return MailerError(f"{type(exc).__name__}: {exc}")
 
 
@@ -1100,22 +1105,25 @@ def send_campaign(
             count=limit or 3,
             bucket=bucket,
         )
-    return asyncio.run(
-        _send_campaign(
-            workspace=workspace,
-            engine=engine,
-            slug=slug,
-            transport=transport,
-            concurrency=concurrency,
-            daily_cap=daily_cap,
-            limit=limit,
-            progress=progress,
-            clock=clock,
-            policy=policy,
-            handle_signals=handle_signals,
-            bucket=bucket,
+    try:
+        return asyncio.run(
+            _send_campaign(
+                workspace=workspace,
+                engine=engine,
+                slug=slug,
+                transport=transport,
+                concurrency=concurrency,
+                daily_cap=daily_cap,
+                limit=limit,
+                progress=progress,
+                clock=clock,
+                policy=policy,
+                handle_signals=handle_signals,
+                bucket=bucket,
+            )
         )
-    )
+    except SQLAlchemyError as exc:
+        raise _as_mailer_error(exc) from exc
 
 
 async def _send_campaign(

@@ -212,9 +212,15 @@ class _Loader(jinja2.BaseLoader):
         return self.sources[template], self.prefix + template, lambda: True
 
 
+# A bare "en" means international (British) English: "Lviv, Kharkiv and Odesa", "26 November
+# 2026". An `en-US.txt.j2` variant gets American conventions.
+_BABEL_DEFAULTS = {"en": "en_GB"}
+
+
 def _locale(language: str) -> Locale:
+    tag = language.replace("-", "_")
     try:
-        return Locale.parse(language.replace("-", "_"))
+        return Locale.parse(_BABEL_DEFAULTS.get(tag.lower(), tag))
     except (UnknownLocaleError, ValueError):
         return Locale.parse(FALLBACK_LANGUAGE)
 
@@ -471,6 +477,9 @@ class TemplateSet:
             raise TemplateError(f"{self.prefix}{file}:{exc.lineno}: {exc.message}") from None
         template = env.template_class.from_code(env, code, env.make_globals(None), None)
         template._mailer_ast = env.parse(source)  # type: ignore[attr-defined]
+        # Jinja flattens its ChainMap of globals on every render (most of a short render's
+        # cost); flattened once here instead, see _render_template.
+        template._mailer_globals = dict(template.globals)  # type: ignore[attr-defined]
         return template
 
     # ---- rendering
@@ -549,7 +558,7 @@ class TemplateSet:
 
     def _run(self, template: jinja2.Template, context: dict[str, Any], file: str) -> str:
         try:
-            return template.render(context)
+            return _render_template(template, context)
         except _Missing as exc:
             line = _template_line(exc, self.prefix + file)
             raise MissingFieldError(
@@ -575,6 +584,20 @@ class TemplateSet:
             raise RenderProblem(
                 f"{type(exc).__name__}: {exc}", file=self.prefix + file, line=line
             ) from None
+
+
+def _render_template(template: jinja2.Template, context: dict[str, Any]) -> str:
+    """`template.render(context)` without re-flattening the globals for every letter."""
+    env = template.environment
+    globals_: dict[str, Any] = template._mailer_globals  # type: ignore[attr-defined]
+    ctx = env.context_class(
+        env, {**globals_, **context}, template.name, template.blocks, globals=globals_
+    )
+    try:
+        return env.concat(template.root_render_func(ctx))
+    except Exception:
+        # Rewrites the traceback to template lines (as Template.render does), then raises.
+        env.handle_exception()
 
 
 def _template_line(exc: BaseException, filename: str) -> int | None:

@@ -246,6 +246,8 @@ def render_html(data: ReportData) -> str:
         f" · report made {e(_when(data.generated_at))}</p>",
     ]
     parts.append(_totals(s))
+    steps = "".join(f"<li>{e(step)}</li>" for step in s.next_steps())
+    parts.append(f'<section id="next"><h2>What to do next</h2><ul>{steps}</ul></section>')
     parts.append(_chart_section(data))
     parts.append(_breakdown_section("Results by country", "by-country", data.by_country))
     parts.append(_breakdown_section("Results by language", "by-language", data.by_language))

@@ -70,6 +70,8 @@ class CampaignSummary:
     ended_at: dt.datetime | None
     rate_per_minute: float
     top_failures: list[FailureReason] = field(default_factory=list)
+    # The earliest time a `retry` message is due again.
+    next_retry_at: dt.datetime | None = None
 
     @property
     def total(self) -> int:
@@ -88,6 +90,42 @@ class CampaignSummary:
     @property
     def not_sent_yet(self) -> bool:
         return self.total == 0
+
+    def next_steps(self) -> list[str]:
+        """What the people running the campaign should do now, in plain words."""
+        slug, c = self.campaign, self.counts
+        if self.not_sent_yet:
+            return [
+                f"check it with `mailer check {slug}`, then send with `mailer send {slug} --smtp URL`"
+            ]
+        steps = []
+        if c["queued"]:
+            steps.append(f"{c['queued']:,} waiting: `mailer send {slug} --smtp URL` sends them")
+        if c["retry"]:
+            due = f", due from {_human_time(self.next_retry_at)}" if self.next_retry_at else ""
+            steps.append(
+                f"{c['retry']:,} refused for now by the server: the next "
+                f"`mailer send {slug}` tries them again{due}"
+            )
+        if c["sending"]:
+            steps.append(
+                f"{c['sending']:,} claimed by a sender: if no `mailer send` is running, "
+                f"the next `mailer send {slug}` settles them"
+            )
+        if c["failed"]:
+            steps.append(
+                f"{c['failed']:,} failed: see why with `mailer log {slug} --status failed`; "
+                f"once the cause is fixed, `mailer retry {slug} --failed` queues them again"
+            )
+        if c["uncertain"]:
+            steps.append(
+                f"{c['uncertain']:,} uncertain (they may have arrived): check your server's "
+                f"records (`mailer log {slug} --status uncertain`); only for letters that did "
+                f"not arrive, `mailer retry {slug} --uncertain`"
+            )
+        if not steps:
+            steps.append("nothing left to do: every recipient was sent to or skipped on purpose")
+        return steps
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -108,6 +146,8 @@ class CampaignSummary:
                     for f in self.top_failures
                 ],
                 "note": "not sent yet" if self.not_sent_yet else None,
+                "next_retry_at": _iso(self.next_retry_at),
+                "next_steps": self.next_steps(),
             }
         )
         return data
@@ -162,7 +202,16 @@ def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> Campa
         )
     )
     rate = round(int(recent or 0) / (RATE_WINDOW.total_seconds() / 60), 1)
+    next_retry = None
+    if counts[MessageStatus.RETRY.value]:
+        next_retry = session.scalar(
+            select(func.min(Message.next_attempt_at)).where(
+                Message.campaign_id == campaign.id,
+                Message.status == MessageStatus.RETRY.value,
+            )
+        )
     return CampaignSummary(
+        next_retry_at=_aware(next_retry),
         campaign=campaign.slug,
         title=campaign.title,
         status=campaign.status,
@@ -210,6 +259,7 @@ def _status_block(s: CampaignSummary) -> list[str]:
     lines = [f"{s.campaign}{title}  [{s.status}]"]
     if s.not_sent_yet:
         lines.append("  not sent yet: no messages queued")
+        lines.extend(f"  next: {step}" for step in s.next_steps())
         return lines
     width = max(len(state) for state in STATES)
     for state in STATES:
@@ -223,6 +273,7 @@ def _status_block(s: CampaignSummary) -> list[str]:
         lines.append("  top failure reasons:")
         for reason in s.top_failures:
             lines.append(f"    {reason.count:>7,} × {_clip(reason.label(), 90)}")
+    lines.extend(f"  next: {step}" for step in s.next_steps())
     return lines
 
 
@@ -829,6 +880,8 @@ def status_renderables(summaries: Sequence[CampaignSummary]) -> list[Any]:
         )
     out: list[Any] = [table]
     for s in summaries:
+        out.append(Text(f"{s.campaign}, next:"))
+        out.extend(Text(f"  • {step}") for step in s.next_steps())
         if s.top_failures:
             reasons = Table(title=Text(f"{s.campaign}: top failure reasons"), title_justify="left")
             reasons.add_column("count", justify="right")

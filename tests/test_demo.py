@@ -126,13 +126,12 @@ def test_letters_are_personal(demo: Demo) -> None:
     assert "Nürnberg" in text and "Kharkiv" in text.replace("Charkiw", "Kharkiv")
 
 
-def test_second_demo_in_the_same_folder_is_refused(demo: Demo) -> None:
+def test_second_demo_in_the_same_folder_is_refused(
+    demo: Demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = sorted(p.name for p in (demo.root / "received" / "new").iterdir())
-    os.chdir(demo.cwd)
-    try:
-        result = CliRunner().invoke(cli, ["demo"])
-    finally:
-        os.chdir(Path(__file__).parent)
+    monkeypatch.chdir(demo.cwd)
+    result = CliRunner().invoke(cli, ["demo"])
     assert result.exit_code == 1
     assert result.stderr.strip() == (
         f"Error: {demo.root} holds an earlier demo; remove it (rm -r {demo.root}) "
@@ -170,3 +169,16 @@ def test_suppressed_sample_recipient_is_skipped_not_sent(demo: Demo) -> None:
     assert SUPPRESSED not in {str(m["Delivered-To"]) for m in _received(demo)}
     shown = _mailer(demo, "contacts", "show", SUPPRESSED).stdout
     assert "SUPPRESSED    manual" in shown and "appeal: skipped" in shown
+
+
+def test_demo_in_a_named_folder_never_uses_the_configured_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "team.db"
+    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite:///{elsewhere}")
+    result = CliRunner().invoke(cli, ["demo", str(tmp_path / "try")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not elsewhere.exists()
+    assert (tmp_path / "try" / "mailer.db").is_file()
+    received = len(list((tmp_path / "try" / "received" / "new").iterdir()))
+    assert received > 0 and f"Received letters: {received} in the Maildir" in result.stdout

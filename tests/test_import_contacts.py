@@ -486,6 +486,30 @@ def test_chunks_and_duplicates_across_chunks(
     assert (again.added, again.updated, again.unchanged) == (0, 0, 25)
 
 
+def test_rejects_stay_in_row_order_across_chunks(
+    tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    lines = ["email,name"]
+    for i in range(40):
+        if i % 7 == 3:
+            lines.append(f"broken{i},X")
+        elif i % 5 == 4:
+            lines.append(f"USER{i - 4}@example.org,dup")
+        else:
+            lines.append(f"user{i}@example.org,U{i}")
+    path = write(tmp_path / "o.csv", "\n".join(lines) + "\n")
+    rejects_file = tmp_path / "r.csv"
+    summary = import_contacts(session_factory, path=path, chunk_rows=3, rejects_path=rejects_file)
+    rows = [r.row for r in summary.rejects]
+    assert rows == sorted(rows) and len(rows) == summary.rejected > 8
+    reasons = {r.row: r.reason for r in summary.rejects}
+    assert reasons[6] == "duplicate of row 2 (user0@example.org)"
+    assert reasons[5].startswith("'broken3'")
+    with rejects_file.open(encoding="utf-8-sig", newline="") as fh:
+        written = list(csv.reader(fh))[1:]
+    assert [w[0] for w in written] == [lines[r - 1].split(",")[0] for r in rows]
+
+
 # --------------------------------------------------------------------------- seeds & PostgreSQL
 
 

@@ -127,7 +127,7 @@ def test_format_list_and_format_date_follow_the_message_language() -> None:
     ties = (tie("Lviv"), tie("Kharkiv"), tie("Odesa"))
     english = render(template_set, recipient(ties=ties, language="en")).text
     german = render(template_set, recipient(ties=ties, language="de")).text
-    assert english == "Lviv, Kharkiv, and Odesa / November 26, 2026 / 1,234,567.5"
+    assert english == "Lviv, Kharkiv and Odesa / 26 November 2026 / 1,234,567.5"
     assert german == "Lviv, Kharkiv und Odesa / 26. November 2026 / 1.234.567,5"
 
 

@@ -113,6 +113,9 @@ def test_report_shows_totals_chart_breakdowns_failures_and_follow_ups(
         assert email not in problems
     assert "timeout after DATA" in problems
     assert "What the states mean" in text
+    steps = page.text_by_id["next"]
+    assert "3 failed: see why with `mailer log spring --status failed`" in steps
+    assert "`mailer retry spring --uncertain`" in steps
     assert "<code>spring</code> from appeals@campaign.example.org" in text
 
 
@@ -248,3 +251,23 @@ def test_report_replaces_an_existing_file_whole(
         report.write_report(session, slug="spring", output=out)
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert [p.name for p in out.parent.iterdir()] == ["r.html"]  # no temporary file left behind
+
+
+def test_report_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    from mailer import db
+
+    engine = db.make_engine(pg_url)
+    try:
+        db.upgrade(engine)
+        factory = db.session_factory(engine)
+        build_sample(factory)
+        with factory() as session:
+            data = report.write_report(session, slug="spring", output=tmp_path / "pg.html")
+        assert data.summary.total == 11 and data.sent_events == 3
+        assert data.bucket == dt.timedelta(minutes=5)
+        assert [b.label for b in data.by_country] == ["Austria (AT)", "France (FR)", "Poland (PL)"]
+        assert data.problems_total == 4 and data.failures[0].count == 2
+        page = _parse((tmp_path / "pg.html").read_text(encoding="utf-8"))
+        assert page.text_by_id["count-failed"] == "3"
+    finally:
+        engine.dispose()

@@ -63,6 +63,27 @@ def test_status_counts_every_state_progress_rate_and_reasons(sample: sessionmake
     }
 
 
+def test_status_next_steps_name_the_commands(sample: sessionmaker[Session]) -> None:
+    due = T0 + dt.timedelta(minutes=20)
+    with sample() as session, session.begin():
+        session.execute(
+            update(Message).where(Message.status == "retry").values(next_attempt_at=due)
+        )
+    with sample() as session:
+        spring, empty = review.campaign_status(session)
+        assert spring.next_retry_at == due
+        assert any("due from 2026-03-14 09:20:00 UTC" in step for step in spring.next_steps())
+        assert empty.next_steps() == [
+            "check it with `mailer check empty`, then send with `mailer send empty --smtp URL`"
+        ]
+        session.execute(update(Message).values(status="sent"))
+        (done,) = review.campaign_status(session, "spring")
+    assert done.next_steps() == [
+        "nothing left to do: every recipient was sent to or skipped on purpose"
+    ]
+    assert done.to_json()["next_steps"] == done.next_steps()
+
+
 def test_status_ended_is_last_event_once_nothing_is_open(sample: sessionmaker[Session]) -> None:
     with sample() as session, session.begin():
         session.execute(
@@ -98,6 +119,18 @@ def test_status_one_campaign_as_text(sample: sessionmaker[Session], run: Cli) ->
     assert "started   2026-03-14 09:00:00 UTC" in out
     assert f"2 × 550 {UNKNOWN_USER}" in out
     assert "empty" not in out
+    next_lines = [line for line in out.splitlines() if line.startswith("  next: ")]
+    assert next_lines == [
+        "  next: 1 waiting: `mailer send spring --smtp URL` sends them",
+        "  next: 1 refused for now by the server: the next `mailer send spring` tries them again",
+        "  next: 1 claimed by a sender: if no `mailer send` is running, the next "
+        "`mailer send spring` settles them",
+        "  next: 3 failed: see why with `mailer log spring --status failed`; once the cause "
+        "is fixed, `mailer retry spring --failed` queues them again",
+        "  next: 1 uncertain (they may have arrived): check your server's records "
+        "(`mailer log spring --status uncertain`); only for letters that did not arrive, "
+        "`mailer retry spring --uncertain`",
+    ]
 
 
 def test_status_of_campaign_with_no_messages_says_not_sent_yet(
@@ -488,3 +521,16 @@ def test_log_into_a_closed_pipe_ends_quietly(
     stderr = child.stderr.read().decode()
     assert child.wait(timeout=60) == 0
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
+
+
+def test_write_table_streams_with_widths_from_the_first_rows() -> None:
+    rows = [{"email": f"m{i}@example.org", "reply": "ok"} for i in range(3)]
+    rows.append({"email": "late@example.org", "reply": "x" * 100})
+    out = io.StringIO()
+    n = review.write_table(iter(rows), columns=("email", "reply"), out=out, sample=3)
+    lines = out.getvalue().splitlines()
+    assert n == 4 and len(lines) == 6
+    assert lines[0].split() == ["email", "reply"]
+    # Widths come from the rows seen first; a longer late value is cut, never misaligned.
+    assert lines[-1] == "late@example.…  xxxx…"
+    assert review.write_table(iter([]), columns=("email",), out=io.StringIO()) == 0

@@ -140,3 +140,16 @@ def test_sigkill_at_random_points_then_resume(
     print("crash test outcome:", dict(counts))
     assert counts["sent"] >= total - 4 * 250, counts
     assert recovered_seen >= 1
+
+
+def test_two_senders_on_one_sqlite_campaign_deliver_each_message_once(
+    workspace: Path, engine: Engine
+) -> None:
+    emails = seed_campaign(engine, workspace, count=300)
+    with SmtpTestServer(delay=0.005) as server:
+        procs = [start_send(workspace, server.url(), "--concurrency", "2") for _ in range(2)]
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+        assert [proc.returncode for proc in procs] == [0, 0], outputs
+        states = assert_consistent(engine, server)
+    assert sorted(server.recipients()) == sorted(emails)
+    assert set(states.values()) == {"sent"}
