@@ -20,7 +20,7 @@ import os
 import re
 import types
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -602,6 +602,18 @@ def preview(
     return composer.compose(recipient)
 
 
+def recipient_notes(session: Session, email: str) -> list[str]:
+    """Why `send` would skip this address, if it would (for preview)."""
+    notes = []
+    suppression = audience_mod.suppression_for(session, email)
+    if suppression is not None:
+        notes.append(f"{email} is suppressed ({suppression.reason}): send will skip it")
+    problem = address_problem(email.strip())
+    if problem:
+        notes.append(f"{email} is not a valid address ({problem}): send will skip it")
+    return notes
+
+
 # --------------------------------------------------------------------------- check
 
 
@@ -685,7 +697,12 @@ class _Partial:
 
 
 def _check_slice(
-    session: Session, composer: Composer | None, ids: Sequence[int], batch_size: int
+    session: Session,
+    composer: Composer | None,
+    ids: Sequence[int],
+    batch_size: int,
+    *,
+    progress: Callable[[int, int], None] | None = None,
 ) -> _Partial:
     part = _Partial()
     found = part.found
@@ -694,7 +711,9 @@ def _check_slice(
         chunk = ids[start : start + batch_size]
         batch = loader.load(chunk)
         for contact_id in chunk:
-            recipient = batch[contact_id]
+            recipient = batch.get(contact_id)
+            if recipient is None:  # deleted since the audience was resolved
+                continue
             email = recipient.contact.email
             part.emails.append(email.strip().lower())
             problem = address_problem(email.strip())
@@ -718,6 +737,8 @@ def _check_slice(
                 )
             if composer is not None:
                 _check_one(composer, recipient, part)
+        if progress is not None:
+            progress(len(chunk), len(ids))
     return part
 
 
@@ -784,6 +805,7 @@ def _check_parallel(
     workers: int,
     batch_size: int,
     url: str,
+    progress: Callable[[int, int], None] | None,
 ) -> list[_Partial]:
     import concurrent.futures
     import multiprocessing
@@ -817,7 +839,12 @@ def _check_parallel(
             max_workers=workers, mp_context=context
         ) as pool:
             # map keeps audience order, so examples and duplicates read as with one process.
-            return list(pool.map(_run_slice_job, jobs))
+            parts = []
+            for job, part in zip(jobs, pool.map(_run_slice_job, jobs), strict=True):
+                parts.append(part)
+                if progress is not None:
+                    progress(len(job.ids), len(ids))
+            return parts
     finally:
         _worker_state.pop(key, None)
 
@@ -830,6 +857,7 @@ def check_campaign(
     settings: Workspace,
     batch_size: int = CHECK_BATCH,
     workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
     """Render for every recipient of the audience (resolved now) and group what is wrong.
 
@@ -839,6 +867,7 @@ def check_campaign(
     overlong subjects, line breaks in names (shown as spaces), an empty audience.
 
     `workers`: processes to render with (default: one per core for big audiences).
+    `progress(checked, total)` is called as the work goes, with the recipients just checked.
     """
     audience = audience_of(campaign)
     report = CheckReport(
@@ -881,12 +910,13 @@ def check_campaign(
                 workers=workers,
                 batch_size=batch_size,
                 url=url,
+                progress=progress,
             )
         except (BrokenProcessPool, OSError):
             # No worker processes here (a sandbox, a resource limit): one process is only slower.
             parts = None
     if parts is None:
-        parts = [_check_slice(session, composer, ids, batch_size)]
+        parts = [_check_slice(session, composer, ids, batch_size, progress=progress)]
 
     emails: list[str] = []
     for part in parts:

@@ -597,7 +597,7 @@ def campaign_group() -> None:
 )
 @click.option("--where", "where", multiple=True, metavar="FIELD=VALUE", help="Audience filter.")
 @click.option("--tag", "tags", multiple=True, metavar="T", help="Only contacts with this tag.")
-@click.option("--title", default=None, help="A title for people (default: none).")
+@click.option("--title", default=None, help="A human-readable title (default: none).")
 @click.option(
     "--language",
     default=None,
@@ -697,6 +697,36 @@ def campaign_show(slug: str) -> None:
         click.echo(f"           {lang or '(no language)':<14} {n:>8,}{arrow}")
 
 
+class _CheckProgress:
+    """A bar on a terminal, a line per 10 % elsewhere; silent for small audiences."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.total: int | None = None
+        self.bar: Any = None
+        self.reported = 0
+
+    def __enter__(self) -> _CheckProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+    def __call__(self, count: int, total: int) -> None:
+        if self.total is None:
+            self.total = total
+            if total >= 5000 and sys.stderr.isatty():
+                self.bar = click.progressbar(length=total, label="Checking", file=sys.stderr)
+                self.bar.__enter__()
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif self.total and self.total >= 5000 and self.done * 10 // self.total > self.reported:
+            self.reported = self.done * 10 // self.total
+            click.echo(f"checked {self.done:,} of {self.total:,}", err=True)
+
+
 @cli.command(name="check")
 @click.argument("slug")
 def check(slug: str) -> None:
@@ -710,10 +740,14 @@ def check(slug: str) -> None:
     from mailer.errors import CheckFailed
 
     workspace = state().workspace()
-    with _session() as session:
+    with _session() as session, _CheckProgress() as progress:
         campaign = campaigns.get_campaign(session, slug)
         report = campaigns.check_campaign(
-            session, campaign, templates_dir=workspace.templates_dir, settings=workspace
+            session,
+            campaign,
+            templates_dir=workspace.templates_dir,
+            settings=workspace,
+            progress=progress,
         )
     for line in campaigns.format_report(report):
         click.echo(line)
@@ -748,12 +782,15 @@ def preview(slug: str, contact: str | None, raw: bool) -> None:
             templates_dir=workspace.templates_dir,
             settings=workspace,
         )
+        notes = campaigns.recipient_notes(session, composed.rcpt_to)
     if raw:
         # click.echo writes bytes to the binary stream untouched: the exact message.
         click.echo(composed.data, nl=False)
         return
     note = f" (fallback from {composed.requested_language})" if composed.fell_back else ""
     click.echo(f"[language {composed.language}{note}; {len(composed.data):,} bytes]")
+    for line in notes:
+        click.echo(f"[note: {line}]")
     click.echo(message.readable(composed.data), nl=False)
 
 

@@ -465,6 +465,82 @@ def _event(
     }
 
 
+# The two statements that run once per message are sent to the driver directly: SQLAlchemy's
+# per-row parameter processing cost more than the database work (see benchmarks/RESULTS.md).
+_PLACEHOLDER = {"sqlite": "?", "postgresql": "%s"}
+
+
+def _datetime_to_db(conn: Connection) -> Callable[[dt.datetime | None], Any]:
+    process = MESSAGES.c.updated_at.type.bind_processor(conn.dialect)
+
+    def convert(value: dt.datetime | None) -> Any:
+        if value is None or process is None:
+            return value
+        return process(value)
+
+    return convert
+
+
+def _bulk_update_messages(conn: Connection, rows: list[dict[str, Any]]) -> bool:
+    ph = _PLACEHOLDER.get(conn.dialect.name)
+    if ph is None or not rows:
+        return False
+    to_db = _datetime_to_db(conn)
+    now = to_db(rows[0]["b_now"])
+    sql = (
+        f"UPDATE messages SET status={ph}, attempts={ph}, next_attempt_at={ph}, sent_at={ph}, "
+        f"smtp_code={ph}, smtp_reply={ph}, message_id={ph}, language={ph}, subject={ph}, "
+        f"body_hash={ph}, claimed_by=NULL, updated_at={ph} WHERE id={ph}"
+    )
+    params = [
+        (
+            r["b_status"],
+            r["b_attempts"],
+            to_db(r["b_next"]),
+            to_db(r["b_sent_at"]),
+            r["b_code"],
+            r["b_reply"],
+            r["b_mid"],
+            r["b_lang"],
+            r["b_subject"],
+            r["b_hash"],
+            now,
+            r["b_id"],
+        )
+        for r in rows
+    ]
+    conn.exec_driver_sql(sql, params)
+    return True
+
+
+def _insert_events(conn: Connection, events: list[dict[str, Any]]) -> None:
+    if not events:
+        return
+    ph = _PLACEHOLDER.get(conn.dialect.name)
+    if ph is None:
+        conn.execute(EVENTS.insert(), events)
+        return
+    to_db = _datetime_to_db(conn)
+    sql = (
+        "INSERT INTO events (message_id, campaign_id, contact_id, at, kind, smtp_code, detail, "
+        f"via) VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})"
+    )
+    params = [
+        (
+            e["message_id"],
+            e["campaign_id"],
+            e["contact_id"],
+            to_db(e["at"]),
+            e["kind"],
+            e["smtp_code"],
+            e["detail"],
+            e["via"],
+        )
+        for e in events
+    ]
+    conn.exec_driver_sql(sql, params)
+
+
 def _freeze_and_start(
     engine: Engine, *, workspace: Workspace, slug: str, now: dt.datetime
 ) -> Campaign:
@@ -614,8 +690,8 @@ class _Run:
                 .returning(MESSAGES.c.id, MESSAGES.c.contact_id, MESSAGES.c.attempts)
             ).all()
             if rows:
-                conn.execute(
-                    EVENTS.insert(),
+                _insert_events(
+                    conn,
                     [
                         _event(
                             mid,
@@ -640,7 +716,7 @@ class _Run:
                     n = min(n, self.budget - self.report.claimed)
                     if n <= 0:
                         # A budget ends claiming only; what is in flight still goes out.
-                        if self.stop_reason is None and self._has_due():
+                        if self.stop_reason is None and await asyncio.to_thread(self._has_due):
                             self.stop_reason = self.budget_reason or "limit"
                         break
                 await self.ahead.acquire()
@@ -692,6 +768,9 @@ class _Run:
                 composed = self.composer.compose(recipient)
             except MailerError as exc:
                 job.error = f"cannot build the message: {exc}"
+                continue
+            except Exception as exc:  # one contact's odd data must not stop the whole run
+                job.error = f"cannot build the message: {type(exc).__name__}: {exc}"
                 continue
             job.data = composed.data
             job.mail_from = composed.mail_from
@@ -774,6 +853,15 @@ class _Run:
                 self.halt("systemic", exc)
                 self._emit(results, _Result(job=job, outcome=None))
                 continue
+            except Exception as exc:
+                # A fault of our own mid-send: the bytes may be out, so never re-send on our own.
+                self.halt("error", _as_mailer_error(exc))
+                outcome = Outcome(
+                    kind=OutcomeKind.UNCERTAIN,
+                    code=None,
+                    reply=f"internal error while sending: {type(exc).__name__}: {exc}",
+                    via=self.transport.via,
+                )
             finally:
                 self.inflight.discard(job.row_id)
             self._watch(job, outcome)
@@ -915,8 +1003,9 @@ class _Run:
             )
         )
         with _writing(self.engine) as conn:
-            conn.execute(stmt, updates)
-            conn.execute(EVENTS.insert(), events)
+            if not _bulk_update_messages(conn, updates):
+                conn.execute(stmt, updates)
+            _insert_events(conn, events)
 
     async def recorder(self, inbox: asyncio.Queue[_Result | None]) -> None:
         pending: list[_Result] = []
@@ -960,49 +1049,57 @@ class _Run:
         senders = [
             asyncio.create_task(self.sender(built, results)) for _ in range(self.concurrency)
         ]
-        pipeline = asyncio.gather(
-            self.claimer(claimed), self.builder(claimed, built, results), *senders
-        )
+        tasks = [
+            asyncio.create_task(self.claimer(claimed)),
+            asyncio.create_task(self.builder(claimed, built, results)),
+            *senders,
+        ]
         try:
-            await self._until_stopped_then_grace(pipeline, results)
+            await self._until_stopped_then_grace(tasks, results)
         finally:
             ticker.cancel()
             await results.put(None)
             await recorder
 
     async def _until_stopped_then_grace(
-        self, pipeline: asyncio.Future[Any], results: asyncio.Queue[_Result | None]
+        self, tasks: list[asyncio.Task[None]], results: asyncio.Queue[_Result | None]
     ) -> None:
-        stop_wait = asyncio.ensure_future(self.stop.wait())
+        pipeline: asyncio.Future[Any] = asyncio.gather(*tasks)
+        stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait({pipeline, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
         if not pipeline.done():
             # In-flight sends may finish (a second Ctrl-C cuts the wait short).
-            hurry = asyncio.ensure_future(self.hurry.wait())
+            hurry: asyncio.Future[Any] = asyncio.ensure_future(self.hurry.wait())
             await asyncio.wait(
                 {pipeline, hurry}, timeout=self.policy.grace, return_when=asyncio.FIRST_COMPLETED
             )
             hurry.cancel()
         if not pipeline.done():
-            pipeline.cancel()
+            for task in tasks:
+                task.cancel()
         try:
             await pipeline
         except asyncio.CancelledError:
-            # Sends that outlived the grace may have reached the server: uncertain. The rest of
-            # the claims never left this process: back to the queue.
-            await asyncio.sleep(0)
-            for job in list(self.outstanding.values()):
-                outcome = None
-                if job.handed:
-                    outcome = Outcome(
-                        kind=OutcomeKind.UNCERTAIN,
-                        code=None,
-                        reply="still being sent when the run was stopped",
-                        via=self.transport.via,
-                    )
-                self._emit(results, _Result(job=job, outcome=outcome))
+            pass
         except Exception as exc:
             self.halt("error", _as_mailer_error(exc))
+        # Whatever happened above, no task of this run may outlive it.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Normally empty. After a cancelled or failed pipeline: sends that may have reached the
+        # server are uncertain; claims that never left this process go back to the queue.
+        for job in list(self.outstanding.values()):
+            outcome = None
+            if job.handed:
+                outcome = Outcome(
+                    kind=OutcomeKind.UNCERTAIN,
+                    code=None,
+                    reply="still being sent when the run was stopped",
+                    via=self.transport.via,
+                )
+            self._emit(results, _Result(job=job, outcome=outcome))
 
 
 def _as_mailer_error(exc: BaseException) -> MailerError:

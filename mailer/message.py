@@ -84,13 +84,13 @@ def address_problem(address: str) -> str | None:
     if len(local.encode()) > 64:
         return "local part longer than 64 octets"
     if local.startswith(".") or local.endswith("."):
-        return f"local part {local!r} starts or ends with a dot"
+        return "the local part starts or ends with a dot"
     if not _LOCAL_ATEXT.match(local):
-        return f"local part {local!r} has characters not allowed unquoted"
+        return "the local part has characters not allowed unquoted"
     if ".." in local:
         return "two dots in a row"
     if not _DOMAIN.match(domain):
-        return f"domain {domain!r} is not a domain name"
+        return "the domain is not a domain name"
     return None
 
 

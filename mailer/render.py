@@ -195,6 +195,8 @@ class _Variant:
     text: jinja2.Template
     html_file: str | None
     html: jinja2.Template | None
+    # Whether the HTML variant has header lines to cut off at the separator, like the text one.
+    html_split: bool = False
 
 
 class _Loader(jinja2.BaseLoader):
@@ -233,6 +235,7 @@ _VIEW_FIELDS: dict[type, frozenset[str]] = {
 }
 
 
+_FORMAT_METHODS = frozenset({"format", "format_map"})
 _DIRECT_CALLS = frozenset({jinja2.runtime.Macro, types.BuiltinMethodType})
 
 
@@ -252,8 +255,16 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
         fields = _VIEW_FIELDS.get(type(obj))
         if fields is not None and attribute in fields:
             return getattr(obj, attribute)
-        if type(obj) is types.MappingProxyType and attribute in obj:
+        kind = type(obj)
+        if kind is types.MappingProxyType and attribute in obj:
             return obj[attribute]
+        # Already judged safe for this type (`dict.get`, `str.startswith`...): skip the checks.
+        # str.format and format_map are left to Jinja, which wraps them in a sandboxed formatter.
+        if self._verdicts.get((kind, attribute)) and attribute not in _FORMAT_METHODS:
+            try:
+                return getattr(obj, attribute)
+            except AttributeError:
+                pass
         return super().getattr(obj, attribute)
 
     def call(
@@ -265,7 +276,7 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
     ) -> Any:
         # Macros are template code, and a builtin method was vetted when it was looked up
         # (ImmutableSandbox refuses mutating ones): neither needs the generic call protocol.
-        if type(__obj) in _DIRECT_CALLS:
+        if type(__obj) in _DIRECT_CALLS or __obj is jinja2.utils.Namespace:
             kwargs.pop("_block_vars", None)
             kwargs.pop("_loop_vars", None)
             return __obj(*args, **kwargs)
@@ -398,16 +409,25 @@ class TemplateSet:
             text = self._compile_one(text_env, combined, file)
             html_file = htmls.get(language)
             html = None
+            html_split = False
             if html_file is not None:
                 html_env = _make_env(autoescape=True, loader=loader)
                 _install_filters(html_env, locale)
-                html = self._compile_one(html_env, self._sources[html_file], html_file)
+                source = self._sources[html_file]
+                if _has_header_section(source):
+                    # An HTML variant may repeat its text variant's header lines; the message
+                    # has one Subject, the text variant's, so these are rendered and dropped.
+                    header, source = self._split(html_file)
+                    self._compile_one(html_env, header, html_file)
+                    html_split = True
+                html = self._compile_one(html_env, source, html_file)
             self._variants[language] = _Variant(
                 language=language,
                 text_file=file,
                 text=text,
                 html_file=html_file,
                 html=html,
+                html_split=html_split,
             )
             self._by_key[language.lower().replace("_", "-")] = language
 
@@ -545,6 +565,15 @@ class TemplateSet:
         html = None
         if variant.html is not None and variant.html_file is not None:
             html = self._run(variant.html, context, variant.html_file)
+            if variant.html_split:
+                _, found, html = html.partition(self._separator)
+                if not found:
+                    raise RenderProblem(
+                        "the header section swallowed the blank line before the body",
+                        file=self.prefix + variant.html_file,
+                        line=None,
+                    )
+                html = html.removeprefix("\n")
         return Rendered(
             language=language,
             requested_language=requested,
@@ -598,6 +627,25 @@ def _render_template(template: jinja2.Template, context: dict[str, Any]) -> str:
     except Exception:
         # Rewrites the traceback to template lines (as Template.render does), then raises.
         env.handle_exception()
+
+
+def _has_header_section(source: str) -> bool:
+    """Whether a file starts with header lines (`Subject: ...`), after any Jinja statements."""
+    inside: str | None = None
+    for line in source.splitlines():
+        stripped = line.strip()
+        if inside is not None:
+            if inside in line:
+                inside = None
+            continue
+        if stripped[:2] in ("{%", "{#"):
+            closer = "%}" if stripped[:2] == "{%" else "#}"
+            if closer not in stripped:
+                inside = closer
+            continue
+        match = _HEADER_RE.match(line)
+        return match is not None and match.group(1).lower() == "subject"
+    return False
 
 
 def _template_line(exc: BaseException, filename: str) -> int | None:
@@ -711,13 +759,16 @@ def _none_field(template: jinja2.Template, line: int | None, context: Mapping[st
     return candidates[0] if candidates else "a value printed here"
 
 
+_LEFTOVER = re.compile(r"\{[{%#]")
+
+
 def leftover_markup(text: str) -> str | None:
     """The first unrendered `{{`, `{%` or `{#` in output, with some context, or None."""
-    for marker in ("{{", "{%", "{#"):
-        index = text.find(marker)
-        if index >= 0:
-            return text[max(0, index - 10) : index + 20].replace("\n", " ")
-    return None
+    found = _LEFTOVER.search(text)
+    if found is None:
+        return None
+    index = found.start()
+    return text[max(0, index - 10) : index + 20].replace("\n", " ")
 
 
 def normalise_sources(sources: Mapping[str, Any]) -> dict[str, str]:

@@ -264,6 +264,9 @@ class SmtpPool:
 
     async def close(self) -> None:
         await asyncio.gather(*(conn.close() for conn in self._all), return_exceptions=True)
+        # Connections and the queue belong to this event loop; a later run opens new ones.
+        self._idle = None
+        self._all = []
 
 
 class _Connection:
@@ -272,6 +275,8 @@ class _Connection:
         self.context = context
         self.smtp: aiosmtplib.SMTP | None = None
         self.sent_on_this = 0
+        # Mid-transaction (e.g. cancelled while waiting for a reply): a QUIT would only wait.
+        self.busy = False
 
     @property
     def connected(self) -> bool:
@@ -339,6 +344,7 @@ class _Connection:
         self, *, mail_from: str, rcpt_to: Sequence[str], data: bytes, smtputf8: bool
     ) -> Outcome:
         reused = self.connected and self.sent_on_this > 0
+        self.busy = True
         outcome = await self._transact_once(
             mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
         )
@@ -353,6 +359,7 @@ class _Connection:
             outcome = await self._transact_once(
                 mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
             )
+        self.busy = False
         return outcome
 
     async def _transact_once(
@@ -428,9 +435,11 @@ class _Connection:
             smtp.close()
 
     async def close(self) -> None:
-        if self.smtp is not None and self.smtp.is_connected:
+        if self.smtp is not None and self.smtp.is_connected and self.busy:
+            self.smtp.close()
+        elif self.smtp is not None and self.smtp.is_connected:
             try:
-                await asyncio.wait_for(self.smtp.quit(), timeout=5)
+                await asyncio.wait_for(self.smtp.quit(), timeout=2)
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 self.smtp.close()
         self.smtp = None

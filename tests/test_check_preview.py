@@ -175,6 +175,7 @@ def test_check_report_in_the_library(
     session_factory: sessionmaker[Session], workspace: Path, world: dict[str, int]
 ) -> None:
     create(session_factory, workspace, audience=Audience(tags=("mayor",)))
+    calls: list[tuple[int, int]] = []
     with db.transaction(session_factory) as session:
         report = campaigns.check_campaign(
             session,
@@ -182,7 +183,9 @@ def test_check_report_in_the_library(
             templates_dir=workspace / "templates",
             settings=find_workspace(start=workspace),
             batch_size=2,  # pages through the audience
+            progress=lambda done, total: calls.append((done, total)),
         )
+    assert calls == [(2, 3), (1, 3)]
     assert report.ok and report.recipients == 3 and report.rendered == 3
     assert dict(report.languages) == {"pl": 1, "de": 1, "fr": 1}
     assert report.findings == []
@@ -402,3 +405,14 @@ def test_the_appeal_from_the_seeds_checks_clean_and_previews_in_each_language(ru
         out = run.ok("preview", "appeal-2022", "--contact", firsts[language]).output
         assert out.startswith(f"[language {language}; "), out[:80]
         assert "{{" not in out and "{%" not in out and "None" not in out
+
+
+def test_preview_notes_a_suppressed_address(
+    run: Cli, world: dict[str, int], session_factory: sessionmaker[Session]
+) -> None:
+    with db.transaction(session_factory) as s:
+        s.add(Suppression(email="maire@lille.example.org", reason="unsubscribed", source="test"))
+    campaign(run)
+    out = run.ok("preview", "c", "--contact", "maire@lille.example.org").output
+    assert "[note: maire@lille.example.org is suppressed (unsubscribed): send will skip it]" in out
+    assert "[note:" not in run.ok("preview", "c").output

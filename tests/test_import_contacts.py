@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailer import db
 from mailer.cli import cli
+from mailer.errors import ImportFileError
 from mailer.importers import EmailChecker, import_contacts
 from mailer.models import City, Contact, ContactTag, ImportRecord, Suppression
 
@@ -508,6 +509,18 @@ def test_rejects_stay_in_row_order_across_chunks(
     with rejects_file.open(encoding="utf-8-sig", newline="") as fh:
         written = list(csv.reader(fh))[1:]
     assert [w[0] for w in written] == [lines[r - 1].split(",")[0] for r in rows]
+
+
+def test_file_unreadable_half_way_writes_nothing(
+    tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    good = "".join(f"user{i}@example.org,Name {i}\n" for i in range(60))
+    path = tmp_path / "half.csv"
+    path.write_bytes(b"email,name\n" + good.encode() + b"late@example.org,M\xfcller\n")
+    with pytest.raises(ImportFileError, match=r"half.csv: line 62, byte \d+: 0xfc is not valid"):
+        import_contacts(session_factory, path=path, encoding="utf-8", chunk_rows=10)
+    assert count(session_factory, Contact) == 0
+    assert count(session_factory, ImportRecord) == 0
 
 
 # --------------------------------------------------------------------------- seeds & PostgreSQL

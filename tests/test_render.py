@@ -400,3 +400,31 @@ def test_a_body_opening_with_whitespace_control_keeps_its_text() -> None:
     assert render(template_set, recipient()).text == "Dear Zoë Müller\nbody\n"
     template_set = one("\n\nDear all\n")
     assert render(template_set, recipient()).text == "\n\nDear all\n"
+
+
+def test_html_variant_may_repeat_the_header_lines() -> None:
+    template_set = TemplateSet.from_sources(
+        name="t",
+        sources={
+            "en.txt.j2": "Subject: Text subject\n\nDear {{ contact.name }},\n",
+            "en.html.j2": (
+                "{% set x = 1 %}\nSubject: ignored {{ city.name }}\n\n"
+                "{#- a comment -#}\n<p>Dear {{ contact.name }},</p>\n{{ contact.attributes.population }}\n"
+            ),
+        },
+    )
+    out = render(template_set, recipient(attributes={"population": "5"}))
+    assert out.subject == "Text subject"
+    assert out.html == "<p>Dear Zoë Müller,</p>\n5\n"
+    with pytest.raises(MissingFieldError) as err:
+        render(template_set, recipient())
+    assert (err.value.file, err.value.line) == ("templates/t/en.html.j2", 6)
+
+
+def test_starter_html_alternative_is_only_html(workspace: Path) -> None:
+    template_set = TemplateSet.from_directory(workspace / "templates" / "appeal", name="appeal")
+    out = render(template_set, recipient(ties=(tie("Lviv", signatory=MAYOR_LVIV),)))
+    assert out.html is not None
+    assert out.html.lstrip().startswith("<")
+    assert "Subject:" not in out.html
+    assert "&lt;" not in out.html  # the template's own markup is not escaped

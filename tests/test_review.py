@@ -534,3 +534,14 @@ def test_write_table_streams_with_widths_from_the_first_rows() -> None:
     # Widths come from the rows seen first; a longer late value is cut, never misaligned.
     assert lines[-1] == "late@example.…  xxxx…"
     assert review.write_table(iter([]), columns=("email",), out=io.StringIO()) == 0
+
+
+def test_status_and_log_agree(sample: sessionmaker[Session], run: Cli) -> None:
+    (status,) = json.loads(run.ok("status", "spring", "--format", "json").stdout)
+    rows = _csv(run.ok("log", "spring", "--format", "csv").stdout)
+    assert len(rows) == status["total"]
+    for state in STATE_KEYS:
+        assert sum(r["status"] == state for r in rows) == status[state], state
+    events = _csv(run.ok("log", "spring", "--events", "--format", "csv").stdout)
+    sent_events = {r["email"] for r in events if r["kind"] == "sent"}
+    assert sent_events == {r["email"] for r in rows if r["status"] == "sent"}
