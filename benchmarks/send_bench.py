@@ -2,8 +2,9 @@
 
 A campaign of N fictional contacts (`mayorN@example.org`, bulk-inserted) is sent with
 `mailer send --smtp smtp+plain://127.0.0.1:PORT --concurrency 4 --yes` as a child process (claim,
-render, build, send, record), into an aiosmtpd sink in another process that answers 250 to
-everything and keeps nothing. Reports messages/s and the sender's peak RSS, then the naive
+render, build, send, record), into a minimal asyncio SMTP sink in another process that offers
+PIPELINING, answers 250 to everything and keeps nothing (`--sink-kind aiosmtpd` for the library
+the tests use, `raw-no-pipelining` for a server without PIPELINING). Reports messages/s and the sender's peak RSS, then the naive
 baseline in the same run: one `EmailMessage` and one `aiosmtplib.send` per message.
 
     .venv/bin/python benchmarks/send_bench.py                 # 200,000 recipients
@@ -44,8 +45,11 @@ the campaign office
 
 
 class RawSink(asyncio.Protocol):
-    """Just enough SMTP to take mail and forget it, with no per-command machinery: a ceiling
-    check that shows what the sender does when the server costs next to nothing."""
+    """Just enough SMTP to take mail and forget it, with no per-command machinery, so the sink
+    costs next to nothing. It offers PIPELINING (RFC 2920): commands that arrive together are
+    answered together, in order."""
+
+    pipelining = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -75,7 +79,11 @@ class RawSink(asyncio.Protocol):
             line = bytes(self.buffer[:eol]).upper()
             del self.buffer[: eol + 2]
             if line.startswith(b"EHLO"):
-                out.append(b"250-sink\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000\r\n")
+                out.append(
+                    b"250-sink\r\n"
+                    + (b"250-PIPELINING\r\n" if self.pipelining else b"")
+                    + b"250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000\r\n"
+                )
             elif line.startswith(b"DATA"):
                 self.in_data = True
                 out.append(b"354 go ahead\r\n")
@@ -89,9 +97,15 @@ class RawSink(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
 
-def run_raw_sink(port_file: Path) -> None:
+class RawSinkNoPipelining(RawSink):
+    pipelining = False
+
+
+def run_raw_sink(port_file: Path, *, pipelining: bool = True) -> None:
     async def serve() -> None:
-        server = await asyncio.get_running_loop().create_server(RawSink, "127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(
+            RawSink if pipelining else RawSinkNoPipelining, "127.0.0.1", 0
+        )
         port_file.write_text(str(server.sockets[0].getsockname()[1]))
         await server.serve_forever()
 
@@ -266,14 +280,18 @@ def main() -> None:
     )
     parser.add_argument(
         "--sink-kind",
-        choices=["aiosmtpd", "raw"],
-        default="aiosmtpd",
-        help="aiosmtpd (the default), or a minimal asyncio sink that shows the sender's ceiling",
+        choices=["raw", "raw-no-pipelining", "aiosmtpd"],
+        default="raw",
+        help="raw: a minimal asyncio sink offering PIPELINING (the default); raw-no-pipelining: "
+        "the same without it; aiosmtpd: the library the tests use (slower than the sender)",
     )
     parser.add_argument("--sink", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink is not None:
-        (run_raw_sink if args.sink_kind == "raw" else run_sink)(args.sink)
+        if args.sink_kind == "aiosmtpd":
+            run_sink(args.sink)
+        else:
+            run_raw_sink(args.sink, pipelining=args.sink_kind == "raw")
         return
 
     with tempfile.TemporaryDirectory(prefix="send-bench-") as tmp_name:

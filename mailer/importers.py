@@ -406,6 +406,10 @@ class Table:
                         f"{self.display}:{number}: a cell over {csv.field_size_limit()} "
                         "characters, or a quote that is never closed"
                     ) from None
+                if "expected after" in message:
+                    message = (
+                        'text after a closing quote (write a quote inside a quoted cell as "")'
+                    )
                 yield RawRow(number, [], ("(row)", f"malformed CSV: {message}"))
                 continue
             yield RawRow(number, cells)
@@ -985,6 +989,7 @@ class _RejectSink:
         self.rejects: list[Reject] = []
         self._pending: list[tuple[Reject, Sequence[str]]] = []
         self._writer: Any = None
+        self._width = len(header)
         if path is not None:
             try:
                 # utf-8-sig: Excel opens it with the right characters.
@@ -1008,7 +1013,9 @@ class _RejectSink:
                 continue
             self.rejects.append(reject)
             if self._writer is not None:
-                self._writer.writerow([*cells, f"{reject.column}: {reject.reason}"])
+                # A row the CSV reader could not split has no cells: keep the columns aligned.
+                shown = cells or [""] * self._width
+                self._writer.writerow([*shown, f"{reject.column}: {reject.reason}"])
         self._pending = keep
 
 

@@ -241,8 +241,9 @@ def _encode_body(text: str) -> tuple[bytes, str]:
     data = text.encode("utf-8")
     extra = len(data) - len(text)  # roughly the non-ASCII bytes
     if extra * 4 > len(data) // 3:
-        encoded = base64.encodebytes(data)
-        return encoded.replace(b"\n", b"\r\n"), "base64"
+        raw = binascii.b2a_base64(data, newline=False)
+        lines = [raw[i : i + 76] for i in range(0, len(raw), 76)]
+        return b"\r\n".join(lines) + b"\r\n", "base64"
     encoded = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
     if not encoded.endswith(b"\n"):
         encoded += b"\n"

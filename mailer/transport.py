@@ -8,6 +8,8 @@ or *uncertain* (the payload went out and no final answer came back).
 from __future__ import annotations
 
 import asyncio
+import collections
+import email.utils
 import enum
 import hashlib
 import os
@@ -205,10 +207,6 @@ def _classify_code(code: int, reply: str, via: str) -> Outcome:
     return Outcome(kind=OutcomeKind.PERMANENT, code=code, reply=reply, via=via)
 
 
-class _PayloadSent(Exception):
-    """Marks a failure that happened after the payload went out (so the outcome is uncertain)."""
-
-
 class SmtpPool:
     """N reused SMTP connections, opened lazily and reopened when a server drops one."""
 
@@ -269,22 +267,140 @@ class SmtpPool:
         self._all = []
 
 
+class _Reply:
+    __slots__ = ("code", "text")
+
+    def __init__(self, code: int, text: str) -> None:
+        self.code = code
+        self.text = text
+
+
+class _WireError(Exception):
+    """The connection broke (or the server spoke gibberish) while a reply was awaited."""
+
+
+# A reply longer than this is not SMTP: the connection is dropped rather than the buffer grown.
+_MAX_REPLY = 64 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class _Wire(asyncio.Protocol):
+    """A session after its handshake: commands out, replies in, several in flight if need be.
+
+    aiosmtplib parses one reply per read and drops what arrives while no command waits, so it
+    cannot take the replies to a pipelined group (RFC 2920); once connected, authenticated and
+    greeted, the socket is handed to this reader, which queues every complete reply it sees.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.buffer = bytearray()
+        self.replies: collections.deque[_Reply] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.broken: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.broken is None and not self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self.open:
+            raise _WireError(self.broken or "connection closed")
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = bytes(buffer[start:end]).rstrip(b"\r")
+            if line[3:4] == b"-":
+                start = end + 1
+                continue
+            # The last line of a reply: everything from the reply's first line up to here.
+            block = bytes(buffer[:end]).split(b"\n")
+            del buffer[: end + 1]
+            start = 0
+            code_text = block[0][:3]
+            if not code_text.isdigit():
+                self._break(f"not an SMTP reply: {_one_line(bytes(block[0][:80]).decode('utf-8', 'replace'))}")
+                return
+            text = "\n".join(
+                b[4:].strip(b" \t\r").decode("utf-8", "surrogateescape") for b in block
+            )
+            self.replies.append(_Reply(int(code_text), text))
+        if len(buffer) > _MAX_REPLY:
+            self._break("a reply too long to be SMTP")
+            return
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._break("the server closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._break(f"connection lost ({exc})" if exc else "connection lost")
+
+    def _break(self, why: str) -> None:
+        if self.broken is None:
+            self.broken = why
+        if not self.transport.is_closing():
+            self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def reply(self, timeout: float) -> _Reply:
+        while not self.replies:
+            if self.broken is not None:
+                raise _WireError(self.broken)
+            waiter = self.waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+        return self.replies.popleft()
+
+    def abort(self) -> None:
+        self.broken = self.broken or "closed by the client"
+        self.transport.abort()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("timed out waiting for the server's reply"))
+
+
 class _Connection:
     def __init__(self, settings: SmtpSettings, context: ssl.SSLContext | None) -> None:
         self.settings = settings
         self.context = context
-        self.smtp: aiosmtplib.SMTP | None = None
+        self.wire: _Wire | None = None
+        self.extensions: frozenset[str] = frozenset()
         self.sent_on_this = 0
         # Mid-transaction (e.g. cancelled while waiting for a reply): a QUIT would only wait.
         self.busy = False
 
     @property
     def connected(self) -> bool:
-        return self.smtp is not None and self.smtp.is_connected
+        return self.wire is not None and self.wire.open
 
-    async def ensure_connected(self) -> aiosmtplib.SMTP:
-        if self.smtp is not None and self.smtp.is_connected:
-            return self.smtp
+    @property
+    def pipelining(self) -> bool:
+        return "pipelining" in self.extensions
+
+    async def ensure_connected(self) -> _Wire:
+        if self.wire is not None and self.wire.open:
+            return self.wire
         s = self.settings
         smtp = aiosmtplib.SMTP(
             hostname=s.host,
@@ -311,7 +427,7 @@ class _Connection:
                 await smtp.starttls(tls_context=self.context)
             if s.username is not None:
                 await smtp.login(s.username, s.password or "")
-            # The extensions (SMTPUTF8, 8BITMIME) must be known before the first MAIL.
+            # The extensions (SMTPUTF8, 8BITMIME, PIPELINING) must be known before the first MAIL.
             if smtp.is_ehlo_or_helo_needed:
                 await smtp.ehlo()
         except TransportError:
@@ -336,9 +452,17 @@ class _Connection:
                     f"{where} refused the session: {exc.code} {_one_line(exc.message)}"
                 ) from None
             raise ServerUnreachable(f"cannot reach {where}: {_exc_text(exc)}") from None
-        self.smtp = smtp
+        transport = smtp.transport
+        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+            smtp.close()
+            raise ServerUnreachable(f"{where} closed the connection after the greeting")
+        # From here on the socket is read by _Wire (see there); aiosmtplib's object is dropped.
+        self.extensions = frozenset(smtp.esmtp_extensions)
+        wire = _Wire(transport)
+        transport.set_protocol(wire)
+        self.wire = wire
         self.sent_on_this = 0
-        return smtp
+        return wire
 
     async def transact(
         self, *, mail_from: str, rcpt_to: Sequence[str], data: bytes, smtputf8: bool
@@ -362,54 +486,77 @@ class _Connection:
         self.busy = False
         return outcome
 
+    def _envelope(
+        self, *, mail_from: str, rcpt_to: Sequence[str], data: bytes, smtputf8: bool
+    ) -> list[bytes] | str:
+        """MAIL, the RCPTs and DATA as command lines, or why they cannot be sent."""
+        options = ""
+        if smtputf8:
+            if "smtputf8" not in self.extensions:
+                return "the message needs SMTPUTF8, which the server does not offer"
+            options += " SMTPUTF8"
+        if not data.isascii() and "8bitmime" in self.extensions:
+            options += " BODY=8BITMIME"
+        encoding = "utf-8" if smtputf8 else "ascii"
+        try:
+            lines = [f"MAIL FROM:{_quoted(mail_from)}{options}\r\n".encode(encoding)]
+            lines.extend(f"RCPT TO:{_quoted(r)}\r\n".encode(encoding) for r in rcpt_to)
+        except (UnicodeEncodeError, ValueError) as exc:
+            return f"cannot put the envelope on the wire: {exc}"
+        lines.append(b"DATA\r\n")
+        return lines
+
     async def _transact_once(
         self, *, mail_from: str, rcpt_to: Sequence[str], data: bytes, smtputf8: bool
     ) -> Outcome:
-        smtp = await self.ensure_connected()
         via = self.settings.via
+        # Connected first: the envelope depends on what the server offers.
+        wire = await self.ensure_connected()
+        envelope = self._envelope(
+            mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
+        )
+        if isinstance(envelope, str):
+            return Outcome(kind=OutcomeKind.PERMANENT, code=None, reply=envelope, via=via)
         timeout = self.settings.timeout
+        pipelined = self.pipelining
+        stages = ["MAIL", *(["RCPT"] * len(rcpt_to)), "DATA"]
         stage = "MAIL"
+        refusal: _Reply | None = None
         try:
-            options: list[str] = []
-            if smtputf8:
-                if not smtp.supports_extension("smtputf8"):
-                    await self._reset(smtp)
-                    return Outcome(
-                        kind=OutcomeKind.PERMANENT,
-                        code=None,
-                        reply="the message needs SMTPUTF8, which the server does not offer",
-                        via=via,
-                    )
-                options.append("SMTPUTF8")
-            if not data.isascii() and smtp.supports_extension("8bitmime"):
-                options.append("BODY=8BITMIME")
-            encoding = "utf-8" if smtputf8 else "ascii"
-            await smtp.mail(mail_from, options=options, encoding=encoding, timeout=timeout)
-            stage = "RCPT"
-            for rcpt in rcpt_to:
-                await smtp.rcpt(rcpt, encoding=encoding, timeout=timeout)
-            stage = "DATA"
-            start = await smtp.execute_command(b"DATA", timeout=timeout)
-            if start.code != 354:
-                await self._reset(smtp)
-                return _classify_code(start.code, start.message, via)
-            protocol = smtp.protocol
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-            payload = _stuffed(data)
+            if pipelined:
+                # RFC 2920: the envelope and DATA in one write, their replies read in order.
+                wire.write(b"".join(envelope))
+            for index, line in enumerate(envelope):
+                stage = stages[index]
+                if not pipelined:
+                    wire.write(line)
+                reply = await wire.reply(timeout)
+                if reply.code == 421:
+                    wire.abort()
+                    first = refusal or reply
+                    return _classify_code(first.code, first.text, via)
+                wanted = 354 if stage == "DATA" else None
+                ok = reply.code == wanted if wanted else 200 <= reply.code < 300
+                if ok or refusal is not None:
+                    if stage == "DATA" and reply.code == 354 and refusal is not None:
+                        # The server wants a payload for an envelope it refused in part: only
+                        # dropping the connection ends that without delivering anything.
+                        wire.abort()
+                        return _classify_code(refusal.code, refusal.text, via)
+                    continue
+                refusal = reply
+                if not pipelined:
+                    break
+            if refusal is not None:
+                await self._reset(wire)
+                return _classify_code(refusal.code, refusal.text, via)
             # From here on the server may have the whole message: only its reply says whether
             # it took it, so any failure to read that reply leaves the outcome uncertain.
-            protocol.write(payload)
             stage = "payload"
-            reply = await protocol.read_response(timeout=timeout)
-        except aiosmtplib.SMTPResponseException as exc:
-            if exc.code == 421:
-                smtp.close()
-            else:
-                await self._reset(smtp)
-            return _classify_code(exc.code, exc.message, via)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            smtp.close()
+            wire.write(_stuffed(data))
+            reply = await wire.reply(timeout)
+        except (_WireError, OSError, TimeoutError) as exc:
+            wire.abort()
             if stage == "payload":
                 return Outcome(
                     kind=OutcomeKind.UNCERTAIN,
@@ -417,6 +564,9 @@ class _Connection:
                     reply=f"no reply after the message was sent: {_exc_text(exc)}",
                     via=via,
                 )
+            if refusal is not None:
+                # The refusal is definite; only the replies after it were lost.
+                return _classify_code(refusal.code, refusal.text, via)
             return Outcome(
                 kind=OutcomeKind.TRANSIENT,
                 code=None,
@@ -425,24 +575,40 @@ class _Connection:
             )
         self.sent_on_this += 1
         if reply.code == 421:
-            smtp.close()
-        return _classify_code(reply.code, reply.message, via)
+            wire.abort()
+        return _classify_code(reply.code, reply.text, via)
 
-    async def _reset(self, smtp: aiosmtplib.SMTP) -> None:
+    async def _reset(self, wire: _Wire) -> None:
         try:
-            await smtp.rset(timeout=self.settings.timeout)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            smtp.close()
+            wire.write(b"RSET\r\n")
+            reply = await wire.reply(self.settings.timeout)
+        except (_WireError, OSError, TimeoutError):
+            wire.abort()
+            return
+        if reply.code != 250:
+            wire.abort()
 
     async def close(self) -> None:
-        if self.smtp is not None and self.smtp.is_connected and self.busy:
-            self.smtp.close()
-        elif self.smtp is not None and self.smtp.is_connected:
-            try:
-                await asyncio.wait_for(self.smtp.quit(), timeout=2)
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                self.smtp.close()
-        self.smtp = None
+        wire, self.wire = self.wire, None
+        if wire is None or not wire.open:
+            return
+        if self.busy:
+            wire.abort()
+            return
+        try:
+            wire.write(b"QUIT\r\n")
+            await wire.reply(2.0)
+        except (_WireError, OSError, TimeoutError):
+            pass
+        wire.transport.close()
+
+
+def _quoted(address: str) -> str:
+    """`<addr>` for MAIL/RCPT, refusing anything that could smuggle a second command in."""
+    parsed = email.utils.parseaddr(address)[1] or address.strip()
+    if _CONTROL.search(parsed):
+        raise ValueError(f"the address {parsed!r} contains a control character")
+    return f"<{parsed}>"
 
 
 _HOSTNAME: str | None = None

@@ -59,6 +59,18 @@ class _Handler:
     def __init__(self, owner: SmtpTestServer) -> None:
         self.owner = owner
 
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.owner.pipelining:
+            # aiosmtpd reads commands from a stream, so a pipelined group is handled in order;
+            # it only needs to say so (RFC 2920).
+            responses.insert(-1, "250-PIPELINING")
+        with self.owner.lock:
+            self.owner.ehlo_replies.append(list(responses))
+        return responses
+
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
@@ -134,6 +146,7 @@ class SmtpTestServer:
         server_context: ssl.SSLContext | None = None,
         auth: tuple[str, str] | None = None,
         delay: float = 0.0,
+        pipelining: bool = False,
     ) -> None:
         assert tls in ("none", "implicit", "starttls")
         self.received: list[Received] = []
@@ -142,6 +155,8 @@ class SmtpTestServer:
         self.on_rcpt: Callable[[str], str | None] | None = None
         self.on_data: Callable[[Any], DataAction] | None = None
         self.delay = delay
+        self.pipelining = pipelining
+        self.ehlo_replies: list[list[str]] = []
         self.auth_attempts = 0
         kwargs: dict[str, Any] = {"hostname": "127.0.0.1", "port": 0, "ready_timeout": 10}
         if tls == "implicit":
@@ -292,3 +307,161 @@ def seed_campaign(
                 templates_dir=workspace / "templates",
             )
     return emails
+
+
+# --------------------------------------------------------------------------- a scripted server
+
+
+class ScriptedSmtpServer:
+    """A small SMTP server that offers PIPELINING and checks the client really pipelines.
+
+    aiosmtpd answers each command as it reads it, so it cannot tell a pipelining client from a
+    step-by-step one; this one can hold every reply of a group until DATA arrives
+    (`hold_until_data`), answer DATA with 354 even after refusing every recipient
+    (`data_after_refusal`, as RFC 2920 warns a server may), and dribble its replies out one
+    byte per write (`dribble`) to check the client reassembles them. It records every command
+    line and every payload it takes.
+    """
+
+    def __init__(
+        self,
+        *,
+        hold_until_data: bool = True,
+        data_after_refusal: str = "554 5.5.1 no valid recipients",
+        dribble: bool = False,
+    ) -> None:
+        self.hold_until_data = hold_until_data
+        self.data_after_refusal = data_after_refusal
+        self.dribble = dribble
+        self.on_rcpt: Callable[[str], str | None] | None = None
+        self.on_data: Callable[[tuple[str, ...]], str | None] | None = None
+        self.commands: list[str] = []
+        self.received: list[Received] = []
+        # Per connection: how many command lines had arrived when the first reply went out.
+        self.lines_before_first_reply: list[int] = []
+        self.connections = 0
+        self.lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.port = 0
+
+    def url(self) -> str:
+        return f"smtp+plain://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ScriptedSmtpServer:
+        self._thread.start()
+        started = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._session, "127.0.0.1", 0), self._loop
+        )
+        self._server = started.result(timeout=10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self._server is not None
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def recipients(self) -> list[str]:
+        with self.lock:
+            return [rcpt for r in self.received for rcpt in r.rcpt_tos]
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self.lock:
+            self.connections += 1
+        held: list[str] = []
+        first_reply: list[int] = []
+        lines = 0
+        mail_from = ""
+        rcpts: list[str] = []
+        refused_all = False
+
+        async def reply(*texts: str, flush: bool = True) -> None:
+            held.extend(texts)
+            if not flush:
+                return
+            if not first_reply:
+                first_reply.append(lines)
+                with self.lock:
+                    self.lines_before_first_reply.append(lines)
+            out = "".join(f"{t}\r\n" for t in held).encode()
+            held.clear()
+            if self.dribble:
+                for i in range(len(out)):
+                    writer.write(out[i : i + 1])
+                    await writer.drain()
+                    await asyncio.sleep(0)
+            else:
+                writer.write(out)
+                await writer.drain()
+
+        try:
+            await reply("220 scripted ESMTP")
+            while line := await reader.readline():
+                lines += 1
+                command = line.decode().rstrip("\r\n")
+                with self.lock:
+                    self.commands.append(command)
+                verb = command[:4].upper()
+                hold = self.hold_until_data
+                if verb == "EHLO":
+                    await reply("250-scripted", "250-PIPELINING", "250-8BITMIME", "250 SMTPUTF8")
+                elif verb == "MAIL":
+                    mail_from, rcpts, refused_all = command[10:].split(" ")[0].strip("<>"), [], True
+                    await reply("250 2.1.0 sender ok", flush=not hold)
+                elif verb == "RCPT":
+                    address = command[8:].strip("<>")
+                    answer = self.on_rcpt(address) if self.on_rcpt is not None else None
+                    if answer is None:
+                        rcpts.append(address)
+                        refused_all = False
+                        answer = "250 2.1.5 recipient ok"
+                    await reply(answer, flush=not hold)
+                elif verb == "DATA":
+                    if refused_all or not rcpts:
+                        await reply(self.data_after_refusal)
+                        if not self.data_after_refusal.startswith("354"):
+                            continue
+                    else:
+                        await reply("354 end with <CRLF>.<CRLF>")
+                    payload = bytearray()
+                    while (part := await reader.readline()) not in (b".\r\n", b""):
+                        payload += part[1:] if part.startswith(b".") else part
+                    if not part:
+                        break
+                    if not rcpts:
+                        await reply("554 5.5.1 nobody to deliver to")
+                        continue
+                    answer = self.on_data(tuple(rcpts)) if self.on_data is not None else None
+                    if answer == DROP:
+                        with self.lock:
+                            self.received.append(
+                                Received(mail_from, tuple(rcpts), bytes(payload), time.monotonic(), dropped=True)
+                            )
+                        break
+                    with self.lock:
+                        self.received.append(
+                            Received(mail_from, tuple(rcpts), bytes(payload), time.monotonic())
+                        )
+                    await reply(answer or "250 2.0.0 queued")
+                elif verb == "RSET":
+                    rcpts, refused_all = [], False
+                    await reply("250 2.0.0 reset")
+                elif verb == "QUIT":
+                    await reply("221 2.0.0 bye")
+                    break
+                else:
+                    await reply("502 5.5.2 not implemented")
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()

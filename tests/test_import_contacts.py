@@ -397,6 +397,21 @@ def test_bad_rows_are_rejected_with_file_row_column(
     assert record.file_name == str(path) and len(record.sha256) == 64
 
 
+def test_malformed_csv_row_is_rejected_and_the_rest_imported(
+    run: Cli, tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    path = write(tmp_path / "m.csv", 'email,name\n"a@example.org"x,A\nb@example.org,B\n')
+    rejects_file = tmp_path / "r.csv"
+    result = run.ok("import", "contacts", str(path), "--rejects", str(rejects_file))
+    assert result.output.splitlines()[0] == (
+        "m.csv:2: (row): malformed CSV: text after a closing quote (write a quote inside a "
+        'quoted cell as "")'
+    )
+    assert set(contacts(session_factory)) == {"b@example.org"}
+    with rejects_file.open(encoding="utf-8-sig", newline="") as fh:
+        assert list(csv.reader(fh))[1][:2] == ["", ""]
+
+
 def test_many_rejects_are_capped_on_screen(run: Cli, tmp_path: Path) -> None:
     lines = ["email"] + [f"bad{i}" for i in range(30)] + ["ok@example.org"]
     path = write(tmp_path / "many.csv", "\n".join(lines) + "\n")

@@ -38,9 +38,10 @@ MESSAGE = (
 )
 
 
-@pytest.fixture
-def server() -> Iterator[SmtpTestServer]:
-    with SmtpTestServer() as srv:
+@pytest.fixture(params=[False, True], ids=["step-by-step", "pipelined"])
+def server(request: pytest.FixtureRequest) -> Iterator[SmtpTestServer]:
+    # Every outcome must come out the same whether the server offers PIPELINING or not.
+    with SmtpTestServer(pipelining=request.param) as srv:
         yield srv
 
 
