@@ -4,8 +4,9 @@ A campaign of N fictional contacts (`mayorN@example.org`, bulk-inserted) is sent
 `mailer send --smtp smtp+plain://127.0.0.1:PORT --concurrency 4 --yes` as a child process (claim,
 render, build, send, record), into a minimal asyncio SMTP sink in another process that offers
 PIPELINING, answers 250 to everything and keeps nothing (`--sink-kind aiosmtpd` for the library
-the tests use, `raw-no-pipelining` for a server without PIPELINING). Reports messages/s and the sender's peak RSS, then the naive
-baseline in the same run: one `EmailMessage` and one `aiosmtplib.send` per message.
+the tests use, `raw-no-pipelining` for a server without PIPELINING). Reports messages/s, CPU
+per message and the sender's peak RSS, then the naive baseline in the same run: one
+`EmailMessage` and one `aiosmtplib.send` per message.
 
     .venv/bin/python benchmarks/send_bench.py                 # 200,000 recipients
     .venv/bin/python benchmarks/send_bench.py --count 20000   # a quick run

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import functools
 import os
 import signal
 import socket
@@ -25,7 +26,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -377,7 +390,9 @@ def queue_audience(
                         "updated_at": now,
                     }
                 )
-            inserted = conn.execute(insert, rows).all()
+            inserted = _insert_messages(conn, rows)
+            if inserted is None:
+                inserted = [(m, c, s) for m, c, s in conn.execute(insert, rows)]
             events = []
             for mid, cid, status in inserted:
                 if status == MessageStatus.SKIPPED.value:
@@ -399,8 +414,7 @@ def queue_audience(
                     events.append(
                         _event(mid, campaign.id, cid, now, EventKind.QUEUED, None, None, None)
                     )
-            if events:
-                conn.execute(EVENTS.insert(), events)
+            _insert_events(conn, events)
     skipped += skip_suppressed(engine, campaign_id=campaign.id, now=now)
     return queued, skipped
 
@@ -513,6 +527,28 @@ def _bulk_update_messages(conn: Connection, rows: list[dict[str, Any]]) -> bool:
     return True
 
 
+def _insert_messages(
+    conn: Connection, rows: list[dict[str, Any]]
+) -> list[tuple[int, int, str]] | None:
+    """New outbox rows in one multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING (only the
+    rows this sender inserted come back), or None where the backend has no driver-level form."""
+    ph = _PLACEHOLDER.get(conn.dialect.name)
+    if ph is None or not rows:
+        return None
+    to_db = _datetime_to_db(conn)
+    now = to_db(rows[0]["queued_at"])
+    values = ", ".join([f"({ph}, {ph}, {ph}, 0, {ph}, {ph})"] * len(rows))
+    params: list[Any] = []
+    for r in rows:
+        params.extend((r["campaign_id"], r["contact_id"], r["status"], now, now))
+    result = conn.exec_driver_sql(
+        "INSERT INTO messages (campaign_id, contact_id, status, attempts, queued_at, "
+        f"updated_at) VALUES {values} ON CONFLICT DO NOTHING RETURNING id, contact_id, status",
+        tuple(params),
+    )
+    return [(int(mid), int(cid), str(status)) for mid, cid, status in result]
+
+
 def _insert_events(conn: Connection, events: list[dict[str, Any]]) -> None:
     if not events:
         return
@@ -557,6 +593,74 @@ def _freeze_and_start(
         session.flush()
         session.expunge(campaign)
     return campaign
+
+
+@functools.cache
+def _claim_statements() -> tuple[tuple[Select[Any], ...], Any]:
+    """The claim's statements, built once: building them cost more than running them."""
+    c = MESSAGES.c
+    queued, retry = MessageStatus.QUEUED.value, MessageStatus.RETRY.value
+    now = bindparam("now", type_=c.next_attempt_at.type)
+    due = or_(
+        c.status == queued,
+        and_(c.status == retry, or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)),
+    )
+    # Due retries (and any queued row that carries a date) first, then the plain queue in id
+    # order. Each statement reads ranges of ix_messages_campaign_status: one `status = queued
+    # OR ...` made SQLite read and sort every message of the campaign on every claim, a cost
+    # that grew with the list (quadratic over a run).
+    parts = (
+        and_(c.status == retry, c.next_attempt_at.is_(None)),
+        and_(
+            c.status.in_([queued, retry]),
+            c.next_attempt_at.is_not(None),
+            or_(c.status == queued, c.next_attempt_at <= now),
+        ),
+        and_(c.status == queued, c.next_attempt_at.is_(None)),
+    )
+    picks = tuple(
+        select(c.id)
+        .where(c.campaign_id == bindparam("campaign"), part)
+        .order_by(c.id)
+        .limit(bindparam("n", type_=Integer))
+        .with_for_update(skip_locked=True)
+        for part in parts
+    )
+    claim = (
+        update(MESSAGES)
+        .where(c.id.in_(bindparam("ids", expanding=True)), due)
+        .values(
+            status=MessageStatus.SENDING.value,
+            attempts=c.attempts + 1,
+            claimed_by=bindparam("run"),
+            updated_at=now,
+        )
+        .returning(c.id, c.contact_id, c.attempts)
+    )
+    return picks, claim
+
+
+@functools.cache
+def _record_statement() -> Any:
+    """The result update for a backend without a driver-level form (see _bulk_update_messages)."""
+    return (
+        update(MESSAGES)
+        .where(MESSAGES.c.id == bindparam("b_id"))
+        .values(
+            status=bindparam("b_status"),
+            attempts=bindparam("b_attempts"),
+            next_attempt_at=bindparam("b_next"),
+            sent_at=bindparam("b_sent_at"),
+            smtp_code=bindparam("b_code"),
+            smtp_reply=bindparam("b_reply"),
+            message_id=bindparam("b_mid"),
+            language=bindparam("b_lang"),
+            subject=bindparam("b_subject"),
+            body_hash=bindparam("b_hash"),
+            claimed_by=None,
+            updated_at=bindparam("b_now"),
+        )
+    )
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -647,6 +751,7 @@ class _Run:
         self.composer = campaigns.composer_for(
             campaign=campaign, template_set=template_set, settings=workspace
         )
+        self.loader: campaigns.RecipientLoader | None = None
 
     def halt(self, reason: str, error: MailerError | None = None) -> None:
         if self.stop_reason is None:
@@ -658,37 +763,19 @@ class _Run:
 
     def _claim(self, n: int) -> list[_Job]:
         now = self.clock()
-        due = or_(
-            MESSAGES.c.status == MessageStatus.QUEUED.value,
-            and_(
-                MESSAGES.c.status == MessageStatus.RETRY.value,
-                or_(MESSAGES.c.next_attempt_at.is_(None), MESSAGES.c.next_attempt_at <= now),
-            ),
-        )
-        pick = (
-            select(MESSAGES.c.id)
-            .where(MESSAGES.c.campaign_id == self.campaign.id, due)
-            .order_by(MESSAGES.c.id)
-            .limit(n)
-            .with_for_update(skip_locked=True)
-        )
+        picks, claim = _claim_statements()
+        params = {"campaign": self.campaign.id, "now": now}
         with _writing(self.engine) as conn:
-            # Two statements, not UPDATE ... WHERE id IN (SELECT ... LIMIT): PostgreSQL may run
-            # such a subquery more than once and claim more than `n` rows.
-            ids = list(conn.execute(pick).scalars())
+            # Separate statements, not UPDATE ... WHERE id IN (SELECT ... LIMIT): PostgreSQL may
+            # run such a subquery more than once and claim more than `n` rows.
+            ids: list[int] = []
+            for pick in picks:
+                ids.extend(conn.execute(pick, {**params, "n": n - len(ids)}).scalars())
+                if len(ids) >= n:
+                    break
             if not ids:
                 return []
-            rows = conn.execute(
-                update(MESSAGES)
-                .where(MESSAGES.c.id.in_(ids), due)
-                .values(
-                    status=MessageStatus.SENDING.value,
-                    attempts=MESSAGES.c.attempts + 1,
-                    claimed_by=self.report.run_id,
-                    updated_at=now,
-                )
-                .returning(MESSAGES.c.id, MESSAGES.c.contact_id, MESSAGES.c.attempts)
-            ).all()
+            rows = conn.execute(claim, {**params, "ids": ids, "run": self.report.run_id}).all()
             if rows:
                 _insert_events(
                     conn,
@@ -758,7 +845,12 @@ class _Run:
 
     def _build(self, jobs: list[_Job]) -> list[_Job]:
         with Session(self.engine) as session:
-            recipients = campaigns.load_recipients(session, [j.contact_id for j in jobs])
+            # One loader for the run: the signatories and each city's ties are read once, not
+            # once per batch; each batch lends it a fresh session.
+            if self.loader is None:
+                self.loader = campaigns.RecipientLoader(session)
+            self.loader.session = session
+            recipients = self.loader.load([j.contact_id for j in jobs])
         for job in jobs:
             recipient = recipients.get(job.contact_id)
             if recipient is None:
@@ -984,27 +1076,9 @@ class _Run:
                     _event(job.row_id, cid, job.contact_id, now, kind, outcome.code, detail, via)
                 )
             updates.append(row)
-        stmt = (
-            update(MESSAGES)
-            .where(MESSAGES.c.id == bindparam("b_id"))
-            .values(
-                status=bindparam("b_status"),
-                attempts=bindparam("b_attempts"),
-                next_attempt_at=bindparam("b_next"),
-                sent_at=bindparam("b_sent_at"),
-                smtp_code=bindparam("b_code"),
-                smtp_reply=bindparam("b_reply"),
-                message_id=bindparam("b_mid"),
-                language=bindparam("b_lang"),
-                subject=bindparam("b_subject"),
-                body_hash=bindparam("b_hash"),
-                claimed_by=None,
-                updated_at=bindparam("b_now"),
-            )
-        )
         with _writing(self.engine) as conn:
             if not _bulk_update_messages(conn, updates):
-                conn.execute(stmt, updates)
+                conn.execute(_record_statement(), updates)
             _insert_events(conn, events)
 
     async def recorder(self, inbox: asyncio.Queue[_Result | None]) -> None:

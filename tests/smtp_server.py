@@ -27,6 +27,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 DROP = "DROP"
+# ScriptedSmtpServer.on_rcpt: never answer again.
+STALL = "STALL"
 
 
 @dataclass(frozen=True)
@@ -337,8 +339,6 @@ class ScriptedSmtpServer:
         self.on_data: Callable[[tuple[str, ...]], str | None] | None = None
         self.commands: list[str] = []
         self.received: list[Received] = []
-        # Per connection: how many command lines had arrived when the first reply went out.
-        self.lines_before_first_reply: list[int] = []
         self.connections = 0
         self.lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -379,8 +379,6 @@ class ScriptedSmtpServer:
         with self.lock:
             self.connections += 1
         held: list[str] = []
-        first_reply: list[int] = []
-        lines = 0
         mail_from = ""
         rcpts: list[str] = []
         refused_all = False
@@ -389,10 +387,6 @@ class ScriptedSmtpServer:
             held.extend(texts)
             if not flush:
                 return
-            if not first_reply:
-                first_reply.append(lines)
-                with self.lock:
-                    self.lines_before_first_reply.append(lines)
             out = "".join(f"{t}\r\n" for t in held).encode()
             held.clear()
             if self.dribble:
@@ -407,7 +401,6 @@ class ScriptedSmtpServer:
         try:
             await reply("220 scripted ESMTP")
             while line := await reader.readline():
-                lines += 1
                 command = line.decode().rstrip("\r\n")
                 with self.lock:
                     self.commands.append(command)
@@ -421,6 +414,8 @@ class ScriptedSmtpServer:
                 elif verb == "RCPT":
                     address = command[8:].strip("<>")
                     answer = self.on_rcpt(address) if self.on_rcpt is not None else None
+                    if answer == STALL:
+                        await asyncio.sleep(3600)
                     if answer is None:
                         rcpts.append(address)
                         refused_all = False
@@ -445,7 +440,13 @@ class ScriptedSmtpServer:
                     if answer == DROP:
                         with self.lock:
                             self.received.append(
-                                Received(mail_from, tuple(rcpts), bytes(payload), time.monotonic(), dropped=True)
+                                Received(
+                                    mail_from,
+                                    tuple(rcpts),
+                                    bytes(payload),
+                                    time.monotonic(),
+                                    dropped=True,
+                                )
                             )
                         break
                     with self.lock:

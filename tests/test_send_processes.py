@@ -21,9 +21,10 @@ from mailer.models import Contact, Message
 SLUG = "appeal"
 
 
-@pytest.fixture
-def server() -> Iterator[SmtpTestServer]:
-    with SmtpTestServer() as srv:
+@pytest.fixture(params=[False, True], ids=["step-by-step", "pipelined"])
+def server(request: pytest.FixtureRequest) -> Iterator[SmtpTestServer]:
+    # The promises hold whether or not the server offers PIPELINING (the client uses it if so).
+    with SmtpTestServer(pipelining=request.param) as srv:
         yield srv
 
 
