@@ -115,8 +115,9 @@ def contact_ids(session: Session, audience: Audience) -> list[int]:
 
 
 def count(session: Session, audience: Audience) -> int:
-    query = contacts_query(session, audience).with_only_columns(func.count()).order_by(None)
-    return int(session.scalar(query) or 0)
+    """How many contacts match (raises InvalidValueError on an unknown field)."""
+    ids = contacts_query(session, audience).with_only_columns(Contact.id).order_by(None)
+    return int(session.scalar(select(func.count()).select_from(ids.subquery())) or 0)
 
 
 # --------------------------------------------------------------------------- suppression

@@ -157,10 +157,7 @@ def list_campaigns(session: Session) -> list[Campaign]:
 
 def audience_size(session: Session, audience: Audience) -> int:
     """How many contacts the audience matches (raises InvalidValueError on an unknown field)."""
-    ids = (
-        audience_mod.contacts_query(session, audience).with_only_columns(Contact.id).order_by(None)
-    )
-    return int(session.scalar(select(func.count()).select_from(ids.subquery())) or 0)
+    return audience_mod.count(session, audience)
 
 
 def audience_of(campaign: Campaign) -> Audience:
