@@ -64,6 +64,7 @@ from mailer.models import (
     MessageStatus,
     Suppression,
 )
+from mailer.render import Recipient
 from mailer.transport import DryRun, Outcome, OutcomeKind, Transport
 
 MESSAGES = cast(Table, Message.__table__)
@@ -486,11 +487,16 @@ _PLACEHOLDER = {"sqlite": "?", "postgresql": "%s"}
 
 def _datetime_to_db(conn: Connection) -> Callable[[dt.datetime | None], Any]:
     process = MESSAGES.c.updated_at.type.bind_processor(conn.dialect)
+    # A batch carries one or two distinct times (its `now`, a retry's date): convert each once.
+    seen: dict[dt.datetime, Any] = {}
 
     def convert(value: dt.datetime | None) -> Any:
         if value is None or process is None:
             return value
-        return process(value)
+        done = seen.get(value)
+        if done is None:
+            done = seen[value] = process(value)
+        return done
 
     return convert
 
@@ -843,37 +849,36 @@ class _Run:
 
     # ----- builder
 
-    def _build(self, jobs: list[_Job]) -> list[_Job]:
+    def _load(self, jobs: list[_Job]) -> dict[int, Recipient]:
         with Session(self.engine) as session:
             # One loader for the run: the signatories and each city's ties are read once, not
             # once per batch; each batch lends it a fresh session.
             if self.loader is None:
                 self.loader = campaigns.RecipientLoader(session)
             self.loader.session = session
-            recipients = self.loader.load([j.contact_id for j in jobs])
-        for job in jobs:
-            recipient = recipients.get(job.contact_id)
-            if recipient is None:
-                job.error = f"contact {job.contact_id} no longer exists"
-                continue
-            try:
-                composed = self.composer.compose(recipient)
-            except MailerError as exc:
-                job.error = f"cannot build the message: {exc}"
-                continue
-            except Exception as exc:  # one contact's odd data must not stop the whole run
-                job.error = f"cannot build the message: {type(exc).__name__}: {exc}"
-                continue
-            job.data = composed.data
-            job.mail_from = composed.mail_from
-            job.rcpt_to = _rcpts(composed.rcpt_to)
-            job.smtputf8 = bool(composed.smtputf8)
-            job.message_id = composed.message_id
-            job.language = composed.language
-            job.subject = composed.subject
-            job.body_hash = composed.body_hash
-            job.fell_back = bool(composed.fell_back)
-        return jobs
+            return self.loader.load([j.contact_id for j in jobs])
+
+    def _compose(self, job: _Job, recipient: Recipient | None) -> None:
+        if recipient is None:
+            job.error = f"contact {job.contact_id} no longer exists"
+            return
+        try:
+            composed = self.composer.compose(recipient)
+        except MailerError as exc:
+            job.error = f"cannot build the message: {exc}"
+            return
+        except Exception as exc:  # one contact's odd data must not stop the whole run
+            job.error = f"cannot build the message: {type(exc).__name__}: {exc}"
+            return
+        job.data = composed.data
+        job.mail_from = composed.mail_from
+        job.rcpt_to = _rcpts(composed.rcpt_to)
+        job.smtputf8 = bool(composed.smtputf8)
+        job.message_id = composed.message_id
+        job.language = composed.language
+        job.subject = composed.subject
+        job.body_hash = composed.body_hash
+        job.fell_back = bool(composed.fell_back)
 
     async def builder(
         self,
@@ -902,13 +907,17 @@ class _Run:
                 self._emit(results, _Result(job=job, outcome=None))
             return
         try:
-            built = await asyncio.to_thread(self._build, jobs)
+            recipients = await asyncio.to_thread(self._load, jobs)
         except Exception as exc:
             self.halt("error", _as_mailer_error(exc))
             for job in jobs:
                 self._emit(results, _Result(job=job, outcome=None))
             return
-        for job in built:
+        # Composed on the event loop, one message at a time between sends: in a worker thread
+        # the rendering fought the loop for the GIL, and every hand-over cost the senders
+        # milliseconds.
+        for job in jobs:
+            self._compose(job, recipients.get(job.contact_id))
             if job.error is not None:
                 self._emit(results, _Result(job=job, outcome=None))
             else:

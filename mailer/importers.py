@@ -1017,6 +1017,10 @@ _LOOKUP_COLUMNS = (
     "attributes",
     "tags",
 )
+# Where each column is in a row that `_ContactImport._existing` returns.
+_OLD = {name: index for index, name in enumerate(_LOOKUP_COLUMNS)}
+_OLD_ID, _OLD_EMAIL, _OLD_CITY = _OLD["id"], _OLD["email"], _OLD["city_id"]
+_OLD_ATTRIBUTES, _OLD_TAGS = _OLD["attributes"], _OLD["tags"]
 
 
 class _Cities:
@@ -1151,6 +1155,16 @@ _NEW_CONTACT_COLUMNS = (
 # non-ASCII kept, is about 4x cheaper than the JSON type's `json.dumps` per value, and reads back
 # the same (json.loads, SQLite's json_extract).
 _SQLITE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# A JSON string literal, non-ASCII kept (the C function behind ensure_ascii=False).
+_json_string = json.encoder.encode_basestring
+
+
+def _sqlite_json_strings(mapping: dict[str, str]) -> str:
+    """`_SQLITE_JSON.encode` of a dict of strings (a row's attributes) at a third of the cost."""
+    string = _json_string
+    return "{" + ",".join([f"{string(k)}:{string(v)}" for k, v in mapping.items()]) + "}"
+
+
 _SCALAR_LIMITS = {
     "name": 300,
     "title": 300,
@@ -1202,24 +1216,14 @@ class _DriverStatement:
         connection.exec_driver_sql(self.sql, params)
 
 
-class _ContactImport:
-    def __init__(
-        self,
-        *,
-        session: Session,
-        table: Table,
-        columns: _Columns,
-        tags: Sequence[str],
-        summary: ImportSummary,
-    ) -> None:
-        self.session = session
+class _ContactValidator:
+    """Checks one row of a contacts file (no database needed)."""
+
+    def __init__(self, *, table: Table, columns: _Columns, tags: Sequence[str]) -> None:
         self.table = table
         self.columns = columns
-        self.summary = summary
         self.extra_tags = frozenset(t.strip() for t in tags if t.strip())
         self.check_email = EmailChecker()
-        self.cities = _Cities(session)
-        self.first_rows = _FirstRows()
         f = columns.fields
         self.i_email = f["email"]
         self.scalars = [
@@ -1231,39 +1235,6 @@ class _ContactImport:
         self.i_country = f.get("country")
         self.i_region = f.get("region")
         self.i_tags = f.get("tags")
-        self.update_columns = sorted(
-            {_CONTACT_SCALARS[slot] for slot, _, _ in self.scalars}
-            | ({"city_id"} if self.i_city is not None else set())
-            | {"attributes", "tags"}
-        )
-        # Only a count for the summary: skip the look-ups when nobody is suppressed at all.
-        self.any_suppressed = session.scalar(select(Suppression.id).limit(1)) is not None
-        connection = session.connection()
-        dialect = connection.dialect
-        # SQLite: this import gives new contacts their ids itself (see `_insert`).
-        self.sqlite = dialect.name == "sqlite"
-        self.next_id: int | None = None
-        self.insert_contacts = _DriverStatement(
-            connection,
-            insert(_CONTACTS_RAW),
-            ("id", *_NEW_CONTACT_COLUMNS) if self.sqlite else _NEW_CONTACT_COLUMNS,
-        )
-        self.insert_tags = _DriverStatement(
-            connection, insert(_CONTACT_TAGS_RAW), ("contact_id", "tag")
-        )
-        json_processor = _CONTACTS.c.attributes.type.dialect_impl(dialect).bind_processor(dialect)
-        self.to_json: Callable[[Any], Any] = json_processor or (lambda value: value)
-        if self.sqlite:
-            self.to_json = _SQLITE_JSON.encode
-        json_reader = _CONTACTS.c.attributes.type.dialect_impl(dialect).result_processor(
-            dialect, None
-        )
-        self.from_json: Callable[[Any], Any] = json_reader or (lambda value: value)
-        self._lookup_statements: dict[int, Any] = {}
-        self._tags_json: dict[frozenset[str], Any] = {}
-        time_processor = _CONTACTS.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
-        now = utcnow()
-        self.now_param = time_processor(now) if time_processor else now
 
     def validate(self, number: int, raw: list[str]) -> _ContactRow:
         columns = self.columns
@@ -1304,12 +1275,19 @@ class _ContactImport:
             except ValueError as exc:
                 raise _RowRejected(label(self.i_country), str(exc)) from None
         region = cells[self.i_region] if self.i_region is not None else ""
-        region = _limit_at(columns, self.i_region, region, 200)
-        attributes = {key: cells[i] for i, key in columns.extra if i < len(cells) and cells[i]}
+        if len(region) > 200:
+            _limit_at(columns, self.i_region, region, 200)
+        attributes: dict[str, str] = {}
+        for i, key in columns.extra:
+            value = cells[i]
+            if value:
+                attributes[key] = value
         city = None
         city_name = cells[self.i_city] if self.i_city is not None else ""
         if city_name:
-            city = (_limit_at(columns, self.i_city, city_name, 200), country, region or None)
+            if len(city_name) > 200:
+                _limit_at(columns, self.i_city, city_name, 200)
+            city = (city_name, country, region or None)
         else:
             # Without a city there is no row to hang country/region on: keep them for templates.
             if country:
@@ -1323,8 +1301,62 @@ class _ContactImport:
                 raise _RowRejected(
                     label(self.i_tags), f"a tag over 100 characters: {split.too_long!r}"
                 )
-            tags = tags | split
+            tags = tags | split if tags else split
         return _ContactRow(number, raw, email, scalars, attributes, tags, city)
+
+
+class _ContactImport(_ContactValidator):
+    """Writes validated rows: one instance, used on the database thread only."""
+
+    def __init__(
+        self,
+        *,
+        session: Session,
+        table: Table,
+        columns: _Columns,
+        tags: Sequence[str],
+        summary: ImportSummary,
+    ) -> None:
+        super().__init__(table=table, columns=columns, tags=tags)
+        self.session = session
+        self.summary = summary
+        self.cities = _Cities(session)
+        self.first_rows = _FirstRows()
+        self.update_columns = sorted(
+            {_CONTACT_SCALARS[slot] for slot, _, _ in self.scalars}
+            | ({"city_id"} if self.i_city is not None else set())
+            | {"attributes", "tags"}
+        )
+        # Only a count for the summary: skip the look-ups when nobody is suppressed at all.
+        self.any_suppressed = session.scalar(select(Suppression.id).limit(1)) is not None
+        connection = session.connection()
+        dialect = connection.dialect
+        # SQLite: this import gives new contacts their ids itself (see `_insert`).
+        self.sqlite = dialect.name == "sqlite"
+        self.next_id: int | None = None
+        self.insert_contacts = _DriverStatement(
+            connection,
+            insert(_CONTACTS_RAW),
+            ("id", *_NEW_CONTACT_COLUMNS) if self.sqlite else _NEW_CONTACT_COLUMNS,
+        )
+        self.insert_tags = _DriverStatement(
+            connection, insert(_CONTACT_TAGS_RAW), ("contact_id", "tag")
+        )
+        json_processor = _CONTACTS.c.attributes.type.dialect_impl(dialect).bind_processor(dialect)
+        self.to_json: Callable[[Any], Any] = json_processor or (lambda value: value)
+        self.attributes_json: Callable[[dict[str, str]], Any] = self.to_json
+        if self.sqlite:
+            self.to_json = _SQLITE_JSON.encode
+            self.attributes_json = _sqlite_json_strings
+        json_reader = _CONTACTS.c.attributes.type.dialect_impl(dialect).result_processor(
+            dialect, None
+        )
+        self.from_json: Callable[[Any], Any] = json_reader or (lambda value: value)
+        self._lookup_statements: dict[int, Any] = {}
+        self._tags_json: dict[frozenset[str], Any] = {}
+        time_processor = _CONTACTS.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
+        now = utcnow()
+        self.now_param = time_processor(now) if time_processor else now
 
     def flush(self, rows: list[_ContactRow]) -> list[tuple[int, str, str, list[str]]]:
         """Write one chunk; returns the rows rejected as duplicates (row, column, reason, cells)."""
@@ -1335,7 +1367,7 @@ class _ContactImport:
         first_rows = self.first_rows
         first_new: dict[str, int] = {}
         fresh: list[_ContactRow] = []
-        known: list[tuple[_ContactRow, dict[str, Any]]] = []
+        known: list[tuple[_ContactRow, Sequence[Any]]] = []
         for row in rows:
             old = existing.get(row.email)
             if old is None:
@@ -1345,9 +1377,9 @@ class _ContactImport:
                     fresh.append(row)
                     continue
             else:
-                first = first_rows.get(old["id"])
+                first = first_rows.get(old[_OLD_ID])
                 if not first:
-                    first_rows.mark(old["id"], row.number)
+                    first_rows.mark(old[_OLD_ID], row.number)
                     known.append((row, old))
                     continue
             rejects.append(
@@ -1383,7 +1415,7 @@ class _ContactImport:
     def _insert(self, rows: list[_ContactRow]) -> Sequence[int]:
         """Insert new contacts; returns their ids in order."""
         connection = self.session.connection()
-        to_json = self.to_json
+        to_json = self.attributes_json
         tags_json = self.tags_json
         now = self.now_param
         if not self.sqlite:
@@ -1403,7 +1435,7 @@ class _ContactImport:
                 ],
             )
             found = self._existing([row.email for row in rows])
-            return [found[row.email]["id"] for row in rows]
+            return [found[row.email][_OLD_ID] for row in rows]
         # The import is one write transaction, and SQLite has one writer: no other connection
         # can add a contact until it commits (a write that began before ours makes our first
         # write fail rather than interleave), so the ids after the largest are ours to give.
@@ -1435,34 +1467,57 @@ class _ContactImport:
         return ids
 
     def _update(
-        self, known: list[tuple[_ContactRow, dict[str, Any]]], tag_rows: list[tuple[int, str]]
+        self, known: list[tuple[_ContactRow, Sequence[Any]]], tag_rows: list[tuple[int, str]]
     ) -> None:
+        """Merge rows into stored contacts; most of a re-import is unchanged, so that is
+        settled before anything is built: stored JSON is decoded only where the stored text
+        differs from what this row would write."""
         cities = self.cities
         to_json = self.to_json
+        from_json = self.from_json
+        tags_json = self.tags_json
         update_columns = self.update_columns
-        slots = [(slot, _CONTACT_SCALARS[slot]) for slot, _, _ in self.scalars]
+        checks = [(slot, _OLD[_CONTACT_SCALARS[slot]]) for slot, _, _ in self.scalars]
         updates: list[dict[str, Any]] = []
         for row, old in known:
-            merged: dict[str, Any] = {name: old[name] for name in update_columns}
             scalars = row.scalars
-            for slot, name in slots:
-                value = scalars[slot]
-                if value is not None:
-                    merged[name] = value
+            changed = any(
+                scalars[slot] is not None and scalars[slot] != old[at] for slot, at in checks
+            )
+            city_id = old[_OLD_CITY]
             if row.city is not None:
-                merged["city_id"] = cities.get(*row.city)
-            merged["attributes"] = {**(old["attributes"] or {}), **row.attributes}
-            old_tags = set(old["tags"] or [])
-            merged["tags"] = sorted(old_tags | row.tags)
-            if all(merged[name] == old[name] for name in update_columns):
+                city_id = cities.get(*row.city)
+                changed = changed or city_id != old[_OLD_CITY]
+            old_tags: list[Any] | None = None
+            if old[_OLD_TAGS] != tags_json(row.tags):
+                old_tags = from_json(old[_OLD_TAGS])
+                changed = changed or sorted({*(old_tags or []), *row.tags}) != old_tags
+            old_attributes: dict[str, Any] | None = None
+            if row.attributes or old[_OLD_ATTRIBUTES] is None:
+                old_attributes = from_json(old[_OLD_ATTRIBUTES])
+                changed = changed or {**(old_attributes or {}), **row.attributes} != (
+                    old_attributes
+                )
+            if not changed:
                 self.summary.unchanged += 1
                 continue
-            merged["attributes"] = to_json(merged["attributes"])
-            merged["tags"] = to_json(merged["tags"])
-            merged["b_id"] = old["id"]
+            if old_tags is None:
+                old_tags = from_json(old[_OLD_TAGS])
+            if old_attributes is None:
+                old_attributes = from_json(old[_OLD_ATTRIBUTES])
+            merged: dict[str, Any] = {name: old[_OLD[name]] for name in update_columns}
+            for slot, _ in checks:
+                if scalars[slot] is not None:
+                    merged[_CONTACT_SCALARS[slot]] = scalars[slot]
+            if row.city is not None:
+                merged["city_id"] = city_id
+            old_tag_set = set(old_tags or [])
+            merged["attributes"] = to_json({**(old_attributes or {}), **row.attributes})
+            merged["tags"] = to_json(sorted(old_tag_set | row.tags))
+            merged["b_id"] = old[_OLD_ID]
             merged["updated_at"] = self.now_param
             updates.append(merged)
-            tag_rows.extend((old["id"], tag) for tag in row.tags - old_tags)
+            tag_rows.extend((old[_OLD_ID], tag) for tag in row.tags - old_tag_set)
         if updates:
             raw = _CONTACTS_RAW.c
             statement = (
@@ -1480,11 +1535,11 @@ class _ContactImport:
             cached = self._tags_json[tags] = self.to_json(sorted(tags))
         return cached
 
-    def _existing(self, emails: list[str]) -> dict[str, dict[str, Any]]:
-        """Stored contacts among `emails`, as plain dicts, straight from the driver.
+    def _existing(self, emails: list[str]) -> dict[str, Sequence[Any]]:
+        """Stored contacts among `emails` as driver rows (`_LOOKUP_COLUMNS`, JSON undecoded).
 
         SQLAlchemy's result rows cost ~20 µs each here; the statement is still compiled by
-        SQLAlchemy for the dialect, and JSON columns go through the type's own processor.
+        SQLAlchemy for the dialect.
         """
         connection = self.session.connection()
         compiled = self._lookup_statements.get(len(emails))
@@ -1499,14 +1554,37 @@ class _ContactImport:
             params: Any = tuple(emails)
         else:
             params = {f"e{i}": email for i, email in enumerate(emails)}
-        from_json = self.from_json
-        found: dict[str, dict[str, Any]] = {}
-        for values in connection.exec_driver_sql(compiled.string, params):
-            record = dict(zip(_LOOKUP_COLUMNS, values, strict=True))
-            record["attributes"] = from_json(record["attributes"])
-            record["tags"] = from_json(record["tags"])
-            found[record["email"]] = record
-        return found
+        result = connection.exec_driver_sql(compiled.string, params)
+        return {values[_OLD_EMAIL]: values for values in result}
+
+
+# A chunk of validated rows: the rows, the rejects among them (row, column, reason, cells), and
+# the number of its last row (None for the file's last chunk).
+_Chunk = tuple[list[_ContactRow], list[tuple[int, str, str, list[str]]], int | None]
+
+
+def _validated_chunks(validator: _ContactValidator, chunk_rows: int) -> Iterator[_Chunk]:
+    table = validator.table
+    validate = validator.validate
+    rows: list[_ContactRow] = []
+    rejects: list[tuple[int, str, str, list[str]]] = []
+    has_data = False
+    for raw in table:
+        if raw.problem is None and not "".join(raw.cells).strip():
+            continue
+        has_data = True
+        try:
+            if raw.problem is not None:
+                raise _RowRejected(*raw.problem)
+            rows.append(validate(raw.number, raw.cells))
+        except _RowRejected as exc:
+            rejects.append((raw.number, exc.column, exc.reason, raw.cells))
+        if len(rows) >= chunk_rows:
+            yield rows, rejects, raw.number
+            rows, rejects = [], []
+    if not has_data:
+        raise ImportFileError(f"{table.display}: no data rows")
+    yield rows, rejects, None
 
 
 def import_contacts(
@@ -1549,9 +1627,8 @@ def import_contacts(
             delimiter=table.delimiter,
         )
         sink = _RejectSink(stack=stack, path=rejects_path, header=table.header)
-        # Reading and validating (this thread) overlaps with writing (one database thread that
-        # owns the session from start to end): the driver releases the GIL while the database
-        # works, which buys about a third more rows per second on two cores.
+        # Writing (one database thread that owns the session from start to end) overlaps with
+        # reading and validating (this thread) where the driver releases the GIL.
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="mailer-import"))
 
         def on_db(call: Callable[[], Any]) -> Any:
@@ -1566,9 +1643,9 @@ def import_contacts(
                 session=session, table=table, columns=columns, tags=tags, summary=summary
             )
         )
-        pending: list[_ContactRow] = []
+        chunks = _validated_chunks(importer, chunk_rows)
         writing: Future[list[tuple[int, str, str, list[str]]]] | None = None
-        written_upto = 0
+        written_upto: int | None = 0
 
         def collect() -> None:
             nonlocal writing
@@ -1579,27 +1656,13 @@ def import_contacts(
                 sink.flush(upto=written_upto)
                 writing = None
 
-        has_data = False
-        for raw in table:
-            if raw.problem is None and not "".join(raw.cells).strip():
-                continue
-            has_data = True
-            try:
-                if raw.problem is not None:
-                    raise _RowRejected(*raw.problem)
-                pending.append(importer.validate(raw.number, raw.cells))
-            except _RowRejected as exc:
-                sink.add(raw.number, exc.column, exc.reason, raw.cells)
-            if len(pending) >= chunk_rows:
-                collect()
-                writing = pool.submit(importer.flush, pending)
-                written_upto = raw.number
-                pending = []
-        if not has_data:
-            raise ImportFileError(f"{table.display}: no data rows")
+        for rows, rejects, upto in chunks:
+            for reject in rejects:
+                sink.add(*reject)
+            collect()
+            writing = pool.submit(importer.flush, rows)
+            written_upto = upto
         collect()
-        for reject in on_db(lambda: importer.flush(pending)):
-            sink.add(*reject)
         sink.flush()
         summary.rejects = sink.rejects
         on_db(

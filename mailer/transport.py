@@ -408,8 +408,14 @@ class _Connection:
         return "pipelining" in self.extensions
 
     async def ensure_connected(self) -> _Wire:
-        if self.wire is not None and self.wire.open:
-            return self.wire
+        wire = self.wire
+        if wire is not None and wire.open:
+            if not wire.replies:
+                return wire
+            # The server spoke between transactions (typically "421 idle timeout" before it
+            # hangs up): its state is unknown, and a stray reply would be paired with the
+            # next command, so this session is dropped for a fresh one.
+            wire.abort()
         s = self.settings
         smtp = aiosmtplib.SMTP(
             hostname=s.host,

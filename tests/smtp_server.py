@@ -320,8 +320,9 @@ class ScriptedSmtpServer:
     aiosmtpd answers each command as it reads it, so it cannot tell a pipelining client from a
     step-by-step one; this one can hold every reply of a group until DATA arrives
     (`hold_until_data`), answer DATA with 354 even after refusing every recipient
-    (`data_after_refusal`, as RFC 2920 warns a server may), and dribble its replies out one
-    byte per write (`dribble`) to check the client reassembles them. It records every command
+    (`data_after_refusal`, as RFC 2920 warns a server may), dribble its replies out one byte
+    per write (`dribble`) to check the client reassembles them, and say something unasked
+    after each message (`stray`). It records every command
     line and every payload it takes.
     """
 
@@ -331,8 +332,11 @@ class ScriptedSmtpServer:
         hold_until_data: bool = True,
         data_after_refusal: str = "554 5.5.1 no valid recipients",
         dribble: bool = False,
+        stray: str | None = None,
     ) -> None:
         self.hold_until_data = hold_until_data
+        # A line sent, unasked, right after each final reply (some servers announce a shutdown).
+        self.stray = stray
         self.data_after_refusal = data_after_refusal
         self.dribble = dribble
         self.on_rcpt: Callable[[str], str | None] | None = None
@@ -453,7 +457,7 @@ class ScriptedSmtpServer:
                         self.received.append(
                             Received(mail_from, tuple(rcpts), bytes(payload), time.monotonic())
                         )
-                    await reply(answer or "250 2.0.0 queued")
+                    await reply(answer or "250 2.0.0 queued", *([self.stray] if self.stray else []))
                 elif verb == "RSET":
                     rcpts, refused_all = [], False
                     await reply("250 2.0.0 reset")

@@ -39,8 +39,8 @@ def test_check_on_the_starter_appeal_is_clean(run: Cli, world: dict[str, int]) -
     assert result.exit_code == 0, result.output
     assert "Campaign c: 5 recipients (all contacts); template appeal" in result.output
     assert "Blocking problems" not in result.output
-    # The Italian-speaking contact gets English, and check says so.
-    assert "1 contacts asking for 'it' get the 'en' variant" in result.output
+    # The Swedish-speaking contact gets English, and check says so.
+    assert "1 contacts asking for 'sv' get the 'en' variant" in result.output
     assert "e.g. info@example.com" in result.output
     assert "OK: nothing blocks sending (1 warnings)." in result.output
 

@@ -122,6 +122,15 @@ def test_a_group_left_unanswered_is_transient_never_uncertain() -> None:
         assert server.received == []
 
 
+def test_an_unasked_reply_between_messages_is_never_paired_with_a_command() -> None:
+    with ScriptedSmtpServer(stray="421 4.4.2 idle too long") as server:
+        outcomes = send_each(server.url(), [["one@example.org"], ["two@example.org"]])
+        assert [(o.kind, o.code) for o in outcomes] == [(OutcomeKind.ACCEPTED, 250)] * 2
+        # The session that spoke out of turn was dropped: the second message used a new one.
+        assert server.connections == 2
+        assert server.recipients() == ["one@example.org", "two@example.org"]
+
+
 def test_control_characters_in_an_address_never_reach_the_wire() -> None:
     with ScriptedSmtpServer() as server:
         (outcome,) = send_each(server.url(), [["mayor@example.org>\r\nRSET"]])
