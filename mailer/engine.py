@@ -64,7 +64,6 @@ from mailer.models import (
     MessageStatus,
     Suppression,
 )
-from mailer.render import Recipient
 from mailer.transport import DryRun, Outcome, OutcomeKind, Transport
 
 MESSAGES = cast(Table, Message.__table__)
@@ -849,36 +848,37 @@ class _Run:
 
     # ----- builder
 
-    def _load(self, jobs: list[_Job]) -> dict[int, Recipient]:
+    def _build(self, jobs: list[_Job]) -> list[_Job]:
         with Session(self.engine) as session:
             # One loader for the run: the signatories and each city's ties are read once, not
             # once per batch; each batch lends it a fresh session.
             if self.loader is None:
                 self.loader = campaigns.RecipientLoader(session)
             self.loader.session = session
-            return self.loader.load([j.contact_id for j in jobs])
-
-    def _compose(self, job: _Job, recipient: Recipient | None) -> None:
-        if recipient is None:
-            job.error = f"contact {job.contact_id} no longer exists"
-            return
-        try:
-            composed = self.composer.compose(recipient)
-        except MailerError as exc:
-            job.error = f"cannot build the message: {exc}"
-            return
-        except Exception as exc:  # one contact's odd data must not stop the whole run
-            job.error = f"cannot build the message: {type(exc).__name__}: {exc}"
-            return
-        job.data = composed.data
-        job.mail_from = composed.mail_from
-        job.rcpt_to = _rcpts(composed.rcpt_to)
-        job.smtputf8 = bool(composed.smtputf8)
-        job.message_id = composed.message_id
-        job.language = composed.language
-        job.subject = composed.subject
-        job.body_hash = composed.body_hash
-        job.fell_back = bool(composed.fell_back)
+            recipients = self.loader.load([j.contact_id for j in jobs])
+        for job in jobs:
+            recipient = recipients.get(job.contact_id)
+            if recipient is None:
+                job.error = f"contact {job.contact_id} no longer exists"
+                continue
+            try:
+                composed = self.composer.compose(recipient)
+            except MailerError as exc:
+                job.error = f"cannot build the message: {exc}"
+                continue
+            except Exception as exc:  # one contact's odd data must not stop the whole run
+                job.error = f"cannot build the message: {type(exc).__name__}: {exc}"
+                continue
+            job.data = composed.data
+            job.mail_from = composed.mail_from
+            job.rcpt_to = _rcpts(composed.rcpt_to)
+            job.smtputf8 = bool(composed.smtputf8)
+            job.message_id = composed.message_id
+            job.language = composed.language
+            job.subject = composed.subject
+            job.body_hash = composed.body_hash
+            job.fell_back = bool(composed.fell_back)
+        return jobs
 
     async def builder(
         self,
@@ -907,17 +907,13 @@ class _Run:
                 self._emit(results, _Result(job=job, outcome=None))
             return
         try:
-            recipients = await asyncio.to_thread(self._load, jobs)
+            built = await asyncio.to_thread(self._build, jobs)
         except Exception as exc:
             self.halt("error", _as_mailer_error(exc))
             for job in jobs:
                 self._emit(results, _Result(job=job, outcome=None))
             return
-        # Composed on the event loop, one message at a time between sends: in a worker thread
-        # the rendering fought the loop for the GIL, and every hand-over cost the senders
-        # milliseconds.
-        for job in jobs:
-            self._compose(job, recipients.get(job.contact_id))
+        for job in built:
             if job.error is not None:
                 self._emit(results, _Result(job=job, outcome=None))
             else:

@@ -830,10 +830,12 @@ class EmailChecker:
     """email-validator (no DNS) with a fast path: plain ASCII local parts, domains cached.
 
     email-validator costs ~60 µs a call; the fast path checks the local part with the same
-    dot-atom rule it applies and asks it about each distinct domain only once.
+    dot-atom rule it applies and asks it about each distinct domain only once, taking the
+    domain's normalised form from it too (`xn--bcher-kva.example` is `bücher.example`).
     """
 
     def __init__(self) -> None:
+        # domain -> its normalised form, or None where email-validator refuses it.
         self._domains: dict[str, str | None] = {}
 
     def __call__(self, address: str) -> str:
@@ -847,25 +849,24 @@ class EmailChecker:
             and _ATEXT_LOCAL.match(local)
         ):
             domain = domain.lower()
-            problem = self._domains.get(domain, "")
-            if problem == "":
-                problem = self._check_domain(domain)
-            if problem is None:
-                return f"{local}@{domain}".lower()
+            normalised = self._domains.get(domain, "")
+            if normalised == "":
+                normalised = self._check_domain(domain)
+            if normalised is not None:
+                return f"{local}@{normalised}".lower()
         return self._full(address)
 
     def _check_domain(self, domain: str) -> str | None:
         try:
-            email_validator.validate_email(
+            normalised: str | None = email_validator.validate_email(
                 f"x@{domain}", check_deliverability=False, test_environment=True
-            )
-            problem = None
-        except email_validator.EmailNotValidError as exc:
-            problem = str(exc)
+            ).domain
+        except email_validator.EmailNotValidError:
+            normalised = None
         if len(self._domains) > 100_000:
             self._domains.clear()
-        self._domains[domain] = problem
-        return problem
+        self._domains[domain] = normalised
+        return normalised
 
     @staticmethod
     def _full(address: str) -> str:
@@ -940,28 +941,42 @@ class _FirstRows:
     Duplicates inside a file are found through the database's own unique email index: every
     row is looked up there anyway, and a contact this import has already met is a duplicate.
     Ids are dense, so 4 bytes a contact (4 MB at a million) replace a set of addresses (a
-    Python dict of a million costs ~115 MB).
+    Python dict of a million costs ~115 MB); ids past `_DENSE` (a PostgreSQL sequence that
+    many rolled-back imports moved far ahead) go to a dict, so memory stays bounded.
     """
+
+    _DENSE = 1 << 24
 
     def __init__(self) -> None:
         self._rows = array("I")
+        self._far: dict[int, int] = {}
 
     def get(self, contact_id: int) -> int:
         rows = self._rows
-        return rows[contact_id] if contact_id < len(rows) else 0
+        if contact_id < len(rows):
+            return rows[contact_id]
+        return self._far.get(contact_id, 0) if contact_id >= self._DENSE else 0
 
     def mark(self, contact_id: int, number: int) -> None:
         rows = self._rows
         if contact_id >= len(rows):
-            grow = max(contact_id + 1, 2 * len(rows), 1024) - len(rows)
+            if contact_id >= self._DENSE:
+                self._far[contact_id] = number
+                return
+            grow = min(max(contact_id + 1, 2 * len(rows), 1024), self._DENSE) - len(rows)
             rows.frombytes(bytes(grow * rows.itemsize))
         rows[contact_id] = number
 
     def mark_all(self, contact_ids: Sequence[int], numbers: Sequence[int]) -> None:
-        if isinstance(contact_ids, range) and contact_ids.step == 1 and contact_ids:
+        if (
+            isinstance(contact_ids, range)
+            and contact_ids.step == 1
+            and contact_ids
+            and contact_ids[-1] < self._DENSE
+        ):
             # New SQLite contacts: one slice instead of a call per row.
             self.mark(contact_ids[-1], 0)
-            self._rows[contact_ids.start : contact_ids.stop] = array("I", numbers)
+            self._rows[contact_ids[0] : contact_ids[-1] + 1] = array("I", numbers)
             return
         for contact_id, number in zip(contact_ids, numbers, strict=True):
             self.mark(contact_id, number)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mailer import db
 from mailer.cli import cli
 from mailer.errors import ImportFileError
-from mailer.importers import EmailChecker, import_contacts
+from mailer.importers import EmailChecker, _FirstRows, import_contacts
 from mailer.models import City, Contact, ContactTag, ImportRecord, Suppression
 
 
@@ -526,6 +526,128 @@ def test_rejects_stay_in_row_order_across_chunks(
     assert [w[0] for w in written] == [lines[r - 1].split(",")[0] for r in rows]
 
 
+def test_duplicates_of_stored_contacts_across_chunks(
+    tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    """Duplicates are found through the stored contacts too: a contact that was already in the
+    database, met twice in one file, in different chunks; a third copy names the first row."""
+    first = write(tmp_path / "a.csv", "email,name\nold@example.org,Old\nkeep@example.org,K\n")
+    import_contacts(session_factory, path=first)
+    lines = ["email,name"] + [f"new{i}@example.org,N{i}" for i in range(9)]
+    lines[3] = "OLD@example.org,Changed"
+    lines += ["old@example.org,Again", "new1@example.org,Again", "Old@Example.org,Third"]
+    path = write(tmp_path / "b.csv", "\n".join(lines) + "\n")
+    summary = import_contacts(session_factory, path=path, chunk_rows=2)
+    assert (summary.added, summary.updated, summary.rejected) == (8, 1, 3)
+    assert [(r.row, r.reason) for r in summary.rejects] == [
+        (11, "duplicate of row 4 (old@example.org)"),
+        (12, "duplicate of row 3 (new1@example.org)"),
+        (13, "duplicate of row 4 (old@example.org)"),
+    ]
+    assert contacts(session_factory)["old@example.org"].name == "Changed"
+
+
+def test_new_contacts_after_stored_ones_get_their_own_tags(
+    tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    """New contacts are numbered after the stored ones, and each tag row lands on its contact."""
+    first = write(tmp_path / "a.csv", "email,tags\na@example.org,x\nb@example.org,y;z\n")
+    import_contacts(session_factory, path=first)
+    with session_factory() as session:
+        gone = session.scalars(select(Contact).where(Contact.email == "b@example.org")).one()
+        session.delete(gone)
+        session.commit()
+    lines = ["email,tags"] + [f"c{i}@example.org,t{i % 3};all" for i in range(7)]
+    lines.append("a@example.org,w")
+    path = write(tmp_path / "b.csv", "\n".join(lines) + "\n")
+    summary = import_contacts(session_factory, path=path, chunk_rows=3, tags=["wave"])
+    assert (summary.added, summary.updated) == (7, 1)
+    with session_factory() as session:
+        stored = list(session.scalars(select(Contact)))
+        tag_rows = list(session.execute(select(ContactTag.contact_id, ContactTag.tag)))
+    assert len({c.id for c in stored}) == len(stored) == 8
+    by_id: dict[int, set[str]] = {}
+    for contact_id, tag in tag_rows:
+        by_id.setdefault(contact_id, set()).add(tag)
+    for contact in stored:
+        assert by_id[contact.id] == set(contact.tags), contact.email
+    got = {c.email: c.tags for c in stored}
+    assert got["c4@example.org"] == ["all", "t1", "wave"]
+    assert got["a@example.org"] == ["w", "wave", "x"]
+
+
+def test_reimport_tells_changed_from_unchanged(
+    tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    header = "email,name,tags,note\n"
+    rows = [
+        "same@example.org,Same,a;b,n1",
+        "order@example.org,Order,a;b,n2",
+        "name@example.org,Name,a,n3",
+        "tag@example.org,Tag,a,n4",
+        "attr@example.org,Attr,a,n5",
+        "blank@example.org,Blank,a,n6",
+    ]
+    import_contacts(session_factory, path=write(tmp_path / "a.csv", header + "\n".join(rows)))
+    again = [
+        "same@example.org,Same,a;b,n1",
+        "order@example.org,Order,b;a,n2",
+        "name@example.org,Renamed,a,n3",
+        "tag@example.org,Tag,c,n4",
+        "attr@example.org,Attr,a,other",
+        "blank@example.org,,,",
+    ]
+    summary = import_contacts(
+        session_factory, path=write(tmp_path / "b.csv", header + "\n".join(again))
+    )
+    assert (summary.added, summary.updated, summary.unchanged) == (0, 3, 3)
+    got = contacts(session_factory)
+    assert got["name@example.org"].name == "Renamed"
+    assert got["tag@example.org"].tags == ["a", "c"]
+    assert got["attr@example.org"].attributes == {"note": "other"}
+    assert (got["blank@example.org"].name, got["blank@example.org"].tags) == ("Blank", ["a"])
+    assert count(session_factory, ContactTag) == 9
+
+
+def test_unchanged_against_values_written_by_other_code(
+    tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    """JSON written through the ORM (other spacing, tags unsorted) still compares by value."""
+    with session_factory() as session:
+        session.add(
+            Contact(email="orm@example.org", name="Orm", tags=["b", "a"], attributes={"k": "v"})
+        )
+        session.add(Contact(email="ok@example.org", name="Ok", tags=["a"], attributes={"k": "v"}))
+        session.commit()
+    path = write(
+        tmp_path / "o.csv", "email,name,tags,k\norm@example.org,Orm,a,v\nok@example.org,Ok,a,v\n"
+    )
+    summary = import_contacts(session_factory, path=path)
+    # ["b", "a"] is rewritten sorted, as the import always stores tags.
+    assert (summary.updated, summary.unchanged) == (1, 1)
+    assert contacts(session_factory)["orm@example.org"].tags == ["a", "b"]
+
+
+def test_attributes_with_quotes_backslashes_and_non_ascii_round_trip(
+    tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    value = 'say "hi" \\ back/slash, Олена Müller \u00e9\u2603 {"not": "json"}'
+    path = tmp_path / "q.csv"
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerow(["email", "Motto", 'Ключ "x"'])
+        csv.writer(fh).writerow(["q@example.org", value, "значення"])
+    import_contacts(session_factory, path=path)
+    stored = contacts(session_factory)["q@example.org"].attributes
+    assert stored == {"motto": value, "ключ_x": "значення"}
+    with session_factory() as session:
+        found = session.scalar(
+            select(Contact.email).where(Contact.attributes["motto"].as_string() == value)
+        )
+    assert found == "q@example.org"
+    again = import_contacts(session_factory, path=path)
+    assert again.unchanged == 1
+
+
 def test_file_unreadable_half_way_writes_nothing(
     tmp_path: Path, session_factory: sessionmaker[Session]
 ) -> None:
@@ -612,6 +734,37 @@ def test_postgresql_import_and_reimport(tmp_path: Path, pg_url: str) -> None:
         "Name <a@example.org>",
         "a@[127.0.0.1]",
         "a@localhost",
+        "a@[IPv6:::1]",
+        "a@[300.1.1.1]",
+        '"a b"@example.org',
+        '"a@b"@example.org',
+        '""@example.org',
+        "user@EXAMPLE.TEST",
+        "user.name+tag@sub.example.test",
+        "MiXeD.Case@ExAmPlE.OrG",
+        "x@example.com.",
+        "x@.example.com",
+        "x@example..com",
+        "-user@example.org",
+        "user-@example.org",
+        "a%b@example.org",
+        "a/b=c?d^e{f}|~@example.org",
+        "user@123.example.org",
+        "user@example.c",
+        "user@xn--bcher-kva.example",
+        "user@xn--zz.example",
+        "用户@例子.广告",
+        "user@例え.テスト",
+        "ÄÖ@example.org",
+        "a\u200b@example.org",
+        "a@example.org\u200b",
+        "tab\t@example.org",
+        "a@ex ample.org",
+        "@example.org",
+        "a@",
+        "a@example.org@example.org",
+        "a" * 64 + "@example.org",
+        "a@" + "b" * 63 + ".example.org",
     ],
 )
 def test_fast_email_check_agrees_with_email_validator(address: str) -> None:
@@ -626,3 +779,15 @@ def test_fast_email_check_agrees_with_email_validator(address: str) -> None:
     except ValueError:
         got = None
     assert got == expected
+
+
+def test_first_rows_by_id_stay_bounded_for_far_ids() -> None:
+    """Duplicate bookkeeping is an array by contact id; ids far out (a PostgreSQL sequence
+    moved on by rolled-back imports) must not make it huge."""
+    first = _FirstRows()
+    first.mark_all(range(10, 2010), list(range(2, 2002)))
+    first.mark(10**12, 7)
+    first.mark_all([3, 10**9], [8, 9])
+    assert (first.get(10), first.get(2009), first.get(2010), first.get(3)) == (2, 2001, 0, 8)
+    assert (first.get(10**12), first.get(10**9), first.get(10**9 + 1)) == (7, 9, 0)
+    assert len(first._rows) <= first._DENSE
