@@ -1047,13 +1047,15 @@ def format_report(report: CheckReport) -> list[str]:
             continue
         lines.append(title)
         for finding in findings:
-            count = f"{finding.count:,} " if finding.count and finding.examples else ""
-            lines.append(f"  - {count}{finding.message}")
+            # The count goes last so one line reads right for 1 and for 1,000 recipients.
+            count = f": {finding.count:,}" if finding.count and finding.examples else ""
+            lines.append(f"  - {finding.message}{count}")
             if finding.examples:
                 more = finding.count - len(finding.examples)
                 tail = f" and {more:,} more" if more > 0 else ""
                 lines.append(f"      e.g. {', '.join(finding.examples)}{tail}")
     if report.ok:
-        note = f" ({len(report.warnings)} warnings)" if report.warnings else ""
+        n = len(report.warnings)
+        note = f" ({n} warning{'s' if n != 1 else ''})" if n else ""
         lines.append(f"OK: nothing blocks sending{note}.")
     return lines
