@@ -1339,11 +1339,12 @@ async def _send_campaign(
             queue_audience, engine, campaign=campaign, now=now
         )
         signals.check(slug)
-        # Before anything is claimed: a wrong password or an unreachable server stops the run
-        # with the whole list still `queued`.
-        await transport.open()
         totals = await asyncio.to_thread(status_counts, engine, campaign.id)
         report.due = totals[MessageStatus.QUEUED.value] + totals[MessageStatus.RETRY.value]
+        if report.due:
+            # Before anything is claimed: a wrong password or an unreachable server stops the
+            # run with the whole list still `queued`. With nothing due, no server is needed.
+            await transport.open()
         budget: int | None = None
         budget_reason: str | None = None
         if limit is not None:

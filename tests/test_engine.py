@@ -477,6 +477,20 @@ def test_unreachable_server_is_one_error_line(run: Cli, workspace: Path, engine:
     assert statuses(engine) == {"queued": 2}
 
 
+def test_nothing_due_needs_no_server(
+    run: Cli, workspace: Path, engine: Engine, server: SmtpTestServer
+) -> None:
+    seed_campaign(engine, workspace, count=2)
+    assert run("send", SLUG, "--smtp", server.url(), "--yes").exit_code == 0
+    with SmtpTestServer() as gone:
+        port = gone.port
+    result = run("send", SLUG, "--smtp", f"smtp+plain://127.0.0.1:{port}", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "Error" not in result.output
+    assert statuses(engine) == {"sent": 2}
+    assert len(server.received) == 2
+
+
 def test_authentication_error_type_is_kept(ws: Workspace, workspace: Path, engine: Engine) -> None:
     seed_campaign(engine, workspace, count=1)
     with SmtpTestServer(auth=("office", "right")) as srv:
