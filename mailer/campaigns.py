@@ -489,10 +489,13 @@ class Composer:
         return self._url_template.replace("{token}", self.token(email))
 
     def render(self, recipient: Recipient) -> Rendered:
+        return self._render(recipient, self.unsubscribe_url(recipient.contact.email))
+
+    def _render(self, recipient: Recipient, unsubscribe_url: str | None) -> Rendered:
         return self.template_set.render(
             recipient=recipient,
             campaign=self.view,
-            unsubscribe_url=self.unsubscribe_url(recipient.contact.email),
+            unsubscribe_url=unsubscribe_url,
             unsubscribe_mailto=self.unsubscribe_mailto,
             today=self.today,
         )
@@ -517,8 +520,10 @@ class Composer:
         rendered: Rendered | None = None,
         date: dt.datetime | None = None,
     ) -> Composed:
-        rendered = rendered or self.render(recipient)
         email = recipient.contact.email
+        # One HMAC per message: the letter and the List-Unsubscribe header share the URL.
+        unsubscribe_url = self.unsubscribe_url(email)
+        rendered = rendered or self._render(recipient, unsubscribe_url)
         to_address = to_override or email
         key = email if to_override is None else f"{email}>{to_override}"
         built = build_message(
@@ -535,7 +540,7 @@ class Composer:
             date=date or dt.datetime.now(dt.UTC),
             list_id=self.list_id,
             unsubscribe_mailto=self.unsubscribe_mailto,
-            unsubscribe_url=self.unsubscribe_url(email),
+            unsubscribe_url=unsubscribe_url,
             test=test,
         )
         return Composed(
