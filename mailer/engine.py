@@ -3,12 +3,16 @@
 A run goes: recover claims left by a dead sender -> freeze the templates -> resolve the audience
 again and queue whoever is missing (skipping the suppressed) -> a pipeline of bounded queues:
 
-    claimer (commits `queued -> sending` per batch) -> builder (renders bytes) ->
-    N sender workers (the transport) -> recorder (commits results in small batches)
+    peeker (reads which messages are due; claims nothing) -> composing (renders bytes, in a
+    worker process for a large run: see compose_worker) -> claimer (commits `queued -> sending`
+    per composed batch) -> feeder -> N sender workers (the transport) -> recorder (commits
+    results in small batches)
 
 The claim of a batch is committed before any byte of it goes out, so after a crash a message is
 either untouched (`queued`), known (`sent`, `retry`, `failed`), or `sending` -- which the next run
-turns into `uncertain` and never re-sends on its own.
+turns into `uncertain` and never re-sends on its own. Batches are composed before they are
+claimed, so composing ahead never widens that window; a composed batch that is not claimed (the
+run stopped, another sender took it) is dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import functools
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +50,7 @@ from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
 from mailer import campaigns
+from mailer.compose_worker import Batch, BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace
 from mailer.errors import (
     DatabaseError,
@@ -82,7 +88,7 @@ class SendPolicy:
 
     # Small batches keep the claimed-but-unsent window small: after a crash, every claim of it
     # becomes `uncertain`.
-    batch_size: int = 50
+    batch_size: int = 100
     max_attempts: int = 5
     backoff_base: dt.timedelta = dt.timedelta(minutes=1)
     backoff_cap: dt.timedelta = dt.timedelta(hours=2)
@@ -92,6 +98,9 @@ class SendPolicy:
     error_ratio: float = 0.5
     record_every: int = 50
     record_interval: float = 0.2
+    # A run with at least this many messages due composes them in a worker process (on the
+    # other core); below it the worker's start-up (about a second) would cost more than it saves.
+    compose_worker_from: int = 2000
     # After a stop, how long in-flight sends may take before they are given up (as uncertain).
     grace: float = 30.0
     # A `sending` claim by another machine is only presumed dead after this long.
@@ -115,6 +124,8 @@ class SendReport:
     released: int = 0
     build_errors: int = 0
     fell_back: int = 0
+    # Messages composed by the worker process (see compose_worker), not by the sender itself.
+    composed_by_worker: int = 0
     test: bool = False
     dry_run: bool = False
     # Why the run stopped before the queue was empty: limit, daily-cap, paused, interrupted,
@@ -602,7 +613,7 @@ def _freeze_and_start(
 
 @functools.cache
 def _claim_statements() -> tuple[tuple[Select[Any], ...], Any]:
-    """The claim's statements, built once: building them cost more than running them."""
+    """The peek and claim statements, built once: building them cost more than running them."""
     c = MESSAGES.c
     queued, retry = MessageStatus.QUEUED.value, MessageStatus.RETRY.value
     now = bindparam("now", type_=c.next_attempt_at.type)
@@ -613,7 +624,8 @@ def _claim_statements() -> tuple[tuple[Select[Any], ...], Any]:
     # Due retries (and any queued row that carries a date) first, then the plain queue in id
     # order. Each statement reads ranges of ix_messages_campaign_status: one `status = queued
     # OR ...` made SQLite read and sort every message of the campaign on every claim, a cost
-    # that grew with the list (quadratic over a run).
+    # that grew with the list (quadratic over a run). The plain queue is read from a cursor:
+    # everything before it has been claimed or given up by this run.
     parts = (
         and_(c.status == retry, c.next_attempt_at.is_(None)),
         and_(
@@ -621,16 +633,17 @@ def _claim_statements() -> tuple[tuple[Select[Any], ...], Any]:
             c.next_attempt_at.is_not(None),
             or_(c.status == queued, c.next_attempt_at <= now),
         ),
-        and_(c.status == queued, c.next_attempt_at.is_(None)),
+        and_(c.status == queued, c.next_attempt_at.is_(None), c.id > bindparam("after")),
     )
-    picks = tuple(
-        select(c.id)
+    peeks = tuple(
+        select(c.id, c.contact_id)
         .where(c.campaign_id == bindparam("campaign"), part)
         .order_by(c.id)
         .limit(bindparam("n", type_=Integer))
-        .with_for_update(skip_locked=True)
         for part in parts
     )
+    # Only rows still due are claimed: a row another sender claimed since it was peeked stays
+    # theirs (on PostgreSQL the UPDATE waits for their commit and then re-checks `due`).
     claim = (
         update(MESSAGES)
         .where(c.id.in_(bindparam("ids", expanding=True)), due)
@@ -642,7 +655,7 @@ def _claim_statements() -> tuple[tuple[Select[Any], ...], Any]:
         )
         .returning(c.id, c.contact_id, c.attempts)
     )
-    return picks, claim
+    return peeks, claim
 
 
 @functools.cache
@@ -697,6 +710,14 @@ class _Result:
 
 _TICK = _Result(job=_Job(row_id=-1, contact_id=-1, attempts=0), outcome=None)
 
+# Peeked (message id, contact id) pairs and their batch being composed.
+_Peeked = tuple[list[tuple[int, int]], "asyncio.Future[Batch]"]
+
+
+def _hand(job: _Job) -> None:
+    # The message itself is leaving: from here on a send cut short is uncertain.
+    job.handed = True
+
 
 def _rcpts(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
@@ -726,6 +747,9 @@ class _Run:
         self.campaign = campaign
         self.transport = transport
         self.concurrency = concurrency
+        # On a PIPELINING server two messages share a connection: the next envelope goes out
+        # while the message before waits for its verdict (see transport._Connection.transact).
+        self.sender_tasks = concurrency * int(getattr(transport, "sends_per_connection", 1))
         self.budget = budget
         self.budget_reason = budget_reason
         self.progress = progress
@@ -751,12 +775,21 @@ class _Run:
         # At most two batches between claim and the senders' queue: after a crash every claim
         # not yet recorded becomes `uncertain`, so the window is kept just deep enough to keep
         # the senders busy.
-        self.ahead = asyncio.Semaphore(2)
-        template_set = campaigns.template_set_for(campaign, templates_dir=workspace.templates_dir)
-        self.composer = campaigns.composer_for(
-            campaign=campaign, template_set=template_set, settings=workspace
+        self.ahead = asyncio.Semaphore(1)
+        self.composing = Composing(
+            BatchComposer(engine=engine, workspace=workspace, campaign=campaign), worker=None
         )
-        self.loader: campaigns.RecipientLoader | None = None
+        self._retries: bool | None = None
+        self._retries_checked_at = 0.0
+        self._retries_checked_deferred = 0
+        # Results not yet written (see recorder).
+        self.unrecorded: list[_Result] = []
+        # Peeked (being composed or waiting for the claimer): not to be peeked again.
+        self.peeked: set[int] = set()
+        # The plain queue is read in id order: the last id peeked from it.
+        self.queue_cursor = 0
+        # Set once no further batch will be claimed (a budget ran out): the peeker stops.
+        self.claiming_over = False
 
     def halt(self, reason: str, error: MailerError | None = None) -> None:
         if self.stop_reason is None:
@@ -764,66 +797,205 @@ class _Run:
             self.error = error
         self.stop.set()
 
-    # ----- claimer
+    # ----- peeker and claimer
+    #
+    # The peek, the claim and the record run on the event loop's own thread. Each is a few
+    # statements and one commit (well under a millisecond of waiting on a local disk), while in
+    # a worker thread each of their many GIL hand-backs waited for the busy loop to yield:
+    # claims took 20 ms instead of 4 and starved the senders (see benchmarks/RESULTS.md, Send).
 
-    def _claim(self, n: int) -> list[_Job]:
-        now = self.clock()
-        picks, claim = _claim_statements()
-        params = {"campaign": self.campaign.id, "now": now}
-        with _writing(self.engine) as conn:
-            # Separate statements, not UPDATE ... WHERE id IN (SELECT ... LIMIT): PostgreSQL may
-            # run such a subquery more than once and claim more than `n` rows.
-            ids: list[int] = []
-            for pick in picks:
-                ids.extend(conn.execute(pick, {**params, "n": n - len(ids)}).scalars())
-                if len(ids) >= n:
+    def _peek(
+        self, n: int, *, skip: frozenset[int], after: int
+    ) -> tuple[list[tuple[int, int]], int]:
+        """The next due (message id, contact id) pairs in claim order, leaving out `skip` and
+        the plain queue up to `after`, and the new cursor; nothing is claimed."""
+        peeks, _ = _claim_statements()
+        params = {"campaign": self.campaign.id, "now": self.clock(), "after": after}
+        found: list[tuple[int, int]] = []
+        with self.engine.connect() as conn:
+            retries = self._any_retries(conn)
+            for part, peek in enumerate(peeks):
+                if part < len(peeks) - 1 and not retries:
+                    continue
+                # Retries have no cursor: ask for enough to skip those already peeked.
+                want = n - len(found) + (len(skip) if part < len(peeks) - 1 else 0)
+                plain_queue = part == len(peeks) - 1
+                for mid, cid in conn.execute(peek, {**params, "n": want}):
+                    if mid not in skip and len(found) < n:
+                        found.append((mid, cid))
+                        if plain_queue:
+                            after = mid
+                if len(found) >= n:
                     break
-            if not ids:
-                return []
-            rows = conn.execute(claim, {**params, "ids": ids, "run": self.report.run_id}).all()
-            if rows:
-                _insert_events(
-                    conn,
-                    [
-                        _event(
-                            mid,
-                            self.campaign.id,
-                            cid,
-                            now,
-                            EventKind.CLAIMED,
-                            None,
-                            f"attempt {attempts}",
-                            self.report.run_id,
-                        )
-                        for mid, cid, attempts in rows
-                    ],
-                )
-        return [_Job(row_id=mid, contact_id=cid, attempts=att) for mid, cid, att in sorted(rows)]
+        return found, after
 
-    async def claimer(self, out: asyncio.Queue[list[_Job] | None]) -> None:
+    def _any_retries(self, conn: Connection) -> bool:
+        """Whether the retry parts of the peek can find anything: most runs have no retries,
+        and two statements per batch fewer is a few percent of a run. Asked again after this
+        run defers a message, and every few seconds (another sender may have)."""
+        now = time.monotonic()
+        if (
+            self._retries is None
+            or self._retries_checked_deferred != self.report.deferred
+            or now - self._retries_checked_at > 5.0
+        ):
+            c = MESSAGES.c
+            self._retries = (
+                conn.execute(
+                    select(c.id)
+                    .where(
+                        c.campaign_id == self.campaign.id,
+                        or_(
+                            c.status == MessageStatus.RETRY.value,
+                            and_(
+                                c.status == MessageStatus.QUEUED.value,
+                                c.next_attempt_at.is_not(None),
+                            ),
+                        ),
+                    )
+                    .limit(1)
+                ).first()
+                is not None
+            )
+            self._retries_checked_at = now
+            self._retries_checked_deferred = self.report.deferred
+        return self._retries
+
+    async def peeker(self, out: asyncio.Queue[_Peeked | None]) -> None:
         try:
-            while not self.stop.is_set():
-                n = self.batch_size
-                if self.budget is not None:
-                    n = min(n, self.budget - self.report.claimed)
-                    if n <= 0:
-                        # A budget ends claiming only; what is in flight still goes out.
-                        if self.stop_reason is None and await asyncio.to_thread(self._has_due):
-                            self.stop_reason = self.budget_reason or "limit"
-                        break
-                await self.ahead.acquire()
-                if self.stop.is_set():
+            while not self.stop.is_set() and not self.claiming_over:
+                rows, self.queue_cursor = self._peek(
+                    self.batch_size, skip=frozenset(self.peeked), after=self.queue_cursor
+                )
+                if not rows:
                     break
-                jobs = await asyncio.to_thread(self._claim, n)
-                if not jobs:
-                    break
-                self.report.claimed += len(jobs)
-                self.outstanding.update((job.row_id, job) for job in jobs)
-                await out.put(jobs)
-        except Exception as exc:  # a database failure must still release what was claimed
+                self.peeked.update(mid for mid, _ in rows)
+                await out.put((rows, self.composing.submit([cid for _, cid in rows])))
+        except Exception as exc:
             self.halt("error", _as_mailer_error(exc))
         finally:
             await out.put(None)
+
+    def _drop(self, item: _Peeked) -> None:
+        rows, future = item
+        future.cancel()
+        self.peeked.difference_update(mid for mid, _ in rows)
+
+    def _claim(self, rows: list[tuple[int, int]], batch: Batch) -> list[_Job]:
+        """Claims the batch, and records the results that came in since the last commit in the
+        same transaction: one commit (one fsync on SQLite) for both."""
+        now = self.clock()
+        results, self.unrecorded = self.unrecorded, []
+        try:
+            with _writing(self.engine) as conn:
+                self._write_results(conn, results)
+                claimed = self._claim_in(conn, rows, now)
+        except BaseException:
+            # Not written: the recorder tries them again.
+            self.unrecorded[:0] = results
+            raise
+        jobs = []
+        for mid, cid, attempts in sorted(claimed):
+            job = _Job(row_id=mid, contact_id=cid, attempts=attempts)
+            composed = batch.get(cid, f"contact {cid} no longer exists")
+            if isinstance(composed, str):
+                job.error = composed
+            else:
+                job.data = composed.data
+                job.mail_from = composed.mail_from
+                job.rcpt_to = composed.rcpt_to
+                job.smtputf8 = composed.smtputf8
+                job.message_id = composed.message_id
+                job.language = composed.language
+                job.subject = composed.subject
+                job.body_hash = composed.body_hash
+                job.fell_back = composed.fell_back
+            jobs.append(job)
+        return jobs
+
+    def _claim_in(
+        self, conn: Connection, rows: list[tuple[int, int]], now: dt.datetime
+    ) -> list[tuple[int, int, int]]:
+        _, claim = _claim_statements()
+        params = {
+            "campaign": self.campaign.id,
+            "now": now,
+            "ids": [mid for mid, _ in rows],
+            "run": self.report.run_id,
+        }
+        claimed = [(int(mid), int(cid), int(n)) for mid, cid, n in conn.execute(claim, params)]
+        if claimed:
+            _insert_events(
+                conn,
+                [
+                    _event(
+                        mid,
+                        self.campaign.id,
+                        cid,
+                        now,
+                        EventKind.CLAIMED,
+                        None,
+                        f"attempt {attempts}",
+                        self.report.run_id,
+                    )
+                    for mid, cid, attempts in claimed
+                ],
+            )
+        return claimed
+
+    async def claimer(
+        self, inbox: asyncio.Queue[_Peeked | None], out: asyncio.Queue[list[_Job] | None]
+    ) -> None:
+        try:
+            while (item := await inbox.get()) is not None:
+                if self.stop.is_set() or self.claiming_over:
+                    self._drop(item)
+                    continue
+                rows, future = item
+                if self.budget is not None:
+                    n = min(len(rows), self.budget - self.report.claimed)
+                    if n <= 0:
+                        self._drop(item)
+                        self._end_of_budget()
+                        continue
+                    rows = rows[:n]
+                try:
+                    batch = await self.composing.result(future, [cid for _, cid in rows])
+                except Exception as exc:
+                    self._drop(item)
+                    self.halt("error", _as_mailer_error(exc))
+                    continue
+                await self.ahead.acquire()
+                if self.stop.is_set():
+                    self.ahead.release()
+                    self._drop(item)
+                    continue
+                try:
+                    jobs = self._claim(rows, batch)
+                finally:
+                    self._drop(item)
+                if not jobs:
+                    # Another sender claimed them since they were peeked.
+                    self.ahead.release()
+                    continue
+                self.report.claimed += len(jobs)
+                self.outstanding.update((job.row_id, job) for job in jobs)
+                if self.budget is not None and self.report.claimed >= self.budget:
+                    self._end_of_budget()
+                await out.put(jobs)
+        except Exception as exc:  # a database failure must still release what was claimed
+            self.halt("error", _as_mailer_error(exc))
+            # Let the peeker finish: it waits on this queue.
+            while (item := await inbox.get()) is not None:
+                self._drop(item)
+        finally:
+            await out.put(None)
+
+    def _end_of_budget(self) -> None:
+        # A budget ends claiming only; what is in flight still goes out.
+        self.claiming_over = True
+        if self.stop_reason is None and self._has_due():
+            self.stop_reason = self.budget_reason or "limit"
 
     def _has_due(self) -> bool:
         now = self.clock()
@@ -846,41 +1018,9 @@ class _Run:
                 is not None
             )
 
-    # ----- builder
+    # ----- feeder: claimed batches to the senders, one message at a time
 
-    def _build(self, jobs: list[_Job]) -> list[_Job]:
-        with Session(self.engine) as session:
-            # One loader for the run: the signatories and each city's ties are read once, not
-            # once per batch; each batch lends it a fresh session.
-            if self.loader is None:
-                self.loader = campaigns.RecipientLoader(session)
-            self.loader.session = session
-            recipients = self.loader.load([j.contact_id for j in jobs])
-        for job in jobs:
-            recipient = recipients.get(job.contact_id)
-            if recipient is None:
-                job.error = f"contact {job.contact_id} no longer exists"
-                continue
-            try:
-                composed = self.composer.compose(recipient)
-            except MailerError as exc:
-                job.error = f"cannot build the message: {exc}"
-                continue
-            except Exception as exc:  # one contact's odd data must not stop the whole run
-                job.error = f"cannot build the message: {type(exc).__name__}: {exc}"
-                continue
-            job.data = composed.data
-            job.mail_from = composed.mail_from
-            job.rcpt_to = _rcpts(composed.rcpt_to)
-            job.smtputf8 = bool(composed.smtputf8)
-            job.message_id = composed.message_id
-            job.language = composed.language
-            job.subject = composed.subject
-            job.body_hash = composed.body_hash
-            job.fell_back = bool(composed.fell_back)
-        return jobs
-
-    async def builder(
+    async def feeder(
         self,
         inbox: asyncio.Queue[list[_Job] | None],
         out: asyncio.Queue[_Job | None],
@@ -889,35 +1029,16 @@ class _Run:
         try:
             while (jobs := await inbox.get()) is not None:
                 try:
-                    await self._build_and_pass(jobs, out, results)
+                    for job in jobs:
+                        if self.stop.is_set() or job.error is not None:
+                            self._emit(results, _Result(job=job, outcome=None))
+                        else:
+                            await out.put(job)
                 finally:
                     self.ahead.release()
         finally:
-            for _ in range(self.concurrency):
+            for _ in range(self.sender_tasks):
                 await out.put(None)
-
-    async def _build_and_pass(
-        self,
-        jobs: list[_Job],
-        out: asyncio.Queue[_Job | None],
-        results: asyncio.Queue[_Result | None],
-    ) -> None:
-        if self.stop.is_set():
-            for job in jobs:
-                self._emit(results, _Result(job=job, outcome=None))
-            return
-        try:
-            built = await asyncio.to_thread(self._build, jobs)
-        except Exception as exc:
-            self.halt("error", _as_mailer_error(exc))
-            for job in jobs:
-                self._emit(results, _Result(job=job, outcome=None))
-            return
-        for job in built:
-            if job.error is not None:
-                self._emit(results, _Result(job=job, outcome=None))
-            else:
-                await out.put(job)
 
     # ----- senders
 
@@ -933,7 +1054,6 @@ class _Run:
                 if self.stop.is_set():
                     self._emit(results, _Result(job=job, outcome=None))
                     continue
-            job.handed = True
             self.inflight.add(job.row_id)
             try:
                 outcome = await self.transport.send(
@@ -942,6 +1062,8 @@ class _Run:
                     data=job.data,
                     smtputf8=job.smtputf8,
                     ref=job.message_id,
+                    go=self.going,
+                    on_payload=functools.partial(_hand, job),
                 )
             except TransportError as exc:
                 # Systemic (the server went away, refused the login on reconnect): this message
@@ -952,6 +1074,7 @@ class _Run:
                 continue
             except Exception as exc:
                 # A fault of our own mid-send: the bytes may be out, so never re-send on our own.
+                job.handed = True
                 self.halt("error", _as_mailer_error(exc))
                 outcome = Outcome(
                     kind=OutcomeKind.UNCERTAIN,
@@ -961,8 +1084,16 @@ class _Run:
                 )
             finally:
                 self.inflight.discard(job.row_id)
+            if outcome is None:
+                # The run stopped while this message waited for a connection: never sent.
+                job.handed = False
+                self._emit(results, _Result(job=job, outcome=None))
+                continue
             self._watch(job, outcome)
             self._emit(results, _Result(job=job, outcome=outcome))
+
+    def going(self) -> bool:
+        return not self.stop.is_set()
 
     def _watch(self, job: _Job, outcome: Outcome) -> None:
         failed = outcome.kind is not OutcomeKind.ACCEPTED
@@ -991,7 +1122,9 @@ class _Run:
 
     # ----- recorder
 
-    def _record(self, batch: list[_Result]) -> None:
+    def _write_results(self, conn: Connection, batch: list[_Result]) -> None:
+        if not batch:
+            return
         now = self.clock()
         updates: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
@@ -1081,13 +1214,14 @@ class _Run:
                     _event(job.row_id, cid, job.contact_id, now, kind, outcome.code, detail, via)
                 )
             updates.append(row)
-        with _writing(self.engine) as conn:
-            if not _bulk_update_messages(conn, updates):
-                conn.execute(_record_statement(), updates)
-            _insert_events(conn, events)
+        if not _bulk_update_messages(conn, updates):
+            conn.execute(_record_statement(), updates)
+        _insert_events(conn, events)
 
     async def recorder(self, inbox: asyncio.Queue[_Result | None]) -> None:
-        pending: list[_Result] = []
+        # Results mostly reach the database with the next claim, in its transaction (one commit
+        # for both); this writes them when no claim comes soon enough: at the end of the queue,
+        # after a stop, or when claims stall.
         loop = asyncio.get_running_loop()
         last = loop.time()
         finished = False
@@ -1096,12 +1230,16 @@ class _Run:
             if item is None:
                 finished = True
             elif item is not _TICK:
-                pending.append(item)
+                self.unrecorded.append(item)
             due = loop.time() - last >= self.policy.record_interval
-            if pending and (finished or due or len(pending) >= self.policy.record_every):
-                batch, pending = pending, []
+            if self.unrecorded and (
+                finished or due or len(self.unrecorded) >= 2 * self.policy.record_every
+            ):
+                batch, self.unrecorded = self.unrecorded, []
+                with _writing(self.engine) as conn:
+                    self._write_results(conn, batch)
+            if finished or due:
                 last = loop.time()
-                await asyncio.to_thread(self._record, batch)
                 if self.progress is not None:
                     self.progress(self.report)
 
@@ -1120,17 +1258,21 @@ class _Run:
     # ----- the whole
 
     async def run(self) -> None:
+        # Composed batches waiting for their claim: deep enough to keep the composer busy while
+        # the senders work, and costing nothing after a crash (nothing in it is claimed).
+        peeked: asyncio.Queue[_Peeked | None] = asyncio.Queue(maxsize=2)
         claimed: asyncio.Queue[list[_Job] | None] = asyncio.Queue(maxsize=1)
-        built: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=max(8, 2 * self.concurrency))
+        built: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=max(8, 2 * self.sender_tasks))
         results: asyncio.Queue[_Result | None] = asyncio.Queue()
         recorder = asyncio.create_task(self.recorder(results))
         ticker = asyncio.create_task(self.ticker(results))
         senders = [
-            asyncio.create_task(self.sender(built, results)) for _ in range(self.concurrency)
+            asyncio.create_task(self.sender(built, results)) for _ in range(self.sender_tasks)
         ]
         tasks = [
-            asyncio.create_task(self.claimer(claimed)),
-            asyncio.create_task(self.builder(claimed, built, results)),
+            asyncio.create_task(self.peeker(peeked)),
+            asyncio.create_task(self.claimer(peeked, claimed)),
+            asyncio.create_task(self.feeder(claimed, built, results)),
             *senders,
         ]
         try:
@@ -1320,6 +1462,8 @@ async def _send_campaign(
     report = SendReport(campaign=slug, via=transport.via, run_id=_new_run_id())
     started = asyncio.get_running_loop().time()
     signals = _Signals(asyncio.get_running_loop(), install=handle_signals)
+    run: _Run | None = None
+    worker: ComposeWorker | None = None
     try:
         campaign = await asyncio.to_thread(get_campaign, engine, slug)
         now = clock()
@@ -1341,6 +1485,14 @@ async def _send_campaign(
         signals.check(slug)
         totals = await asyncio.to_thread(status_counts, engine, campaign.id)
         report.due = totals[MessageStatus.QUEUED.value] + totals[MessageStatus.RETRY.value]
+        if report.due >= policy.compose_worker_from:
+            # Started first: it comes up (about a second) while the server is contacted, and
+            # until it is ready this process composes.
+            worker = await ComposeWorker.start(
+                database_url=engine.url.render_as_string(hide_password=False),
+                workspace=workspace,
+                campaign_id=campaign.id,
+            )
         if report.due:
             # Before anything is claimed: a wrong password or an unreachable server stops the
             # run with the whole list still `queued`. With nothing due, no server is needed.
@@ -1372,6 +1524,7 @@ async def _send_campaign(
         )
         if progress is not None:
             progress(report)
+        run.composing.worker = worker
         signals.run = run
         if signals.count:
             run.halt("interrupted")
@@ -1380,6 +1533,12 @@ async def _send_campaign(
         _ENDED_RUNS.add(report.run_id)
         signals.remove()
         await transport.close()
+        if run is not None:
+            await run.composing.close()
+            report.composed_by_worker = run.composing.by_worker
+        elif worker is not None:
+            await worker.close()
+    assert run is not None
     elapsed = asyncio.get_running_loop().time() - started
     report.rate = report.done / elapsed if elapsed > 0 else 0.0
     report.stopped = run.stop_reason
@@ -1555,6 +1714,7 @@ def send_test(
                     smtputf8=bool(composed.smtputf8),
                     ref=None,
                 )
+                assert outcome is not None  # sent without a `go` check
                 if outcome.kind is OutcomeKind.ACCEPTED:
                     report.sent += 1
                 else:

@@ -186,7 +186,15 @@ class Transport(Protocol):
         data: bytes,
         smtputf8: bool = False,
         ref: str | None = None,
-    ) -> Outcome: ...
+        go: Callable[[], bool] | None = None,
+        on_payload: Callable[[], None] | None = None,
+    ) -> Outcome | None:
+        """Deliver one message. `go` is asked at the last moment, once the transport could
+        put the message on its way (e.g. a connection came free); False means it is not sent
+        and None is returned: the run stopped while the message waited. `on_payload` is
+        called just before the message itself leaves: from then on it may be delivered, so a
+        send cut short after it is uncertain, and before it was never sent."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -231,6 +239,13 @@ class SmtpPool:
     def via(self) -> str:
         return self.settings.via
 
+    @property
+    def sends_per_connection(self) -> int:
+        """How many messages may be under way on one connection: two where the server offers
+        PIPELINING (the next envelope goes out while the message before awaits its verdict,
+        see _Connection.transact), else one. Known once `open` has greeted the server."""
+        return 2 if any(conn.pipelining for conn in self._all) else 1
+
     def _pool(self) -> asyncio.Queue[_Connection]:
         if self._idle is None:
             self._idle = asyncio.Queue()
@@ -256,15 +271,33 @@ class SmtpPool:
         data: bytes,
         smtputf8: bool = False,
         ref: str | None = None,
-    ) -> Outcome:
+        go: Callable[[], bool] | None = None,
+        on_payload: Callable[[], None] | None = None,
+    ) -> Outcome | None:
         pool = self._pool()
         conn = await pool.get()
+        if go is not None and not go():
+            pool.put_nowait(conn)
+            return None
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                pool.put_nowait(conn)
+
         try:
             return await conn.transact(
-                mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
+                mail_from=mail_from,
+                rcpt_to=rcpt_to,
+                data=data,
+                smtputf8=smtputf8,
+                release=release,
+                on_payload=on_payload,
             )
         finally:
-            pool.put_nowait(conn)
+            release()
 
     async def close(self) -> None:
         await asyncio.gather(*(conn.close() for conn in self._all), return_exceptions=True)
@@ -306,6 +339,10 @@ class _Wire(asyncio.Protocol):
         self.replies: collections.deque[_Reply] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.broken: str | None = None
+        # Transactions overlap on a PIPELINING session (see _Connection.transact): each reads
+        # its replies after the one before it has read all of its own. Done once the latest
+        # transaction on this session has read its last reply.
+        self.last_turn: asyncio.Future[None] | None = None
 
     @property
     def open(self) -> bool:
@@ -379,6 +416,17 @@ class _Wire(asyncio.Protocol):
                 self.waiter = None
         return self.replies.popleft()
 
+    @property
+    def idle(self) -> bool:
+        """No transaction is waiting for a reply on this session."""
+        return self.last_turn is None or self.last_turn.done()
+
+    def take_turn(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        """The turn of the transaction before (to await before reading) and a new one."""
+        previous, mine = self.last_turn, self.loop.create_future()
+        self.last_turn = mine
+        return previous, mine
+
     def abort(self) -> None:
         self.broken = self.broken or "closed by the client"
         self.transport.abort()
@@ -396,12 +444,17 @@ class _Connection:
         self.wire: _Wire | None = None
         self.extensions: frozenset[str] = frozenset()
         self.sent_on_this = 0
-        # Mid-transaction (e.g. cancelled while waiting for a reply): a QUIT would only wait.
-        self.busy = False
+        # Transactions under way (e.g. cancelled while waiting for a reply): a QUIT would only
+        # wait.
+        self.busy = 0
 
     @property
     def connected(self) -> bool:
         return self.wire is not None and self.wire.open
+
+    @property
+    def wire_idle(self) -> bool:
+        return self.wire is None or self.wire.idle
 
     @property
     def pipelining(self) -> bool:
@@ -410,7 +463,7 @@ class _Connection:
     async def ensure_connected(self) -> _Wire:
         wire = self.wire
         if wire is not None and wire.open:
-            if not wire.replies:
+            if not wire.replies or not wire.idle:
                 return wire
             # The server spoke between transactions (typically "421 idle timeout" before it
             # hangs up): its state is unknown, and a stray reply would be paired with the
@@ -480,25 +533,55 @@ class _Connection:
         return wire
 
     async def transact(
-        self, *, mail_from: str, rcpt_to: Sequence[str], data: bytes, smtputf8: bool
+        self,
+        *,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        smtputf8: bool,
+        release: Callable[[], None] = lambda: None,
+        on_payload: Callable[[], None] | None = None,
     ) -> Outcome:
-        reused = self.connected and self.sent_on_this > 0
-        self.busy = True
-        outcome = await self._transact_once(
-            mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
-        )
-        if (
-            outcome.kind is OutcomeKind.TRANSIENT
-            and outcome.code is None
-            and reused
-            and outcome.reply.startswith("connection lost before MAIL")
-        ):
-            # A server may close a connection that sat idle; nothing of this message went out,
-            # so trying once more on a fresh connection is safe.
+        """One message. On a PIPELINING session `release` is called as soon as the payload is
+        written: the next transaction's envelope may then go out while this one waits for the
+        server's verdict (RFC 2920 lets message content open a command group), so each
+        message costs one round trip instead of two."""
+        # A session that has carried a message, or has one in flight ahead of this one, may be
+        # dropped under us for reasons that are not this message's (idle timeout, the message
+        # ahead timed out): then one more try on a fresh session is safe and usually works.
+        reused = self.connected and (self.sent_on_this > 0 or not self.wire_idle)
+        self.busy += 1
+        try:
             outcome = await self._transact_once(
-                mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
+                mail_from=mail_from,
+                rcpt_to=rcpt_to,
+                data=data,
+                smtputf8=smtputf8,
+                release=release,
+                on_payload=on_payload,
             )
-        self.busy = False
+            if (
+                reused
+                and outcome.kind is OutcomeKind.TRANSIENT
+                and (
+                    # The session is closing (possibly announced, unasked, after the message
+                    # ahead): the message was not taken.
+                    outcome.code == 421
+                    or (outcome.code is None and outcome.reply.startswith("connection lost before"))
+                )
+            ):
+                # Nothing of this message went out: trying once more on a fresh connection is
+                # safe.
+                outcome = await self._transact_once(
+                    mail_from=mail_from,
+                    rcpt_to=rcpt_to,
+                    data=data,
+                    smtputf8=smtputf8,
+                    release=release,
+                    on_payload=on_payload,
+                )
+        finally:
+            self.busy -= 1
         return outcome
 
     def _envelope(
@@ -522,7 +605,14 @@ class _Connection:
         return lines
 
     async def _transact_once(
-        self, *, mail_from: str, rcpt_to: Sequence[str], data: bytes, smtputf8: bool
+        self,
+        *,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        smtputf8: bool,
+        release: Callable[[], None],
+        on_payload: Callable[[], None] | None,
     ) -> Outcome:
         via = self.settings.via
         # Connected first: the envelope depends on what the server offers.
@@ -532,15 +622,53 @@ class _Connection:
         )
         if isinstance(envelope, str):
             return Outcome(kind=OutcomeKind.PERMANENT, code=None, reply=envelope, via=via)
+        previous, turn = wire.take_turn()
+        finished = False
+        try:
+            outcome = await self._exchange(
+                wire,
+                envelope,
+                previous=previous,
+                data=data,
+                rcpts=len(rcpt_to),
+                release=release,
+                on_payload=on_payload,
+            )
+            finished = True
+            return outcome
+        finally:
+            if not finished:
+                # Cancelled mid-exchange: replies of ours may still come, and the next
+                # transaction would take them for its own.
+                wire.abort()
+            if not turn.done():
+                turn.set_result(None)
+
+    async def _exchange(
+        self,
+        wire: _Wire,
+        envelope: list[bytes],
+        *,
+        previous: asyncio.Future[None] | None,
+        data: bytes,
+        rcpts: int,
+        release: Callable[[], None],
+        on_payload: Callable[[], None] | None,
+    ) -> Outcome:
+        via = self.settings.via
         timeout = self.settings.timeout
         pipelined = self.pipelining
-        stages = ["MAIL", *(["RCPT"] * len(rcpt_to)), "DATA"]
+        stages = ["MAIL", *(["RCPT"] * rcpts), "DATA"]
         stage = "MAIL"
         refusal: _Reply | None = None
         try:
             if pipelined:
                 # RFC 2920: the envelope and DATA in one write, their replies read in order.
                 wire.write(b"".join(envelope))
+            if previous is not None:
+                # The transaction before ours on this session reads its verdict first. It
+                # never fails: it always ends its turn, however it ends.
+                await previous
             for index, line in enumerate(envelope):
                 stage = stages[index]
                 if not pipelined:
@@ -560,6 +688,10 @@ class _Connection:
                         return _classify_code(refusal.code, refusal.text, via)
                     continue
                 refusal = reply
+                if refusal.code < 400:
+                    # A success where a refusal or 354 belongs (e.g. DATA answered 250): the
+                    # server is out of step, and nothing of this message was delivered.
+                    refusal = _Reply(451, f"unexpected reply to {stage}: {reply.code} {reply.text}")
                 if not pipelined:
                     break
             if refusal is not None:
@@ -568,7 +700,11 @@ class _Connection:
             # From here on the server may have the whole message: only its reply says whether
             # it took it, so any failure to read that reply leaves the outcome uncertain.
             stage = "payload"
+            if on_payload is not None:
+                on_payload()
             wire.write(_stuffed(data))
+            if pipelined:
+                release()
             reply = await wire.reply(timeout)
         except (_WireError, OSError, TimeoutError) as exc:
             wire.abort()
@@ -697,9 +833,13 @@ class MaildirOutbox:
         data: bytes,
         smtputf8: bool = False,
         ref: str | None = None,
-    ) -> Outcome:
+        go: Callable[[], bool] | None = None,
+        on_payload: Callable[[], None] | None = None,
+    ) -> Outcome | None:
         key = hashlib.sha256((ref or "").encode() or data).hexdigest()[:24]
         name = f"{key}.eml"
+        if on_payload is not None:
+            on_payload()
         try:
             await asyncio.to_thread(self._write, name, data)
         except OSError as exc:
@@ -742,7 +882,11 @@ class DryRun:
         data: bytes,
         smtputf8: bool = False,
         ref: str | None = None,
-    ) -> Outcome:
+        go: Callable[[], bool] | None = None,
+        on_payload: Callable[[], None] | None = None,
+    ) -> Outcome | None:
+        if on_payload is not None:
+            on_payload()
         self.count += 1
         self.bytes += len(data)
         return Outcome(kind=OutcomeKind.ACCEPTED, code=None, reply="dry run", via=self.via)

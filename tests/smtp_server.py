@@ -322,7 +322,8 @@ class ScriptedSmtpServer:
     (`hold_until_data`), answer DATA with 354 even after refusing every recipient
     (`data_after_refusal`, as RFC 2920 warns a server may), dribble its replies out one byte
     per write (`dribble`) to check the client reassembles them, and say something unasked
-    after each message (`stray`). It records every command
+    after each message (`stray`), and hold each message's verdict until the client's next
+    command (`hold_verdict`, to see a client overlap transactions). It records every command
     line and every payload it takes.
     """
 
@@ -333,8 +334,17 @@ class ScriptedSmtpServer:
         data_after_refusal: str = "554 5.5.1 no valid recipients",
         dribble: bool = False,
         stray: str | None = None,
+        hold_verdict: bool = False,
+        data_reply: str = "354 end with <CRLF>.<CRLF>",
     ) -> None:
+        # The answer to DATA when there are recipients (anything but 354 is a broken server).
+        self.data_reply = data_reply
         self.hold_until_data = hold_until_data
+        # Hold a message's final reply until the next command arrives (or half a second): a
+        # client that overlaps transactions has the next envelope out by then.
+        self.hold_verdict = hold_verdict
+        # Final replies that went out in one write with the next message's replies.
+        self.verdicts_overlapped = 0
         # A line sent, unasked, right after each final reply (some servers announce a shutdown).
         self.stray = stray
         self.data_after_refusal = data_after_refusal
@@ -383,14 +393,20 @@ class ScriptedSmtpServer:
         with self.lock:
             self.connections += 1
         held: list[str] = []
+        verdict_held = False
         mail_from = ""
         rcpts: list[str] = []
         refused_all = False
 
         async def reply(*texts: str, flush: bool = True) -> None:
+            nonlocal verdict_held
             held.extend(texts)
             if not flush:
                 return
+            if verdict_held and len(held) > 1:
+                with self.lock:
+                    self.verdicts_overlapped += 1
+            verdict_held = False
             out = "".join(f"{t}\r\n" for t in held).encode()
             held.clear()
             if self.dribble:
@@ -404,7 +420,17 @@ class ScriptedSmtpServer:
 
         try:
             await reply("220 scripted ESMTP")
-            while line := await reader.readline():
+            while True:
+                if verdict_held:
+                    try:
+                        line = await asyncio.wait_for(reader.readline(), 0.5)
+                    except TimeoutError:
+                        await reply()
+                        continue
+                else:
+                    line = await reader.readline()
+                if not line:
+                    break
                 command = line.decode().rstrip("\r\n")
                 with self.lock:
                     self.commands.append(command)
@@ -431,7 +457,7 @@ class ScriptedSmtpServer:
                         if not self.data_after_refusal.startswith("354"):
                             continue
                     else:
-                        await reply("354 end with <CRLF>.<CRLF>")
+                        await reply(self.data_reply)
                     payload = bytearray()
                     while (part := await reader.readline()) not in (b".\r\n", b""):
                         payload += part[1:] if part.startswith(b".") else part
@@ -457,7 +483,12 @@ class ScriptedSmtpServer:
                         self.received.append(
                             Received(mail_from, tuple(rcpts), bytes(payload), time.monotonic())
                         )
-                    await reply(answer or "250 2.0.0 queued", *([self.stray] if self.stray else []))
+                    await reply(
+                        answer or "250 2.0.0 queued",
+                        *([self.stray] if self.stray else []),
+                        flush=not self.hold_verdict,
+                    )
+                    verdict_held = self.hold_verdict
                 elif verb == "RSET":
                     rcpts, refused_all = [], False
                     await reply("250 2.0.0 reset")

@@ -37,6 +37,26 @@ def send_each(
     return asyncio.run(go())
 
 
+def send_together(url: str, envelopes: list[list[str]], *, size: int = 1) -> list[Outcome]:
+    """All at once, as the engine's senders do: more messages than connections."""
+
+    async def go() -> list[Outcome]:
+        pool = SmtpPool(parse_smtp_url(url, timeout=5.0), size=size)
+        try:
+            outcomes = await asyncio.gather(
+                *(
+                    pool.send(mail_from="office@example.org", rcpt_to=rcpts, data=MESSAGE)
+                    for rcpts in envelopes
+                )
+            )
+        finally:
+            await pool.close()
+        assert all(outcome is not None for outcome in outcomes)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    return asyncio.run(go())
+
+
 def test_the_envelope_goes_out_in_one_group_and_the_bytes_arrive_intact() -> None:
     with ScriptedSmtpServer() as server:
         outcomes = send_each(server.url(), [[f"mayor{i}@example.org"] for i in range(3)])
@@ -164,3 +184,93 @@ def test_pipelining_after_starttls_and_login(ca: trustme.CA, tmp_path: Path) -> 
         assert srv.recipients() == ["one@example.org", "two@example.org"]
         # PIPELINING was offered on the encrypted session the messages went over.
         assert any("250-PIPELINING" in lines for lines in srv.ehlo_replies)
+
+
+# --------------------------------------------------------------------------- overlapping messages
+#
+# On a PIPELINING session the next message's envelope goes out while the message before waits
+# for its verdict: one round trip per message instead of two. The scripted server holds each
+# verdict until the client's next command (or half a second), and counts the verdicts that left
+# together with the next message's replies.
+
+
+def test_the_next_envelope_goes_out_while_a_message_awaits_its_verdict() -> None:
+    with ScriptedSmtpServer(hold_verdict=True) as server:
+        rcpts = [f"mayor{i}@example.org" for i in range(6)]
+        outcomes = send_together(server.url(), [[r] for r in rcpts])
+        assert [(o.kind, o.code) for o in outcomes] == [(OutcomeKind.ACCEPTED, 250)] * 6
+        assert server.connections == 1
+        assert server.recipients() == rcpts
+        assert all(r.data == MESSAGE for r in server.received)
+        # Every verdict but the last went out with the next message's replies.
+        assert server.verdicts_overlapped == 5
+
+
+def test_one_at_a_time_a_verdict_is_never_overlapped() -> None:
+    # The control for the test above: sent one after another, each verdict waits out the hold.
+    with ScriptedSmtpServer(hold_verdict=True) as server:
+        outcomes = send_each(server.url(), [["one@example.org"], ["two@example.org"]])
+        assert [o.kind for o in outcomes] == [OutcomeKind.ACCEPTED] * 2
+        assert server.verdicts_overlapped == 0
+
+
+def test_a_refused_message_does_not_touch_the_one_behind_it() -> None:
+    with ScriptedSmtpServer(hold_verdict=True) as server:
+        server.on_data = lambda rcpts: "550 5.7.1 content refused" if "bad" in rcpts[0] else None
+        outcomes = send_together(
+            server.url(), [["bad@example.org"], ["good@example.org"], ["also@example.org"]]
+        )
+        assert (outcomes[0].kind, outcomes[0].code) == (OutcomeKind.PERMANENT, 550)
+        assert [o.kind for o in outcomes[1:]] == [OutcomeKind.ACCEPTED] * 2
+        assert server.connections == 1
+        assert server.verdicts_overlapped == 2
+
+
+def test_a_drop_awaiting_a_verdict_leaves_only_that_message_uncertain() -> None:
+    with ScriptedSmtpServer(hold_verdict=True) as server:
+        server.on_data = lambda rcpts: DROP if rcpts == ("first@example.org",) else None
+        outcomes = send_together(
+            server.url(), [["first@example.org"], ["second@example.org"], ["third@example.org"]]
+        )
+        assert outcomes[0].kind is OutcomeKind.UNCERTAIN
+        assert "no reply after the message was sent" in outcomes[0].reply
+        # The second message's envelope was out, its payload was not: it went again, on a new
+        # session, once.
+        assert [o.kind for o in outcomes[1:]] == [OutcomeKind.ACCEPTED] * 2
+        assert server.connections == 2
+        assert server.recipients() == ["first@example.org", "second@example.org", "third@example.org"]
+
+
+def test_an_unasked_421_after_a_message_sends_the_next_on_a_new_session() -> None:
+    with ScriptedSmtpServer(stray="421 4.4.2 idle too long") as server:
+        outcomes = send_together(server.url(), [["one@example.org"], ["two@example.org"]])
+        # The 421 reached the second message as if it answered its MAIL: nothing of it had been
+        # delivered, so it went once more on a new session.
+        assert [(o.kind, o.code) for o in outcomes] == [(OutcomeKind.ACCEPTED, 250)] * 2
+        assert server.connections == 2
+        assert server.recipients() == ["one@example.org", "two@example.org"]
+
+
+def test_data_answered_with_250_is_never_taken_for_delivery() -> None:
+    with ScriptedSmtpServer(data_reply="250 2.0.0 sure") as server:
+        (outcome,) = send_each(server.url(), [["mayor@example.org"]], timeout=1.0)
+        # No 354, so no payload went out: worth another try later, never "sent".
+        assert (outcome.kind, outcome.code) == (OutcomeKind.TRANSIENT, 451)
+        assert outcome.reply == "unexpected reply to DATA: 250 2.0.0 sure"
+        assert server.received == []
+
+
+@pytest.mark.parametrize(("pipelining", "expected"), [(True, 2), (False, 1)])
+def test_two_messages_share_a_connection_only_where_the_server_pipelines(
+    pipelining: bool, expected: int
+) -> None:
+    async def go(url: str) -> int:
+        pool = SmtpPool(parse_smtp_url(url), size=3)
+        try:
+            await pool.open()
+            return pool.sends_per_connection
+        finally:
+            await pool.close()
+
+    with SmtpTestServer(pipelining=pipelining) as server:
+        assert asyncio.run(go(server.url())) == expected
