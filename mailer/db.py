@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailer.config import data_path
 from mailer.errors import DatabaseError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported where migrations are handled, not with this module: the compose worker
+# (see compose_worker) needs only engines, and Alembic is 11 MB of its memory.
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -57,6 +59,8 @@ def redact_url(url: str) -> str:
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(data_path("migrations")))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -64,6 +68,8 @@ def alembic_config(url: str) -> Config:
 
 
 def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     return script.get_current_head()
 
@@ -73,6 +79,8 @@ def upgrade(engine: Engine, *, revision: str = "head") -> None:
     try:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
+            from alembic import command
+
             command.upgrade(config, revision)
     except OperationalError as exc:
         raise DatabaseError(f"cannot migrate {redact_url(str(engine.url))}: {exc.orig}") from exc
@@ -81,6 +89,8 @@ def upgrade(engine: Engine, *, revision: str = "head") -> None:
 def current_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as connection:
+            from alembic.runtime.migration import MigrationContext
+
             return MigrationContext.configure(connection).get_current_revision()
     except OperationalError as exc:
         raise DatabaseError(f"cannot open {redact_url(str(engine.url))}: {exc.orig}") from exc
