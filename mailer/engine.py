@@ -1219,9 +1219,9 @@ class _Run:
         _insert_events(conn, events)
 
     async def recorder(self, inbox: asyncio.Queue[_Result | None]) -> None:
-        # Results mostly reach the database with the next claim, in its transaction (one commit
-        # for both); this writes them when no claim comes soon enough: at the end of the queue,
-        # after a stop, or when claims stall.
+        # Results reach the database with the next claim, in its transaction (one commit for
+        # both), or here once `record_every` have gathered: what a crash leaves `sending` (and
+        # so `uncertain`) stays within a claimed batch, the messages under way and these.
         loop = asyncio.get_running_loop()
         last = loop.time()
         finished = False
@@ -1233,7 +1233,7 @@ class _Run:
                 self.unrecorded.append(item)
             due = loop.time() - last >= self.policy.record_interval
             if self.unrecorded and (
-                finished or due or len(self.unrecorded) >= 2 * self.policy.record_every
+                finished or due or len(self.unrecorded) >= self.policy.record_every
             ):
                 batch, self.unrecorded = self.unrecorded, []
                 with _writing(self.engine) as conn:
