@@ -552,26 +552,7 @@ class _Connection:
         reused = self.connected and (self.sent_on_this > 0 or not self.wire_idle)
         self.busy += 1
         try:
-            outcome = await self._transact_once(
-                mail_from=mail_from,
-                rcpt_to=rcpt_to,
-                data=data,
-                smtputf8=smtputf8,
-                release=release,
-                on_payload=on_payload,
-            )
-            if (
-                reused
-                and outcome.kind is OutcomeKind.TRANSIENT
-                and (
-                    # The session is closing (possibly announced, unasked, after the message
-                    # ahead): the message was not taken.
-                    outcome.code == 421
-                    or (outcome.code is None and outcome.reply.startswith("connection lost before"))
-                )
-            ):
-                # Nothing of this message went out: trying once more on a fresh connection is
-                # safe.
+            while True:
                 outcome = await self._transact_once(
                     mail_from=mail_from,
                     rcpt_to=rcpt_to,
@@ -580,9 +561,18 @@ class _Connection:
                     release=release,
                     on_payload=on_payload,
                 )
+                # Nothing of this message went out when the session closed (421, possibly
+                # announced unasked after the message ahead) or broke before the payload: one
+                # more try on a fresh connection is safe.
+                again = outcome.kind is OutcomeKind.TRANSIENT and (
+                    outcome.code == 421
+                    or (outcome.code is None and outcome.reply.startswith("connection lost before"))
+                )
+                if not (reused and again):
+                    return outcome
+                reused = False
         finally:
             self.busy -= 1
-        return outcome
 
     def _envelope(
         self, *, mail_from: str, rcpt_to: Sequence[str], data: bytes, smtputf8: bool
