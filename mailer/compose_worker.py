@@ -35,6 +35,7 @@ from mailer import campaigns
 from mailer.config import Workspace
 from mailer.errors import MailerError
 from mailer.models import Campaign
+from mailer.transport import PASSWORD_ENV
 
 
 class Composed(NamedTuple):
@@ -206,6 +207,8 @@ class ComposeWorker:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
+                # It sends nothing: the SMTP password has no business in its environment.
+                env={k: v for k, v in os.environ.items() if k != PASSWORD_ENV},
             )
         except OSError:
             return None

@@ -160,11 +160,13 @@ def _worker_pids() -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker in /proc")
 def test_a_large_run_uses_the_worker_and_survives_its_death(
-    ws: Workspace, workspace: Path, engine: Engine
+    ws: Workspace, workspace: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     emails = seed_campaign(engine, workspace, count=400)
     killed: list[int] = []
+    environments: list[bytes] = []
     sent_so_far = 0
+    monkeypatch.setenv("MAILER_SMTP_PASSWORD", "not-for-the-worker")
 
     def on_data(_envelope: object) -> None:
         # Halfway through, the worker dies as if the OOM killer took it.
@@ -172,6 +174,7 @@ def test_a_large_run_uses_the_worker_and_survives_its_death(
         sent_so_far += 1
         if sent_so_far == 250:
             for pid in _worker_pids():
+                environments.append(Path(f"/proc/{pid}/environ").read_bytes())
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
@@ -188,6 +191,8 @@ def test_a_large_run_uses_the_worker_and_survives_its_death(
         )
         received = collections.Counter(server.recipients())
     assert killed, "no compose worker was running halfway through a 400-message run"
+    # It sends nothing, so it never holds the SMTP password.
+    assert environments and all(b"not-for-the-worker" not in env for env in environments)
     assert report.composed_by_worker > 0
     assert report.sent == 400
     assert sorted(received) == sorted(emails)
