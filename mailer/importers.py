@@ -12,14 +12,17 @@ import codecs
 import csv
 import datetime as dt
 import functools
+import gc
 import hashlib
 import io
 import json
 import operator
 import re
+import sys
 import unicodedata
 import zipfile
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -56,6 +59,10 @@ from mailer.models import (
 MAX_CELL = 10_000
 SAMPLE_BYTES = 64 * 1024
 CHUNK_ROWS = 2_000
+# How `import_contacts` runs its two threads (see there).
+_SWITCH_INTERVAL = 0.0002
+_GC_THRESHOLD = 20_000
+_QUEUED_CHUNKS = 1
 DELIMITERS = ",;\t|"
 _SCAN_BLOCK = 1 << 20
 
@@ -1053,6 +1060,16 @@ class _Cities:
             self._ids.setdefault((key, country), city_id)
             self._regions[city_id] = region
 
+    def cached(self, city: tuple[str, str | None, str | None]) -> int | None:
+        """What `get(*city)` returns where that needs no database, else None. Also called from
+        the validating thread: the dicts only gain entries and regions, so an id found here is
+        the one `get` gives later on the database thread."""
+        name, country, region = city
+        city_id = self._spelled.get((name, country))
+        if city_id is not None and (not region or self._regions.get(city_id)):
+            return city_id
+        return None
+
     def get(self, name: str, country: str | None, region: str | None) -> int:
         city_id = self._spelled.get((name, country))
         if city_id is not None and (not region or self._regions.get(city_id)):
@@ -1168,8 +1185,9 @@ _NEW_CONTACT_COLUMNS = (
 )
 # For SQLite, whose JSON columns are plain text: the C encoder called directly, compact, with
 # non-ASCII kept, is about 4x cheaper than the JSON type's `json.dumps` per value, and reads back
-# the same (json.loads, SQLite's json_extract).
-_SQLITE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# the same (json.loads, SQLite's json_extract). What it is given is built afresh, without
+# cycles: no need to track every list and dict it meets.
+_SQLITE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 # A JSON string literal, non-ASCII kept (the C function behind ensure_ascii=False).
 _json_string = json.encoder.encode_basestring
 
@@ -1178,6 +1196,48 @@ def _sqlite_json_strings(mapping: dict[str, str]) -> str:
     """`_SQLITE_JSON.encode` of a dict of strings (a row's attributes) at a third of the cost."""
     string = _json_string
     return "{" + ",".join([f"{string(k)}:{string(v)}" for k, v in mapping.items()]) + "}"
+
+
+# SQLite: a chunk's new contacts go in as one JSON array of rows, a statement per table, so that
+# SQLite does the whole chunk in C with the GIL released (the driver's executemany takes it back
+# for every row) while the other thread validates the next chunk. A row is these values in this
+# order; ids are the first new id (?2) plus the row's index. Attributes and tags are nested in the
+# row as they are: json_extract gives a nested object or array back as the very text it was
+# given (each value's text as is, compact), which is what `_SQLITE_JSON` writes for the column.
+# MATERIALIZED: each row's JSON is rendered and parsed once, not once a column.
+_SQLITE_ROW = ("email", *_CONTACT_SCALARS, "attributes", "tags", "city_id")
+_SQLITE_CITY = _SQLITE_ROW.index("city_id")
+_SQLITE_INSERT_CONTACTS = (
+    "WITH r AS MATERIALIZED (SELECT key, value FROM json_each(?1)) "
+    f"INSERT INTO {_CONTACTS.name} (id, {', '.join(_SQLITE_ROW)}, created_at, updated_at) "
+    "SELECT ?2 + key, "
+    + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_SQLITE_ROW)))
+    + ", ?3, ?3 FROM r"
+)
+# The tag rows of the contacts just inserted (ids ?1 to ?2), from their tags column: cheaper
+# than the chunk's JSON again.
+_SQLITE_INSERT_TAGS = (
+    f"INSERT INTO {_CONTACT_TAGS.name} (contact_id, tag) SELECT c.id, t.value "
+    f"FROM {_CONTACTS.name} AS c, json_each(c.tags) AS t WHERE c.id BETWEEN ?1 AND ?2"
+)
+_SQLITE_LOOKUP = (
+    f"SELECT {', '.join(_LOOKUP_COLUMNS)} FROM {_CONTACTS.name} "
+    "WHERE email IN (SELECT value FROM json_each(?))"
+)
+
+
+def _sqlite_json_rows(connection: Connection) -> bool:
+    """Whether this SQLite takes JSON rows: it has the JSON functions (built in from 3.38, an
+    option before) and AS MATERIALIZED (3.35)."""
+    raw: Any = connection.connection.driver_connection
+    try:
+        raw.execute(
+            "WITH r AS MATERIALIZED (SELECT key, value FROM json_each('[[1]]')) "
+            "SELECT json_extract(value, '$[0]') FROM r"
+        ).fetchall()
+    except connection.dialect.loaded_dbapi.OperationalError:
+        return False
+    return True
 
 
 _SCALAR_LIMITS = {
@@ -1199,7 +1259,6 @@ class _ContactRow:
     attributes: dict[str, str]
     tags: frozenset[str]
     city: tuple[str, str | None, str | None] | None
-    city_id: int | None = None
 
 
 class _DriverStatement:
@@ -1229,6 +1288,14 @@ class _DriverStatement:
             order = self.order
             params = [tuple(row[i] for i in order) for row in rows]
         connection.exec_driver_sql(self.sql, params)
+
+
+class _SortedTags(dict[frozenset[str], list[str]]):
+    """Each tag set as a sorted list, made once: a file has few distinct ones."""
+
+    def __missing__(self, tags: frozenset[str]) -> list[str]:
+        value = self[tags] = sorted(tags)
+        return value
 
 
 class _ContactValidator:
@@ -1346,13 +1413,16 @@ class _ContactImport(_ContactValidator):
         self.any_suppressed = session.scalar(select(Suppression.id).limit(1)) is not None
         connection = session.connection()
         dialect = connection.dialect
-        # SQLite: this import gives new contacts their ids itself (see `_insert`).
-        self.sqlite = dialect.name == "sqlite"
+        sqlite = dialect.name == "sqlite"
+        # New contacts as JSON rows, a statement a chunk (see `_SQLITE_ROW`); elsewhere (and on
+        # a SQLite without the JSON functions built in) the driver's executemany.
+        self.json_rows = sqlite and _sqlite_json_rows(connection)
+        # With JSON rows, this import gives new contacts their ids itself (see `_insert_rows`).
         self.next_id: int | None = None
+        # Set by the database thread, read by `prepare`: whether to build new rows ahead.
+        self.expect_new = True
         self.insert_contacts = _DriverStatement(
-            connection,
-            insert(_CONTACTS_RAW),
-            ("id", *_NEW_CONTACT_COLUMNS) if self.sqlite else _NEW_CONTACT_COLUMNS,
+            connection, insert(_CONTACTS_RAW), _NEW_CONTACT_COLUMNS
         )
         self.insert_tags = _DriverStatement(
             connection, insert(_CONTACT_TAGS_RAW), ("contact_id", "tag")
@@ -1360,7 +1430,7 @@ class _ContactImport(_ContactValidator):
         json_processor = _CONTACTS.c.attributes.type.dialect_impl(dialect).bind_processor(dialect)
         self.to_json: Callable[[Any], Any] = json_processor or (lambda value: value)
         self.attributes_json: Callable[[dict[str, str]], Any] = self.to_json
-        if self.sqlite:
+        if sqlite:
             self.to_json = _SQLITE_JSON.encode
             self.attributes_json = _sqlite_json_strings
         json_reader = _CONTACTS.c.attributes.type.dialect_impl(dialect).result_processor(
@@ -1369,55 +1439,91 @@ class _ContactImport(_ContactValidator):
         self.from_json: Callable[[Any], Any] = json_reader or (lambda value: value)
         self._lookup_statements: dict[int, Any] = {}
         self._tags_json: dict[frozenset[str], Any] = {}
+        # Each tag set sorted, for `sqlite_values` (also on the validating thread).
+        self._tag_lists = _SortedTags()
         time_processor = _CONTACTS.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
         now = utcnow()
         self.now_param = time_processor(now) if time_processor else now
 
-    def flush(self, rows: list[_ContactRow]) -> list[tuple[int, str, str, list[str]]]:
+    def prepare(
+        self,
+        rows: list[_ContactRow],
+        rejects: list[tuple[int, str, str, list[str]]],
+        upto: int | None,
+    ) -> _Chunk:
+        """All of a chunk's work that needs no database, done on the validating thread: the
+        database thread holds the GIL as little as possible, so the two run side by side."""
+        firsts: list[_ContactRow] = []
+        repeats: list[tuple[_ContactRow, int]] = []
+        first_of: dict[str, int] = {}
+        for row in rows:
+            first = first_of.setdefault(row.email, row.number)
+            if first == row.number:
+                firsts.append(row)
+            else:
+                repeats.append((row, first))
+        if not self.json_rows:
+            return _Chunk(rejects, upto, firsts, repeats, list(first_of))
+        chunk = _Chunk(rejects, upto, firsts, repeats, _SQLITE_JSON.encode(list(first_of)))
+        # A re-import finds (nearly) every row stored: new rows are built only where the last
+        # chunk had mostly new rows, and on the database thread otherwise.
+        if self.expect_new:
+            values = chunk.values = self.sqlite_values(firsts)
+            pairs = zip(values, firsts, strict=True)
+            if not any(v[_SQLITE_CITY] is None and row.city is not None for v, row in pairs):
+                chunk.data = _SQLITE_JSON.encode(values)
+        return chunk
+
+    def sqlite_values(self, rows: list[_ContactRow]) -> list[list[Any]]:
+        """New rows as `_SQLITE_ROW`; the city id is None where only the database can tell it."""
+        tags = self._tag_lists
+        city = self.cities.cached
+        return [
+            [
+                row.email,
+                *row.scalars,
+                row.attributes,
+                tags[row.tags],
+                None if row.city is None else city(row.city),
+            ]
+            for row in rows
+        ]
+
+    def flush(self, chunk: _Chunk) -> list[tuple[int, str, str, list[str]]]:
         """Write one chunk; returns the rows rejected as duplicates (row, column, reason, cells)."""
         rejects: list[tuple[int, str, str, list[str]]] = []
-        if not rows:
+        if not chunk.firsts:
             return rejects
-        existing = self._existing(list(dict.fromkeys(row.email for row in rows)))
+        existing = self._existing(chunk.emails)
         first_rows = self.first_rows
-        first_new: dict[str, int] = {}
-        fresh: list[_ContactRow] = []
+        fresh = chunk.firsts
         known: list[tuple[_ContactRow, Sequence[Any]]] = []
-        for row in rows:
-            old = existing.get(row.email)
-            if old is None:
-                first = first_new.get(row.email)
-                if first is None:
-                    first_new[row.email] = row.number
+        if existing:
+            fresh = []
+            for row in chunk.firsts:
+                old = existing.get(row.email)
+                if old is None:
                     fresh.append(row)
                     continue
-            else:
                 first = first_rows.get(old[_OLD_ID])
-                if not first:
+                if first:
+                    rejects.append(self._duplicate(row, first))
+                else:
                     first_rows.mark(old[_OLD_ID], row.number)
                     known.append((row, old))
-                    continue
-            rejects.append(
-                (
-                    row.number,
-                    self.columns.label(self.i_email),
-                    f"duplicate of row {first} ({row.email})",
-                    row.cells,
-                )
-            )
-        cities = self.cities
-        for row in fresh:
-            if row.city is not None:
-                row.city_id = cities.get(*row.city)
+        for row, first in chunk.repeats:
+            old = existing.get(row.email)
+            # A stored contact's first row may be in an earlier chunk.
+            rejects.append(self._duplicate(row, first_rows.get(old[_OLD_ID]) if old else first))
+        self.expect_new = len(fresh) * 2 >= len(chunk.firsts)
         tag_rows: list[tuple[int, str]] = []
         if fresh:
-            ids = self._insert(fresh)
+            ids: Sequence[int]
+            if self.json_rows:
+                ids = self._insert_rows(chunk, fresh, all_fresh=not existing)
+            else:
+                ids = self._insert(fresh, tag_rows)
             first_rows.mark_all(ids, [row.number for row in fresh])
-            tag_rows = [
-                (contact_id, tag)
-                for contact_id, row in zip(ids, fresh, strict=True)
-                for tag in row.tags
-            ]
         if known:
             self._update(known, tag_rows)
         self.insert_tags.run(self.session.connection(), tag_rows)
@@ -1427,30 +1533,48 @@ class _ContactImport(_ContactValidator):
             self.summary.suppressed += len(suppressed_among(self.session, emails))
         return rejects
 
-    def _insert(self, rows: list[_ContactRow]) -> Sequence[int]:
-        """Insert new contacts; returns their ids in order."""
-        connection = self.session.connection()
+    def _duplicate(self, row: _ContactRow, first: int) -> tuple[int, str, str, list[str]]:
+        return (
+            row.number,
+            self.columns.label(self.i_email),
+            f"duplicate of row {first} ({row.email})",
+            row.cells,
+        )
+
+    def _insert(self, rows: list[_ContactRow], tag_rows: list[tuple[int, str]]) -> Sequence[int]:
+        """Insert new contacts with the driver's executemany and add their tags to `tag_rows`;
+        returns their ids in order."""
+        cities = self.cities
+        city_ids = [None if row.city is None else cities.get(*row.city) for row in rows]
         to_json = self.attributes_json
         tags_json = self.tags_json
         now = self.now_param
-        if not self.sqlite:
-            self.insert_contacts.run(
-                connection,
-                [
-                    (
-                        row.email,
-                        *row.scalars,
-                        row.city_id,
-                        to_json(row.attributes),
-                        tags_json(row.tags),
-                        now,
-                        now,
-                    )
-                    for row in rows
-                ],
-            )
-            found = self._existing([row.email for row in rows])
-            return [found[row.email][_OLD_ID] for row in rows]
+        self.insert_contacts.run(
+            self.session.connection(),
+            [
+                (
+                    row.email,
+                    *row.scalars,
+                    city_id,
+                    to_json(row.attributes),
+                    tags_json(row.tags),
+                    now,
+                    now,
+                )
+                for row, city_id in zip(rows, city_ids, strict=True)
+            ],
+        )
+        found = self._existing([row.email for row in rows])
+        ids = [found[row.email][_OLD_ID] for row in rows]
+        tag_rows.extend(
+            (contact_id, tag) for contact_id, row in zip(ids, rows, strict=True) for tag in row.tags
+        )
+        return ids
+
+    def _insert_rows(self, chunk: _Chunk, rows: list[_ContactRow], *, all_fresh: bool) -> range:
+        """Insert new contacts and their tags as JSON rows, a statement a table; returns their
+        ids in order. `rows` are the new ones among `chunk.firsts` (all of them: `all_fresh`)."""
+        connection = self.session.connection()
         # The import is one write transaction, and SQLite has one writer: no other connection
         # can add a contact until it commits (a write that began before ours makes our first
         # write fail rather than interleave), so the ids after the largest are ours to give.
@@ -1461,25 +1585,27 @@ class _ContactImport(_ContactValidator):
                     "SELECT coalesce(max(id), 0) + 1 FROM contacts"
                 ).scalar_one()
             )
-        ids = range(self.next_id, self.next_id + len(rows))
+        first_id = self.next_id
         self.next_id += len(rows)
-        self.insert_contacts.run(
-            connection,
-            [
-                (
-                    contact_id,
-                    row.email,
-                    *row.scalars,
-                    row.city_id,
-                    to_json(row.attributes),
-                    tags_json(row.tags),
-                    now,
-                    now,
-                )
-                for contact_id, row in zip(ids, rows, strict=True)
-            ],
-        )
-        return ids
+        data = chunk.data if all_fresh else None
+        if data is None:
+            if chunk.values is None:
+                values = self.sqlite_values(rows)
+            elif all_fresh:
+                values = chunk.values
+            else:
+                built = dict(zip([row.number for row in chunk.firsts], chunk.values, strict=True))
+                values = [built[row.number] for row in rows]
+            # The cities the validating thread could not tell, in row order as ever.
+            cities = self.cities
+            for row, row_values in zip(rows, values, strict=True):
+                if row.city is not None and row_values[_SQLITE_CITY] is None:
+                    row_values[_SQLITE_CITY] = cities.get(*row.city)
+            data = _SQLITE_JSON.encode(values)
+        now = self.now_param
+        connection.exec_driver_sql(_SQLITE_INSERT_CONTACTS, (data, first_id, now))
+        connection.exec_driver_sql(_SQLITE_INSERT_TAGS, (first_id, self.next_id - 1))
+        return range(first_id, self.next_id)
 
     def _update(
         self, known: list[tuple[_ContactRow, Sequence[Any]]], tag_rows: list[tuple[int, str]]
@@ -1491,14 +1617,18 @@ class _ContactImport(_ContactValidator):
         to_json = self.to_json
         from_json = self.from_json
         tags_json = self.tags_json
+        attributes_json = self.attributes_json
         update_columns = self.update_columns
         checks = [(slot, _OLD[_CONTACT_SCALARS[slot]]) for slot, _, _ in self.scalars]
         updates: list[dict[str, Any]] = []
         for row, old in known:
             scalars = row.scalars
-            changed = any(
-                scalars[slot] is not None and scalars[slot] != old[at] for slot, at in checks
-            )
+            changed = False
+            for slot, at in checks:
+                value = scalars[slot]
+                if value is not None and value != old[at]:
+                    changed = True
+                    break
             city_id = old[_OLD_CITY]
             if row.city is not None:
                 city_id = cities.get(*row.city)
@@ -1508,8 +1638,10 @@ class _ContactImport(_ContactValidator):
                 old_tags = from_json(old[_OLD_TAGS])
                 changed = changed or sorted({*(old_tags or []), *row.tags}) != old_tags
             old_attributes: dict[str, Any] | None = None
-            if row.attributes or old[_OLD_ATTRIBUTES] is None:
-                old_attributes = from_json(old[_OLD_ATTRIBUTES])
+            stored = old[_OLD_ATTRIBUTES]
+            # Stored as the very text of this row's attributes: the same values, nothing to merge.
+            if (row.attributes and stored != attributes_json(row.attributes)) or stored is None:
+                old_attributes = from_json(stored)
                 changed = changed or {**(old_attributes or {}), **row.attributes} != (
                     old_attributes
                 )
@@ -1550,13 +1682,18 @@ class _ContactImport(_ContactValidator):
             cached = self._tags_json[tags] = self.to_json(sorted(tags))
         return cached
 
-    def _existing(self, emails: list[str]) -> dict[str, Sequence[Any]]:
-        """Stored contacts among `emails` as driver rows (`_LOOKUP_COLUMNS`, JSON undecoded).
+    def _existing(self, emails: list[str] | str) -> dict[str, Sequence[Any]]:
+        """Stored contacts among `emails` (on SQLite, a JSON array of them) as driver rows
+        (`_LOOKUP_COLUMNS`, JSON undecoded).
 
         SQLAlchemy's result rows cost ~20 µs each here; the statement is still compiled by
         SQLAlchemy for the dialect.
         """
         connection = self.session.connection()
+        if isinstance(emails, str):
+            # The driver's own rows: SQLAlchemy's cost 1-2 µs more a row, a re-import's every row.
+            raw: Any = connection.connection.driver_connection
+            return {values[_OLD_EMAIL]: values for values in raw.execute(_SQLITE_LOOKUP, (emails,))}
         compiled = self._lookup_statements.get(len(emails))
         if compiled is None:
             c = _CONTACTS.c
@@ -1573,14 +1710,29 @@ class _ContactImport(_ContactValidator):
         return {values[_OLD_EMAIL]: values for values in result}
 
 
-# A chunk of validated rows: the rows, the rejects among them (row, column, reason, cells), and
-# the number of its last row (None for the file's last chunk).
-_Chunk = tuple[list[_ContactRow], list[tuple[int, str, str, list[str]]], int | None]
+@dataclass(slots=True)
+class _Chunk:
+    """A chunk of validated rows, ready for `_ContactImport.flush`."""
+
+    # The rejects among its rows (row, column, reason, cells).
+    rejects: list[tuple[int, str, str, list[str]]]
+    # The number of its last row (None for the file's last chunk).
+    upto: int | None
+    # The first row of each address in the chunk, and the later ones with their first's number.
+    firsts: list[_ContactRow]
+    repeats: list[tuple[_ContactRow, int]]
+    # The addresses to look up (on SQLite, as one JSON array).
+    emails: list[str] | str
+    # SQLite: `firsts` as new rows (`_SQLITE_ROW`), unless left to the database thread, and as
+    # the JSON array to insert where every city id was known.
+    values: list[list[Any]] | None = None
+    data: str | None = None
 
 
-def _validated_chunks(validator: _ContactValidator, chunk_rows: int) -> Iterator[_Chunk]:
-    table = validator.table
-    validate = validator.validate
+def _validated_chunks(importer: _ContactImport, chunk_rows: int) -> Iterator[_Chunk]:
+    table = importer.table
+    validate = importer.validate
+    prepare = importer.prepare
     rows: list[_ContactRow] = []
     rejects: list[tuple[int, str, str, list[str]]] = []
     has_data = False
@@ -1595,11 +1747,11 @@ def _validated_chunks(validator: _ContactValidator, chunk_rows: int) -> Iterator
         except _RowRejected as exc:
             rejects.append((raw.number, exc.column, exc.reason, raw.cells))
         if len(rows) >= chunk_rows:
-            yield rows, rejects, raw.number
+            yield prepare(rows, rejects, raw.number)
             rows, rejects = [], []
     if not has_data:
         raise ImportFileError(f"{table.display}: no data rows")
-    yield rows, rejects, None
+    yield prepare(rows, rejects, None)
 
 
 def import_contacts(
@@ -1643,8 +1795,21 @@ def import_contacts(
         )
         sink = _RejectSink(stack=stack, path=rejects_path, header=table.header)
         # Writing (one database thread that owns the session from start to end) overlaps with
-        # reading and validating (this thread) where the driver releases the GIL.
+        # reading and validating (this thread) where the driver releases the GIL: on SQLite, for
+        # the whole of each chunk's inserts.
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="mailer-import"))
+        # A thread back from SQLite waits for the GIL up to the switch interval (5 ms by
+        # default) while the other one runs Python: a few times a statement, that left the
+        # database thread idle for much of each chunk.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, _SWITCH_INTERVAL))
+        stack.callback(sys.setswitchinterval, switch_interval)
+        # Every row makes several containers that live until its chunk is written: with the
+        # default threshold (700) the collector ran every ~100 rows, a quarter of the
+        # validating thread's time.
+        thresholds = gc.get_threshold()
+        gc.set_threshold(max(thresholds[0], _GC_THRESHOLD), *thresholds[1:])
+        stack.callback(gc.set_threshold, *thresholds)
 
         def on_db(call: Callable[[], Any]) -> Any:
             return pool.submit(call).result()
@@ -1659,25 +1824,26 @@ def import_contacts(
             )
         )
         chunks = _validated_chunks(importer, chunk_rows)
-        writing: Future[list[tuple[int, str, str, list[str]]]] | None = None
-        written_upto: int | None = 0
+        # Chunks handed to the database thread and not yet settled, oldest first, with the
+        # number of their last row.
+        writing: deque[tuple[Future[list[tuple[int, str, str, list[str]]]], int | None]] = deque()
 
-        def collect() -> None:
-            nonlocal writing
-            if writing is not None:
-                for reject in writing.result():
+        def collect(*, keep: int) -> None:
+            while len(writing) > keep:
+                future, upto = writing.popleft()
+                for reject in future.result():
                     sink.add(*reject)
                 # Rows up to the chunk's end are all settled now: their rejects go out in order.
-                sink.flush(upto=written_upto)
-                writing = None
+                sink.flush(upto=upto)
 
-        for rows, rejects, upto in chunks:
-            for reject in rejects:
+        for chunk in chunks:
+            for reject in chunk.rejects:
                 sink.add(*reject)
-            collect()
-            writing = pool.submit(importer.flush, rows)
-            written_upto = upto
-        collect()
+            # One chunk queued behind the one being written: either thread can have a slow
+            # chunk (a cache spill, a garbage collection) without the other waiting for it.
+            collect(keep=_QUEUED_CHUNKS)
+            writing.append((pool.submit(importer.flush, chunk), chunk.upto))
+        collect(keep=0)
         sink.flush()
         summary.rejects = sink.rejects
         on_db(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import gc
+import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import email_validator
 import openpyxl
@@ -14,10 +18,10 @@ from conftest import SEEDS, Cli
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import db
+from mailer import db, importers
 from mailer.cli import cli
 from mailer.errors import ImportFileError
-from mailer.importers import EmailChecker, _FirstRows, import_contacts
+from mailer.importers import EmailChecker, StrictImportFailed, _FirstRows, import_contacts
 from mailer.models import City, Contact, ContactTag, ImportRecord, Suppression
 
 
@@ -791,3 +795,120 @@ def test_first_rows_by_id_stay_bounded_for_far_ids() -> None:
     assert (first.get(10), first.get(2009), first.get(2010), first.get(3)) == (2, 2001, 0, 8)
     assert (first.get(10**12), first.get(10**9), first.get(10**9 + 1)) == (7, 9, 0)
     assert len(first._rows) <= first._DENSE
+
+
+# --------------------------------------------------------------------------- SQLite JSON rows
+
+
+def _stored_rows(factory: sessionmaker[Session]) -> tuple[list[Any], list[Any], list[Any]]:
+    """Contacts (but for their timestamps), tag rows and cities as the driver returns them."""
+    with factory() as session:
+        connection = session.connection()
+        return (
+            [
+                tuple(row)
+                for row in connection.exec_driver_sql(
+                    "SELECT id, email, name, title, salutation, language, organisation, city_id,"
+                    " attributes, tags FROM contacts ORDER BY id"
+                )
+            ],
+            [
+                tuple(row)
+                for row in connection.exec_driver_sql("SELECT * FROM contact_tags ORDER BY 1, 2")
+            ],
+            [tuple(row) for row in connection.exec_driver_sql("SELECT * FROM cities ORDER BY id")],
+        )
+
+
+MIXED = """\
+email,name,title,language,city,country,region,tags,Motto,Ключ
+known1@example.org,Known One,,,Lviv,UA,,k,,
+new1@example.org,"Say ""hi"" \\ back/slash",Mayor,de,München,DE,,a;b,"{""not"": ""json""} </x>",значення
+known2@example.org,,Renamed,,,,,,,
+new2@example.org,Олена Müller 😀,,uk,Київ,UA,Kyiv oblast,,,
+NEW1@example.org,dup,,,,,,,,
+not-an-address,X,,,,,,,,
+new3@example.org,,,,,FR,Bretagne,,tab-free,
+new4@example.org,Four,,,München,DE,Bayern,c,,
+new5@example.org,Five,,,muenchen,DE,,,,
+known3@example.org,,,,Lviv,UA,Lviv oblast,k2,,
+new6@example.org,Six,,,Lviv,UA,,,,
+""" + "".join(f"new{i}@example.org,N{i},,,Lviv,UA,,,,\n" for i in range(7, 13))
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["rows-built-ahead", "rows-built-on-db"])
+def test_json_rows_store_what_executemany_stores(
+    tmp_path: Path,
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    ahead: bool,
+) -> None:
+    """SQLite takes a chunk's new contacts as one JSON text; the same file through the driver's
+    executemany (PostgreSQL's way, and a SQLite's without JSON functions) stores the very same
+    rows and JSON text: duplicates, rejects, stored contacts among new ones, cities found and
+    made and given a region across chunks."""
+    with session_factory() as session:
+        if not importers._sqlite_json_rows(session.connection()):
+            pytest.skip("this SQLite has no JSON functions")
+    if not ahead:
+        # New rows then get built on the database thread, as in a re-import.
+        prepare = importers._ContactImport.prepare
+
+        def late(self: importers._ContactImport, *args: Any) -> importers._Chunk:
+            self.expect_new = False
+            return prepare(self, *args)
+
+        monkeypatch.setattr(importers._ContactImport, "prepare", late)
+    first = write(
+        tmp_path / "first.csv",
+        "email,name,city,country,tags\nknown1@example.org,K1,Lviv,UA,k\n"
+        "known2@example.org,K2,,,\nknown3@example.org,K3,Lviv,UA,\n",
+    )
+    path = write(tmp_path / "mixed.csv", MIXED)
+    other_engine = db.make_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    db.upgrade(other_engine)
+    other = db.session_factory(other_engine)
+    try:
+        summaries = []
+        for factory in (session_factory, other):
+            if factory is other:
+                monkeypatch.setattr(importers, "_sqlite_json_rows", lambda connection: False)
+            import_contacts(factory, path=first)
+            summary = import_contacts(factory, path=path, chunk_rows=3, tags=["wave"])
+            summaries.append((summary.line(), summary.rejects))
+        assert summaries[0] == summaries[1]
+        assert summaries[0][0] == "mixed.csv: 12 added, 3 updated, 0 unchanged, 2 rejected"
+        stored = _stored_rows(session_factory)
+        assert stored == _stored_rows(other)
+    finally:
+        other_engine.dispose()
+    contact_rows, tag_rows, _ = stored
+    for row in contact_rows:
+        for text in row[-2:]:
+            assert text == json.dumps(json.loads(text), ensure_ascii=False, separators=(",", ":"))
+    by_email = contacts(session_factory)
+    new1 = by_email["new1@example.org"]
+    assert new1.name == 'Say "hi" \\ back/slash'
+    assert new1.attributes == {"motto": '{"not": "json"} </x>', "ключ": "значення"}
+    assert by_email["new2@example.org"].name == "Олена Müller 😀"
+    assert by_email["new3@example.org"].attributes == {
+        "motto": "tab-free",
+        "country": "FR",
+        "region": "Bretagne",
+    }
+    for contact in by_email.values():
+        assert contact.tags == sorted(tag for i, tag in tag_rows if i == contact.id)
+    assert by_email["new1@example.org"].tags == ["a", "b", "wave"]
+    monkeypatch.undo()
+    assert import_contacts(session_factory, path=path, chunk_rows=3, tags=["wave"]).unchanged == 15
+
+
+def test_import_gives_back_switch_interval_and_collector_thresholds(
+    tmp_path: Path, session_factory: sessionmaker[Session]
+) -> None:
+    before = (sys.getswitchinterval(), gc.get_threshold())
+    path = write(tmp_path / "a.csv", "email\na@example.org\nbroken\n")
+    import_contacts(session_factory, path=path)
+    with pytest.raises(StrictImportFailed):
+        import_contacts(session_factory, path=path, strict=True)
+    assert (sys.getswitchinterval(), gc.get_threshold()) == before

@@ -238,7 +238,11 @@ def test_a_drop_awaiting_a_verdict_leaves_only_that_message_uncertain() -> None:
         # session, once.
         assert [o.kind for o in outcomes[1:]] == [OutcomeKind.ACCEPTED] * 2
         assert server.connections == 2
-        assert server.recipients() == ["first@example.org", "second@example.org", "third@example.org"]
+        assert server.recipients() == [
+            "first@example.org",
+            "second@example.org",
+            "third@example.org",
+        ]
 
 
 def test_an_unasked_421_after_a_message_sends_the_next_on_a_new_session() -> None:
