@@ -339,6 +339,8 @@ class _Wire(asyncio.Protocol):
         self.replies: collections.deque[_Reply] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.broken: str | None = None
+        # Written, not yet handed to the socket (see write_soon).
+        self.held: list[bytes] = []
         # Transactions overlap on a PIPELINING session (see _Connection.transact): each reads
         # its replies after the one before it has read all of its own. Done once the latest
         # transaction on this session has read its last reply.
@@ -351,7 +353,26 @@ class _Wire(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.open:
             raise _WireError(self.broken or "connection closed")
-        self.transport.write(data)
+        if self.held:
+            self.held.append(data)
+        else:
+            self.transport.write(data)
+
+    def write_soon(self, data: bytes) -> None:
+        """Write at the end of this turn of the event loop, with whatever else is written by
+        then: a payload and the next message's envelope (written by the transaction that
+        takes the connection next) leave in one segment, which saves a system call and a
+        wake-up of the server for every message."""
+        if not self.open:
+            raise _WireError(self.broken or "connection closed")
+        if not self.held:
+            self.loop.call_soon(self._flush)
+        self.held.append(data)
+
+    def _flush(self) -> None:
+        held, self.held = self.held, []
+        if held and self.open:
+            self.transport.write(b"".join(held))
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -692,9 +713,12 @@ class _Connection:
             stage = "payload"
             if on_payload is not None:
                 on_payload()
-            wire.write(_stuffed(data))
             if pipelined:
+                # Released first, so the next transaction's envelope joins the payload.
                 release()
+                wire.write_soon(_stuffed(data))
+            else:
+                wire.write(_stuffed(data))
             reply = await wire.reply(timeout)
         except (_WireError, OSError, TimeoutError) as exc:
             wire.abort()
