@@ -21,15 +21,19 @@ import asyncio
 import collections
 import datetime as dt
 import functools
+import json
 import os
 import signal
 import socket
+import sqlite3
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     Connection,
@@ -76,6 +80,7 @@ MESSAGES = cast(Table, Message.__table__)
 EVENTS = cast(Table, Event.__table__)
 
 Clock = Callable[[], dt.datetime]
+_T = TypeVar("_T")
 
 
 def utcnow() -> dt.datetime:
@@ -493,6 +498,8 @@ def _event(
 # The two statements that run once per message are sent to the driver directly: SQLAlchemy's
 # per-row parameter processing cost more than the database work (see benchmarks/RESULTS.md).
 _PLACEHOLDER = {"sqlite": "?", "postgresql": "%s"}
+# Rows per multi-row statement: 8 parameters a row stays far below SQLite's 32,766.
+_ROWS_A_STATEMENT = 500
 
 
 def _datetime_to_db(conn: Connection) -> Callable[[dt.datetime | None], Any]:
@@ -539,6 +546,21 @@ def _bulk_update_messages(conn: Connection, rows: list[dict[str, Any]]) -> bool:
         )
         for r in rows
     ]
+    if conn.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
+        # One statement for the whole batch (one driver step: see _Run.db_thread).
+        for start in range(0, len(params), _ROWS_A_STATEMENT // 2):
+            chunk = params[start : start + _ROWS_A_STATEMENT // 2]
+            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            conn.exec_driver_sql(
+                "UPDATE messages SET status = v.column1, attempts = v.column2, "
+                "next_attempt_at = v.column3, sent_at = v.column4, smtp_code = v.column5, "
+                "smtp_reply = v.column6, message_id = v.column7, language = v.column8, "
+                "subject = v.column9, body_hash = v.column10, claimed_by = NULL, "
+                f"updated_at = v.column11 FROM (VALUES {values}) AS v "
+                "WHERE messages.id = v.column12",
+                tuple(value for row in chunk for value in row),
+            )
+        return True
     conn.exec_driver_sql(sql, params)
     return True
 
@@ -573,24 +595,30 @@ def _insert_events(conn: Connection, events: list[dict[str, Any]]) -> None:
         conn.execute(EVENTS.insert(), events)
         return
     to_db = _datetime_to_db(conn)
-    sql = (
-        "INSERT INTO events (message_id, campaign_id, contact_id, at, kind, smtp_code, detail, "
-        f"via) VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})"
-    )
-    params = [
-        (
-            e["message_id"],
-            e["campaign_id"],
-            e["contact_id"],
-            to_db(e["at"]),
-            e["kind"],
-            e["smtp_code"],
-            e["detail"],
-            e["via"],
+    # Many rows in one statement: the driver runs it in one step (one release of the GIL, see
+    # _Run.db_thread) instead of one step per row.
+    for start in range(0, len(events), _ROWS_A_STATEMENT):
+        chunk = events[start : start + _ROWS_A_STATEMENT]
+        values = ", ".join([f"({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})"] * len(chunk))
+        params: list[Any] = []
+        for e in chunk:
+            params.extend(
+                (
+                    e["message_id"],
+                    e["campaign_id"],
+                    e["contact_id"],
+                    to_db(e["at"]),
+                    e["kind"],
+                    e["smtp_code"],
+                    e["detail"],
+                    e["via"],
+                )
+            )
+        conn.exec_driver_sql(
+            "INSERT INTO events (message_id, campaign_id, contact_id, at, kind, smtp_code, "
+            f"detail, via) VALUES {values}",
+            tuple(params),
         )
-        for e in events
-    ]
-    conn.exec_driver_sql(sql, params)
 
 
 def _freeze_and_start(
@@ -776,6 +804,8 @@ class _Run:
         # not yet recorded becomes `uncertain`, so the window is kept just deep enough to keep
         # the senders busy.
         self.ahead = asyncio.Semaphore(1)
+        # One thread: claims and records never wait for each other's write lock.
+        self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="mailer-db")
         self.composing = Composing(
             BatchComposer(engine=engine, workspace=workspace, campaign=campaign), worker=None
         )
@@ -799,10 +829,11 @@ class _Run:
 
     # ----- peeker and claimer
     #
-    # The peek, the claim and the record run on the event loop's own thread. Each is a few
-    # statements and one commit (well under a millisecond of waiting on a local disk), while in
-    # a worker thread each of their many GIL hand-backs waited for the busy loop to yield:
-    # claims took 20 ms instead of 4 and starved the senders (see benchmarks/RESULTS.md, Send).
+    # Claims and results are written on one database thread (db_thread), so the event loop
+    # keeps the SMTP sessions moving while SQLite works and syncs. Each of their statements is
+    # one driver step (multi-row VALUES, no RETURNING on SQLite): every step gives up the GIL
+    # and must wait to get it back from the busy loop, and per-row steps made a claim take
+    # 20 ms (see benchmarks/RESULTS.md, Send). The peek, a read, stays on the loop.
 
     def _peek(
         self, n: int, *, skip: frozenset[int], after: int
@@ -881,15 +912,12 @@ class _Run:
         future.cancel()
         self.peeked.difference_update(mid for mid, _ in rows)
 
-    def _claim(self, rows: list[tuple[int, int]], batch: Batch) -> list[_Job]:
+    async def _claim(self, rows: list[tuple[int, int]], batch: Batch) -> list[_Job]:
         """Claims the batch, and records the results that came in since the last commit in the
         same transaction: one commit (one fsync on SQLite) for both."""
-        now = self.clock()
         results, self.unrecorded = self.unrecorded, []
         try:
-            with _writing(self.engine) as conn:
-                self._write_results(conn, results)
-                claimed = self._claim_in(conn, rows, now)
+            claimed = await self._on_db(self._claim_and_record, rows, results)
         except BaseException:
             # Not written: the recorder tries them again.
             self.unrecorded[:0] = results
@@ -913,9 +941,25 @@ class _Run:
             jobs.append(job)
         return jobs
 
+    def _claim_and_record(
+        self, rows: list[tuple[int, int]], results: list[_Result]
+    ) -> list[tuple[int, int, int]]:
+        with _writing(self.engine) as conn:
+            self._write_results(conn, results)
+            return self._claim_in(conn, rows, self.clock())
+
+    def _record(self, results: list[_Result]) -> None:
+        with _writing(self.engine) as conn:
+            self._write_results(conn, results)
+
+    async def _on_db(self, call: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self.db_thread, call, *args)
+
     def _claim_in(
         self, conn: Connection, rows: list[tuple[int, int]], now: dt.datetime
     ) -> list[tuple[int, int, int]]:
+        if conn.dialect.name == "sqlite":
+            return self._claim_in_sqlite(conn, rows, now)
         _, claim = _claim_statements()
         params = {
             "campaign": self.campaign.id,
@@ -942,6 +986,35 @@ class _Run:
                 ],
             )
         return claimed
+
+    def _claim_in_sqlite(
+        self, conn: Connection, rows: list[tuple[int, int]], now: dt.datetime
+    ) -> list[tuple[int, int, int]]:
+        """The claim as three statements of one step each: RETURNING would be a driver step
+        (and a wait for the GIL) per row. The rows this claim took are the batch's rows now
+        `sending` for this run: none of them was before (each was due when peeked)."""
+        at = _datetime_to_db(conn)(now)
+        ids = json.dumps([mid for mid, _ in rows])
+        run = self.report.run_id
+        mine = "id IN (SELECT value FROM json_each(?)) AND claimed_by = ? AND status = 'sending'"
+        conn.exec_driver_sql(
+            "UPDATE messages SET status = 'sending', attempts = attempts + 1, claimed_by = ?, "
+            "updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) AND (status = 'queued' "
+            "OR (status = 'retry' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)))",
+            (run, at, ids, at),
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO events (message_id, campaign_id, contact_id, at, kind, smtp_code, "
+            "detail, via) SELECT id, campaign_id, contact_id, ?, ?, NULL, 'attempt ' || "
+            f"attempts, ? FROM messages WHERE {mine} ORDER BY id",
+            (at, EventKind.CLAIMED.value, run, ids, run),
+        )
+        found = conn.exec_driver_sql(
+            "SELECT json_group_array(json_array(id, contact_id, attempts)) FROM messages "
+            f"WHERE {mine}",
+            (ids, run),
+        ).scalar_one()
+        return [(int(mid), int(cid), int(n)) for mid, cid, n in json.loads(found)]
 
     async def claimer(
         self, inbox: asyncio.Queue[_Peeked | None], out: asyncio.Queue[list[_Job] | None]
@@ -971,7 +1044,7 @@ class _Run:
                     self._drop(item)
                     continue
                 try:
-                    jobs = self._claim(rows, batch)
+                    jobs = await self._claim(rows, batch)
                 finally:
                     self._drop(item)
                 if not jobs:
@@ -1236,8 +1309,11 @@ class _Run:
                 finished or due or len(self.unrecorded) >= self.policy.record_every
             ):
                 batch, self.unrecorded = self.unrecorded, []
-                with _writing(self.engine) as conn:
-                    self._write_results(conn, batch)
+                try:
+                    await self._on_db(self._record, batch)
+                except BaseException:
+                    self.unrecorded[:0] = batch
+                    raise
             if finished or due:
                 last = loop.time()
                 if self.progress is not None:
@@ -1528,7 +1604,15 @@ async def _send_campaign(
         signals.run = run
         if signals.count:
             run.halt("interrupted")
-        await run.run()
+        # The database thread gets the GIL back within half a millisecond of asking (the
+        # default, 5 ms, is ten messages' worth of sending); restored after the run.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, 0.0005))
+        try:
+            await run.run()
+        finally:
+            sys.setswitchinterval(switch)
+            run.db_thread.shutdown(wait=True)
     finally:
         _ENDED_RUNS.add(report.run_id)
         signals.remove()
