@@ -289,12 +289,14 @@ class SmtpPool:
 
         try:
             return await conn.transact(
-                mail_from=mail_from,
-                rcpt_to=rcpt_to,
-                data=data,
-                smtputf8=smtputf8,
-                release=release,
-                on_payload=on_payload,
+                _Outgoing(
+                    mail_from=mail_from,
+                    rcpt_to=rcpt_to,
+                    data=data,
+                    smtputf8=smtputf8,
+                    release=release,
+                    on_payload=on_payload,
+                )
             )
         finally:
             release()
@@ -304,6 +306,19 @@ class SmtpPool:
         # Connections and the queue belong to this event loop; a later run opens new ones.
         self._idle = None
         self._all = []
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Outgoing:
+    """One message on its way through a connection (see _Connection.transact)."""
+
+    mail_from: str
+    rcpt_to: Sequence[str]
+    data: bytes
+    smtputf8: bool
+    # Hands the connection to the next message (PIPELINING: once the payload is written).
+    release: Callable[[], None]
+    on_payload: Callable[[], None] | None
 
 
 class _Reply:
@@ -553,16 +568,7 @@ class _Connection:
         self.sent_on_this = 0
         return wire
 
-    async def transact(
-        self,
-        *,
-        mail_from: str,
-        rcpt_to: Sequence[str],
-        data: bytes,
-        smtputf8: bool,
-        release: Callable[[], None] = lambda: None,
-        on_payload: Callable[[], None] | None = None,
-    ) -> Outcome:
+    async def transact(self, message: _Outgoing) -> Outcome:
         """One message. On a PIPELINING session `release` is called as soon as the payload is
         written: the next transaction's envelope may then go out while this one waits for the
         server's verdict (RFC 2920 lets message content open a command group), so each
@@ -574,14 +580,7 @@ class _Connection:
         self.busy += 1
         try:
             while True:
-                outcome = await self._transact_once(
-                    mail_from=mail_from,
-                    rcpt_to=rcpt_to,
-                    data=data,
-                    smtputf8=smtputf8,
-                    release=release,
-                    on_payload=on_payload,
-                )
+                outcome = await self._transact_once(message)
                 # Nothing of this message went out when the session closed (421, possibly
                 # announced unasked after the message ahead) or broke before the payload: one
                 # more try on a fresh connection is safe.
@@ -615,36 +614,22 @@ class _Connection:
         lines.append(b"DATA\r\n")
         return lines
 
-    async def _transact_once(
-        self,
-        *,
-        mail_from: str,
-        rcpt_to: Sequence[str],
-        data: bytes,
-        smtputf8: bool,
-        release: Callable[[], None],
-        on_payload: Callable[[], None] | None,
-    ) -> Outcome:
+    async def _transact_once(self, message: _Outgoing) -> Outcome:
         via = self.settings.via
         # Connected first: the envelope depends on what the server offers.
         wire = await self.ensure_connected()
         envelope = self._envelope(
-            mail_from=mail_from, rcpt_to=rcpt_to, data=data, smtputf8=smtputf8
+            mail_from=message.mail_from,
+            rcpt_to=message.rcpt_to,
+            data=message.data,
+            smtputf8=message.smtputf8,
         )
         if isinstance(envelope, str):
             return Outcome(kind=OutcomeKind.PERMANENT, code=None, reply=envelope, via=via)
         previous, turn = wire.take_turn()
         finished = False
         try:
-            outcome = await self._exchange(
-                wire,
-                envelope,
-                previous=previous,
-                data=data,
-                rcpts=len(rcpt_to),
-                release=release,
-                on_payload=on_payload,
-            )
+            outcome = await self._exchange(wire, envelope, previous=previous, message=message)
             finished = True
             return outcome
         finally:
@@ -661,15 +646,12 @@ class _Connection:
         envelope: list[bytes],
         *,
         previous: asyncio.Future[None] | None,
-        data: bytes,
-        rcpts: int,
-        release: Callable[[], None],
-        on_payload: Callable[[], None] | None,
+        message: _Outgoing,
     ) -> Outcome:
         via = self.settings.via
         timeout = self.settings.timeout
         pipelined = self.pipelining
-        stages = ["MAIL", *(["RCPT"] * rcpts), "DATA"]
+        stages = ["MAIL", *(["RCPT"] * len(message.rcpt_to)), "DATA"]
         stage = "MAIL"
         refusal: _Reply | None = None
         try:
@@ -711,14 +693,14 @@ class _Connection:
             # From here on the server may have the whole message: only its reply says whether
             # it took it, so any failure to read that reply leaves the outcome uncertain.
             stage = "payload"
-            if on_payload is not None:
-                on_payload()
+            if message.on_payload is not None:
+                message.on_payload()
             if pipelined:
                 # Released first, so the next transaction's envelope joins the payload.
-                release()
-                wire.write_soon(_stuffed(data))
+                message.release()
+                wire.write_soon(_stuffed(message.data))
             else:
-                wire.write(_stuffed(data))
+                wire.write(_stuffed(message.data))
             reply = await wire.reply(timeout)
         except (_WireError, OSError, TimeoutError) as exc:
             wire.abort()
