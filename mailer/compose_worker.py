@@ -26,7 +26,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, NamedTuple, cast
+from typing import IO, Any, NamedTuple
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -55,12 +55,6 @@ class Composed(NamedTuple):
 
 # Per contact id: the message, or why it cannot be built (recorded as that message's failure).
 Batch = dict[int, Composed | str]
-
-
-def _rcpts(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    return tuple(str(v) for v in cast(Sequence[object], value))
 
 
 class BatchComposer:
@@ -99,7 +93,7 @@ class BatchComposer:
             batch[contact_id] = Composed(
                 data=composed.data,
                 mail_from=composed.mail_from,
-                rcpt_to=_rcpts(composed.rcpt_to),
+                rcpt_to=(composed.rcpt_to,),
                 smtputf8=bool(composed.smtputf8),
                 message_id=composed.message_id,
                 language=composed.language,

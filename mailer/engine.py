@@ -747,12 +747,6 @@ def _hand(job: _Job) -> None:
     job.handed = True
 
 
-def _rcpts(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    return tuple(str(v) for v in cast(Sequence[object], value))
-
-
 class _Run:
     def __init__(
         self,
@@ -1446,7 +1440,7 @@ def plan_send(*, workspace: Workspace, engine: Engine, slug: str) -> SendPlan:
             if recipients:
                 try:
                     composed = composer.compose(next(iter(recipients.values())))
-                    subject, to = composed.subject, ", ".join(_rcpts(composed.rcpt_to))
+                    subject, to = composed.subject, composed.rcpt_to
                 except MailerError as exc:
                     subject = f"(cannot render: {exc})"
     return SendPlan(
@@ -1793,7 +1787,7 @@ def send_test(
                     await bucket.acquire()
                 outcome = await transport.send(
                     mail_from=composed.mail_from,
-                    rcpt_to=_rcpts(composed.rcpt_to),
+                    rcpt_to=(composed.rcpt_to,),
                     data=composed.data,
                     smtputf8=bool(composed.smtputf8),
                     ref=None,
