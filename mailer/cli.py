@@ -878,6 +878,7 @@ def send(
       mailer send appeal-2022 --smtp smtp+plain://127.0.0.1:1025 --test-to me@example.org
     """
     from mailer import engine as send_engine
+    from mailer import smtp
     from mailer import transport as tr
     from mailer.errors import SendIncomplete
 
@@ -900,13 +901,13 @@ def send(
     per_second = tr.parse_rate(rate) if rate else None
     transport: tr.Transport
     if smtp_url is not None:
-        settings = tr.parse_smtp_url(smtp_url, ca_file=ca_file, timeout=timeout)
-        password = tr.resolve_password(
+        settings = smtp.parse_smtp_url(smtp_url, ca_file=ca_file, timeout=timeout)
+        password = smtp.resolve_password(
             settings=settings,
             password_command=workspace.setting("smtp", "password_command"),
             prompt=(lambda text: str(click.prompt(text, hide_input=True))) if terminal else None,
         )
-        transport = tr.SmtpPool(settings.with_password(password), size=concurrency)
+        transport = smtp.SmtpPool(settings.with_password(password), size=concurrency)
         shown = settings.display
     else:
         assert outbox is not None

@@ -35,7 +35,7 @@ from mailer import campaigns
 from mailer.config import Workspace
 from mailer.errors import MailerError
 from mailer.models import Campaign
-from mailer.transport import PASSWORD_ENV
+from mailer.smtp import PASSWORD_ENV
 
 
 class Composed(NamedTuple):

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from mailer import campaigns, db, importers, review
+from mailer import campaigns, db, importers, review, smtp
 from mailer import engine as send_engine
-from mailer import transport as tr
 from mailer.audience import Audience, suppress
 from mailer.config import CONFIG_NAME, DEFAULT_DB_NAME, Workspace, create_workspace, data_path
 from mailer.devserver import DevServer
@@ -158,7 +157,7 @@ def _run(
     maildir = root / "received"
     with DevServer(maildir=maildir) as server:
         out(f"5. Send through the embedded mail server at {server.url} (this machine only)")
-        transport = tr.SmtpPool(tr.parse_smtp_url(server.url), size=4)
+        transport = smtp.SmtpPool(smtp.parse_smtp_url(server.url), size=4)
         report = send_engine.send_campaign(
             workspace=workspace, engine=engine, slug=SLUG, transport=transport, concurrency=4
         )

@@ -770,7 +770,7 @@ class _Run:
         self.transport = transport
         self.concurrency = concurrency
         # On a PIPELINING server two messages share a connection: the next envelope goes out
-        # while the message before waits for its verdict (see transport._Connection.transact).
+        # while the message before waits for its verdict (see smtp._Connection.transact).
         self.sender_tasks = concurrency * int(getattr(transport, "sends_per_connection", 1))
         self.budget = budget
         self.budget_reason = budget_reason

@@ -23,7 +23,7 @@ from mailer import engine as send_engine
 from mailer.compose_worker import BatchComposer, Composed, ComposeWorker, Composing
 from mailer.config import Workspace, find_workspace
 from mailer.models import Campaign, Contact, Message
-from mailer.transport import SmtpPool, parse_smtp_url
+from mailer.smtp import SmtpPool, parse_smtp_url
 
 FROM = "Campaign Office <office@example.org>"
 

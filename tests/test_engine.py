@@ -21,7 +21,7 @@ from mailer import engine as send_engine
 from mailer.config import Workspace, find_workspace
 from mailer.errors import AuthenticationRefused, TransportError
 from mailer.models import Campaign, Event, Message, SuppressionReason
-from mailer.transport import SmtpPool, parse_smtp_url
+from mailer.smtp import SmtpPool, parse_smtp_url
 
 SLUG = "appeal"
 

@@ -15,7 +15,7 @@ from mailer import db
 from mailer import engine as send_engine
 from mailer.config import Workspace, data_path
 from mailer.models import Event, Message
-from mailer.transport import SmtpPool, parse_smtp_url
+from mailer.smtp import SmtpPool, parse_smtp_url
 
 
 def test_two_concurrent_senders_deliver_each_message_exactly_once(

@@ -19,17 +19,14 @@ from mailer.errors import (
     TlsFailure,
     TransportError,
 )
+from mailer.smtp import SmtpPool, SmtpSettings, parse_smtp_url, resolve_password
 from mailer.transport import (
     DryRun,
     MaildirOutbox,
     Outcome,
     OutcomeKind,
-    SmtpPool,
-    SmtpSettings,
     TokenBucket,
     parse_rate,
-    parse_smtp_url,
-    resolve_password,
 )
 
 MESSAGE = (

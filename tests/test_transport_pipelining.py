@@ -13,7 +13,8 @@ import pytest
 import trustme
 from smtp_server import DROP, STALL, ScriptedSmtpServer, SmtpTestServer, server_context, write_ca
 
-from mailer.transport import Outcome, OutcomeKind, SmtpPool, parse_smtp_url
+from mailer.smtp import SmtpPool, parse_smtp_url
+from mailer.transport import Outcome, OutcomeKind
 
 MESSAGE = (
     b"From: office@example.org\r\nTo: mayor@example.org\r\nSubject: hello\r\n\r\n"
