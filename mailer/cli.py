@@ -851,6 +851,11 @@ def _on_terminal() -> bool:
     show_default=True,
     help="Seconds to wait for each SMTP reply.",
 )
+@click.option(
+    "--allow-plaintext-auth",
+    is_flag=True,
+    help="Allow a login over smtp+plain:// to another machine (the password goes in clear).",
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def send(
     slug: str,
@@ -864,6 +869,7 @@ def send(
     test_to: str | None,
     ca_file: Path | None,
     timeout: float,
+    allow_plaintext_auth: bool,
     yes: bool,
 ) -> None:
     """Deliver a campaign: every recipient at most once, every outcome in the send log.
@@ -901,7 +907,12 @@ def send(
     per_second = tr.parse_rate(rate) if rate else None
     transport: tr.Transport
     if smtp_url is not None:
-        settings = smtp.parse_smtp_url(smtp_url, ca_file=ca_file, timeout=timeout)
+        settings = smtp.parse_smtp_url(
+            smtp_url,
+            ca_file=ca_file,
+            timeout=timeout,
+            allow_plaintext_auth=allow_plaintext_auth,
+        )
         password = smtp.resolve_password(
             settings=settings,
             password_command=workspace.setting("smtp", "password_command"),

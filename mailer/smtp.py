@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import ipaddress
 import os
 import re
 import shlex
@@ -39,6 +40,9 @@ from mailer.transport import Outcome, OutcomeKind
 
 PASSWORD_ENV = "MAILER_SMTP_PASSWORD"
 DEFAULT_TIMEOUT = 60.0
+# A message's whole transaction (envelope, payload, verdict) must end within this many timeouts
+# of its start, however each reply trickles in: a stalling server costs bounded time.
+TRANSACTION_TIMEOUTS = 3
 SCHEMES = {"smtp": 587, "smtps": 465, "smtp+plain": 25}
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
@@ -66,18 +70,48 @@ class SmtpSettings:
 
     @property
     def display(self) -> str:
-        """The URL as the user gave it, never with a password."""
+        """The URL as the user gave it, never with a password; a login in clear is named."""
         user = f"{self.username}@" if self.username else ""
-        return f"{self.scheme}://{user}{self.host}:{self.port}"
+        shown = f"{self.scheme}://{user}{self.host}:{self.port}"
+        if self.plaintext_auth:
+            shown += " (the password goes WITHOUT encryption: --allow-plaintext-auth)"
+        return shown
+
+    @property
+    def plaintext_auth(self) -> bool:
+        """A login to another machine without TLS (allowed only when asked for explicitly)."""
+        return (
+            self.scheme == "smtp+plain" and self.username is not None and not is_loopback(self.host)
+        )
 
     def with_password(self, password: str | None) -> SmtpSettings:
         return replace(self, password=password)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine by its very name (no DNS is asked: a name that merely
+    resolves to 127.0.0.1 today may not tomorrow)."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_smtp_url(
-    url: str, *, ca_file: Path | None = None, timeout: float = DEFAULT_TIMEOUT
+    url: str,
+    *,
+    ca_file: Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    allow_plaintext_auth: bool = False,
 ) -> SmtpSettings:
-    """`smtp://user@host:587` (STARTTLS), `smtps://user@host:465`, `smtp+plain://host:25`."""
+    """`smtp://user@host:587` (STARTTLS), `smtps://user@host:465`, `smtp+plain://host:25`.
+
+    A login over `smtp+plain://` would send the password in clear: refused unless the host is
+    this machine (a local relay, a test server) or `allow_plaintext_auth` says the user wants
+    exactly that."""
     try:
         parts = urlsplit(url.strip())
         port = parts.port
@@ -99,6 +133,17 @@ def parse_smtp_url(
         raise InvalidValueError(f"--smtp {url}: no host name")
     if ca_file is not None and not ca_file.is_file():
         raise InvalidValueError(f"--ca-file {ca_file}: no such file")
+    if (
+        scheme == "smtp+plain"
+        and parts.username
+        and not is_loopback(parts.hostname)
+        and not allow_plaintext_auth
+    ):
+        raise InvalidValueError(
+            f"--smtp {scheme}://{parts.username}@{parts.hostname}: a login without TLS would "
+            "send the password in clear to another machine; use smtp:// (STARTTLS) or smtps://, "
+            "or add --allow-plaintext-auth if that network is really yours"
+        )
     return SmtpSettings(
         scheme=scheme,
         host=parts.hostname,
@@ -395,12 +440,21 @@ class _Wire(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def reply(self, timeout: float) -> _Reply:
+    async def reply(self, timeout: float, *, deadline: float | None = None) -> _Reply:
+        """The next complete reply, within `timeout` seconds of asking and before `deadline`
+        (the event loop's clock). Both are fixed when asked: a server that trickles bytes (a
+        `250-` line a second, forever) wakes this reader on each, but never buys more time."""
+        until = self.loop.time() + timeout
+        if deadline is not None:
+            until = min(until, deadline)
         while not self.replies:
             if self.broken is not None:
                 raise _WireError(self.broken)
+            left = until - self.loop.time()
+            if left <= 0:
+                raise TimeoutError("timed out waiting for the server's reply")
             waiter = self.waiter = self.loop.create_future()
-            timer = self.loop.call_later(timeout, _expire, waiter)
+            timer = self.loop.call_later(left, _expire, waiter)
             try:
                 await waiter
             finally:
@@ -616,13 +670,15 @@ class _Connection:
                 wire.write(b"".join(envelope))
             if previous is not None:
                 # The transaction before ours on this session reads its verdict first. It
-                # never fails: it always ends its turn, however it ends.
+                # never fails: it always ends its turn, however it ends (within its own
+                # deadline, so ours starts after it).
                 await previous
+            deadline = asyncio.get_running_loop().time() + timeout * TRANSACTION_TIMEOUTS
             for index, line in enumerate(envelope):
                 stage = stages[index]
                 if not pipelined:
                     wire.write(line)
-                reply = await wire.reply(timeout)
+                reply = await wire.reply(timeout, deadline=deadline)
                 if reply.code == 421:
                     wire.abort()
                     first = refusal or reply
@@ -657,7 +713,7 @@ class _Connection:
                 wire.write_soon(_stuffed(message.data))
             else:
                 wire.write(_stuffed(message.data))
-            reply = await wire.reply(timeout)
+            reply = await wire.reply(timeout, deadline=deadline)
         except (_WireError, OSError, TimeoutError) as exc:
             wire.abort()
             if stage == "payload":

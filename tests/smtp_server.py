@@ -336,7 +336,16 @@ class ScriptedSmtpServer:
         stray: str | None = None,
         hold_verdict: bool = False,
         data_reply: str = "354 end with <CRLF>.<CRLF>",
+        drip: tuple[float, int] | None = None,
+        slow_replies: float = 0.0,
     ) -> None:
+        # (interval, lines): the verdict on a payload comes as up to `lines` continuation lines
+        # `250-` one every `interval` seconds before the final line; `dripped` counts those sent
+        # (a client that gives up stops the drip by hanging up).
+        self.drip = drip
+        self.dripped = 0
+        # Every reply of the session waits this long first: each reply on its own is in time.
+        self.slow_replies = slow_replies
         # The answer to DATA when there are recipients (anything but 354 is a broken server).
         self.data_reply = data_reply
         self.hold_until_data = hold_until_data
@@ -407,6 +416,8 @@ class ScriptedSmtpServer:
                 with self.lock:
                     self.verdicts_overlapped += 1
             verdict_held = False
+            if self.slow_replies:
+                await asyncio.sleep(self.slow_replies)
             out = "".join(f"{t}\r\n" for t in held).encode()
             held.clear()
             if self.dribble:
@@ -483,6 +494,14 @@ class ScriptedSmtpServer:
                         self.received.append(
                             Received(mail_from, tuple(rcpts), bytes(payload), time.monotonic())
                         )
+                    if self.drip is not None:
+                        interval, lines = self.drip
+                        for _ in range(lines):
+                            writer.write(b"250-still thinking\r\n")
+                            await writer.drain()
+                            with self.lock:
+                                self.dripped += 1
+                            await asyncio.sleep(interval)
                     await reply(
                         answer or "250 2.0.0 queued",
                         *([self.stray] if self.stray else []),

@@ -80,6 +80,25 @@ def test_no_password_off_a_terminal_is_a_clear_error(
     assert "MAILER_SMTP_PASSWORD" in result.output
 
 
+def test_a_login_in_clear_to_another_machine_is_refused_before_anything_is_asked(
+    run: Cli, workspace: Path, engine: Engine
+) -> None:
+    seed_campaign(engine, workspace, count=1)
+    result = run(
+        "send",
+        SLUG,
+        "--smtp",
+        "smtp+plain://office@relay.test:25",
+        "--yes",
+        env={"MAILER_SMTP_PASSWORD": "secret-pw"},
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ")
+    assert "password in clear" in result.output
+    assert "secret-pw" not in result.output
+    assert statuses(engine) == {}
+
+
 def test_password_command_from_mailer_toml(run: Cli, workspace: Path, engine: Engine) -> None:
     seed_campaign(engine, workspace, count=2)
     config = workspace / "mailer.toml"

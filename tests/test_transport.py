@@ -81,6 +81,36 @@ def test_bad_urls_are_refused(url: str) -> None:
         parse_smtp_url(url)
 
 
+@pytest.mark.parametrize(
+    "url", ["smtp+plain://office@relay.test", "smtp+plain://office@192.0.2.10:2525"]
+)
+def test_a_login_in_clear_to_another_machine_is_refused(url: str) -> None:
+    with pytest.raises(InvalidValueError) as info:
+        parse_smtp_url(url)
+    assert "in clear" in str(info.value)
+    assert "--allow-plaintext-auth" in str(info.value)
+    # Asked for explicitly, it is allowed, and the settings say so wherever they are shown.
+    allowed = parse_smtp_url(url, allow_plaintext_auth=True)
+    assert allowed.plaintext_auth
+    assert "WITHOUT encryption" in allowed.display
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "smtp+plain://office@127.0.0.1:1025",
+        "smtp+plain://office@localhost:1025",
+        "smtp+plain://office@[::1]:1025",
+        "smtp+plain://relay.test",  # no login: nothing secret travels
+        "smtp://office@mail.example.org",  # STARTTLS is required before the login
+    ],
+)
+def test_logins_that_stay_on_this_machine_or_go_over_tls_need_no_flag(url: str) -> None:
+    settings = parse_smtp_url(url)
+    assert not settings.plaintext_auth
+    assert "WITHOUT" not in settings.display
+
+
 def test_a_password_in_the_url_is_refused_without_echoing_it() -> None:
     with pytest.raises(InvalidValueError) as info:
         parse_smtp_url("smtp://u:hunter2secret@mail.example.org")

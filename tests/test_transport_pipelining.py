@@ -273,3 +273,28 @@ def test_two_messages_share_a_connection_only_where_the_server_pipelines(
 
     with SmtpTestServer(pipelining=pipelining) as server:
         assert asyncio.run(go(server.url())) == expected
+
+
+def test_a_verdict_dripped_line_by_line_is_still_timed_out() -> None:
+    # A server that sends `250-` continuation lines forever after the final dot: every byte
+    # used to restart the timer, so `--timeout` never fired. The reply has a deadline from the
+    # moment it is awaited, so the client gives up after about one timeout (here 0.5 s, five
+    # lines of the drip) and long before the server runs out of its 200 lines.
+    with ScriptedSmtpServer(drip=(0.1, 200)) as server:
+        outcomes = send_each(server.url(), [["mayor@example.org"]], timeout=0.5)
+        assert outcomes[0].kind is OutcomeKind.UNCERTAIN
+        assert "timed out" in outcomes[0].reply
+        assert 0 < server.dripped < 200
+
+
+def test_a_whole_transaction_has_a_deadline_even_when_each_reply_is_in_time() -> None:
+    # Each reply takes 0.4 s against a 0.5 s timeout: one stalling server could stretch a
+    # transaction to any length, reply by reply. The whole transaction has a deadline of
+    # TRANSACTION_TIMEOUTS timeouts from its start, so a server this slow costs bounded time.
+    with ScriptedSmtpServer(hold_until_data=False, slow_replies=0.4) as server:
+        server.on_rcpt = None
+        envelope = [f"mayor{i}@example.org" for i in range(6)]
+        outcomes = send_each(server.url(), [envelope], timeout=0.5)
+        assert outcomes[0].kind is OutcomeKind.TRANSIENT
+        assert "timed out" in outcomes[0].reply
+        assert server.received == []
