@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
-from sqlalchemy import Engine
 
-from mailer import __version__, db
+from mailer import __version__
 from mailer.config import Workspace, create_workspace, find_workspace
 from mailer.errors import MailerError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from mailer import db
+else:
+
+    def _lazy(name: str) -> ModuleType:
+        # `mailer --version` and `--help` answer without loading SQLAlchemy (a third of a
+        # second); the module loads on its first use. Every other heavy import in this file
+        # sits inside the command that needs it.
+        found = sys.modules.get(name)
+        if found is not None:
+            return found
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.loader is not None
+        spec.loader = importlib.util.LazyLoader(spec.loader)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    db = _lazy("mailer.db")
 
 P = ParamSpec("P")
 R = TypeVar("R")
