@@ -243,21 +243,33 @@ def _date(value: object) -> dt.datetime | None:
 
 
 def _text(value: object) -> str:
-    """A header as text: RFC 2047 words decoded, raw 8-bit bytes read as UTF-8 where they are."""
+    """A header as text: RFC 2047 words decoded, raw 8-bit bytes read as UTF-8 where they are
+    (else as Windows-1252, what undeclared 8-bit headers mostly are otherwise)."""
     if value is None:
         return ""
-    raw = str(value)
-    if _SURROGATE.search(raw):
-        # compat32 keeps undeclared 8-bit header bytes as surrogates: most are UTF-8.
-        raw = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     try:
-        decoded = str(email.header.make_header(email.header.decode_header(raw)))
+        parts = email.header.decode_header(value)  # type: ignore[arg-type]
     except (UnicodeError, LookupError, email.errors.HeaderParseError):
-        decoded = raw
-    return " ".join(decoded.split())
+        return " ".join(str(value).split())
+    chunks: list[str] = []
+    for chunk, charset in parts:
+        if isinstance(chunk, str):
+            chunks.append(chunk)
+            continue
+        chunks.append(_decode_bytes(chunk, charset))
+    return " ".join("".join(chunks).split())
 
 
-_SURROGATE = re.compile("[\udc80-\udcff]")
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    if charset and charset != "unknown-8bit":
+        try:
+            return data.decode(charset, "replace")
+        except LookupError:
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
 
 
 # --------------------------------------------------------------------------- bodies
@@ -269,9 +281,10 @@ def _decoded(part: Message) -> str:
         return ""
     charset = part.get_content_charset() or "utf-8"
     try:
-        return payload[:TEXT_LIMIT].decode(charset, "replace")
+        text = payload[:TEXT_LIMIT].decode(charset, "replace")
     except LookupError:
-        return payload[:TEXT_LIMIT].decode("latin-1")
+        text = payload[:TEXT_LIMIT].decode("latin-1")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 class _HtmlText(HTMLParser):
@@ -281,13 +294,13 @@ class _HtmlText(HTMLParser):
         self.skip = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("style", "script", "head"):
+        if tag in ("style", "script", "head", "blockquote"):
             self.skip += 1
         elif tag in ("br", "p", "div", "tr", "li", "blockquote"):
             self.parts.append("\n")
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in ("style", "script", "head") and self.skip:
+        if tag in ("style", "script", "head", "blockquote") and self.skip:
             self.skip -= 1
 
     def handle_data(self, data: str) -> None:
@@ -762,6 +775,10 @@ def _decoded_addresses(addresses: Iterable[bytes]) -> list[str]:
     return sorted(set(out))
 
 
+# A blank line, or the marker line before the returned copy, ends a report's paragraph.
+_PARAGRAPH_END = re.compile(r"\n\s*\n|\n\s*-{3,}")
+
+
 def _heuristic_failure(address: str, text: str, *, permanent: bool) -> Failure:
     """Status and diagnostic of a non-standard report: the paragraph that names the address."""
     lowered = text.lower()
@@ -769,8 +786,8 @@ def _heuristic_failure(address: str, text: str, *, permanent: bool) -> Failure:
     at = lowered.find(address)
     while at >= 0:
         start = lowered.rfind("\n", 0, at) + 1
-        end = lowered.find("\n\n", at)
-        paragraph = " ".join(text[start : end if end >= 0 else start + 600].split())
+        end = _PARAGRAPH_END.search(lowered, at)
+        paragraph = " ".join(text[start : end.start() if end else start + 600].split())
         if _SMTP_CODE.search(paragraph.replace(address, "")) or _ENHANCED.search(paragraph):
             diagnostic = paragraph
             break

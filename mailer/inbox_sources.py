@@ -18,7 +18,7 @@ import shlex
 import ssl
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -179,6 +179,9 @@ class ImapSettings:
     @property
     def display(self) -> str:
         return f"{self.scheme}://{self.username}@{self.host}:{self.port}"
+
+    def with_password(self, password: str) -> ImapSettings:
+        return replace(self, password=password)
 
 
 def parse_imap_url(
