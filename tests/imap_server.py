@@ -58,10 +58,11 @@ class DovecotServer:
             cert = self.ca.issue_cert("127.0.0.1", "localhost")
             cert.private_key_and_cert_chain_pem.write_to_path(str(root / "server.pem"))
             ssl = (
-                "ssl = yes\n"
-                f"ssl_cert = <{root / 'server.pem'}\nssl_key = <{root / 'server.pem'}\n"
+                f"ssl = yes\nssl_cert = <{root / 'server.pem'}\nssl_key = <{root / 'server.pem'}\n"
             )
-        listeners = f"  inet_listener imap {{\n    address = 127.0.0.1\n    port = {self.port}\n  }}\n"
+        listeners = (
+            f"  inet_listener imap {{\n    address = 127.0.0.1\n    port = {self.port}\n  }}\n"
+        )
         if self.ca is not None:
             listeners += (
                 f"  inet_listener imaps {{\n    address = 127.0.0.1\n    port = {self.tls_port}\n"

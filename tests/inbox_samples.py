@@ -84,15 +84,60 @@ def auto_reply(
 
 # Out-of-office answers in the languages we write in: (language, subject, body, return date).
 OUT_OF_OFFICE = (
-    ("en", "Out of Office: An appeal", "I am out of the office and back on 14 April 2022.", "2022-04-14"),
-    ("de", "Abwesenheitsnotiz: An appeal", "Ich bin ab dem 14. April 2022 wieder im Büro.", "2022-04-14"),
-    ("fr", "Réponse automatique : An appeal", "Je suis absent, de retour le 14 avril 2022.", "2022-04-14"),
-    ("pl", "Odpowiedź automatyczna: An appeal", "Jestem poza biurem. Wracam 14 kwietnia 2022.", "2022-04-14"),
-    ("uk", "Автоматична відповідь: An appeal", "Я у відпустці. Повернуся 14 квітня 2022 року.", "2022-04-14"),
-    ("es", "Respuesta automática: An appeal", "Estoy fuera de la oficina hasta el 14 de abril de 2022.", "2022-04-14"),
-    ("it", "Risposta automatica: An appeal", "Sono fuori ufficio fino al 14 aprile 2022.", "2022-04-14"),
-    ("nl", "Automatisch antwoord: An appeal", "Ik ben afwezig en terug op 14 april 2022.", "2022-04-14"),
-    ("cs", "Automatická odpověď: An appeal", "Jsem mimo kancelář, vrátím se 14. dubna 2022.", "2022-04-14"),
+    (
+        "en",
+        "Out of Office: An appeal",
+        "I am out of the office and back on 14 April 2022.",
+        "2022-04-14",
+    ),
+    (
+        "de",
+        "Abwesenheitsnotiz: An appeal",
+        "Ich bin ab dem 14. April 2022 wieder im Büro.",
+        "2022-04-14",
+    ),
+    (
+        "fr",
+        "Réponse automatique : An appeal",
+        "Je suis absent, de retour le 14 avril 2022.",
+        "2022-04-14",
+    ),
+    (
+        "pl",
+        "Odpowiedź automatyczna: An appeal",
+        "Jestem poza biurem. Wracam 14 kwietnia 2022.",
+        "2022-04-14",
+    ),
+    (
+        "uk",
+        "Автоматична відповідь: An appeal",
+        "Я у відпустці. Повернуся 14 квітня 2022 року.",
+        "2022-04-14",
+    ),
+    (
+        "es",
+        "Respuesta automática: An appeal",
+        "Estoy fuera de la oficina hasta el 14 de abril de 2022.",
+        "2022-04-14",
+    ),
+    (
+        "it",
+        "Risposta automatica: An appeal",
+        "Sono fuori ufficio fino al 14 aprile 2022.",
+        "2022-04-14",
+    ),
+    (
+        "nl",
+        "Automatisch antwoord: An appeal",
+        "Ik ben afwezig en terug op 14 april 2022.",
+        "2022-04-14",
+    ),
+    (
+        "cs",
+        "Automatická odpověď: An appeal",
+        "Jsem mimo kancelář, vrátím se 14. dubna 2022.",
+        "2022-04-14",
+    ),
     ("lt", "Automatinis atsakymas: An appeal", "Esu atostogose. Grįšiu 2022-04-14.", "2022-04-14"),
 )
 
@@ -140,8 +185,10 @@ def dsn(
     subject: str = "Undelivered Mail Returned to Sender",
 ) -> bytes:
     """Postfix's RFC 3464 report: a human part, message/delivery-status, the returned headers."""
-    original = original_headers(message_id=message_id, to=recipient) if message_id else (
-        f"From: {OFFICE}\nTo: {recipient}\nSubject: An appeal\n"
+    original = (
+        original_headers(message_id=message_id, to=recipient)
+        if message_id
+        else (f"From: {OFFICE}\nTo: {recipient}\nSubject: An appeal\n")
     )
     copy = (
         f"Content-Type: text/rfc822-headers\n\n{original}"
