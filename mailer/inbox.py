@@ -14,8 +14,10 @@ message, an event or a suppression goes through `outbox`.
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -23,7 +25,7 @@ from sqlalchemy import Engine, Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from mailer import db, outbox
-from mailer.inbox_classify import Failure, Mail, MailKind, classify
+from mailer.inbox_classify import Failure, Mail, MailKind, classify_all
 from mailer.inbox_sources import Item, MailSource, Position
 from mailer.models import Campaign, Contact, InboxFolder, InboxMessage, Message, utcnow
 
@@ -74,6 +76,9 @@ SKIPPED: tuple[tuple[str, str], ...] = (
 @dataclass(frozen=True, kw_only=True)
 class SyncPolicy:
     batch_size: int = 500
+    # Past the first batch, mails are classified in a worker process (the other core) while
+    # this one records the batch before: parsing, not the database, is most of the work.
+    worker: bool = True
     # A mail that names none of our letters counts as an answer from a contact only if we
     # wrote to them within this time before it.
     reply_window: dt.timedelta = dt.timedelta(days=60)
@@ -162,15 +167,43 @@ def _sync_folder(
             session.scalars(select(InboxMessage.key).where(InboxMessage.folder_id == folder_id))
         )
     items = source.read(folder, position=position, seen=seen_keys.__contains__)
-    for batch in _batches(items, policy.batch_size):
+    batches = _batches(items, policy.batch_size)
+    for batch, mails in _classified(batches, worker=policy.worker):
         with factory() as session, session.begin():
-            _record_batch(session, folder_id, batch, report, clock=clock, policy=policy)
+            _record_batch(session, folder_id, batch, mails, report, clock=clock, policy=policy)
         if progress is not None:
             progress(report)
     with factory() as session, session.begin():
         session.execute(
             update(InboxFolder).where(InboxFolder.id == folder_id).values(synced_at=clock())
         )
+
+
+def _classified(
+    batches: Iterator[list[Item]], *, worker: bool
+) -> Iterator[tuple[list[Item], list[Mail]]]:
+    """Each batch with its mails classified; with `worker`, the next batch is classified in a
+    worker process while the caller records this one (one batch ahead, so memory stays flat)."""
+    pool: ProcessPoolExecutor | None = None
+    ahead: tuple[list[Item], Future[list[Mail]]] | None = None
+    try:
+        for n, batch in enumerate(batches):
+            datas = [item.data for item in batch if item.data is not None]
+            if not worker or n == 0:
+                # A small sync is over before a worker would have started.
+                yield batch, classify_all(datas)
+                continue
+            if pool is None:
+                pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            submitted = (batch, pool.submit(classify_all, datas))
+            if ahead is not None:
+                yield ahead[0], ahead[1].result()
+            ahead = submitted
+        if ahead is not None:
+            yield ahead[0], ahead[1].result()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
@@ -298,19 +331,17 @@ def _record_batch(
     session: Session,
     folder_id: int,
     batch: Sequence[Item],
+    mails: Sequence[Mail],
     report: SyncReport,
     *,
     clock: Clock,
     policy: SyncPolicy,
 ) -> None:
+    """`mails` are the batch's readable items classified, in order."""
     now = clock()
-    classified: list[tuple[Item, Mail]] = []
-    for item in batch:
-        if item.data is None:
-            report.counts[Outcome.READ_ERROR] += 1
-        else:
-            classified.append((item, classify(item.data)))
-    mails = [mail for _item, mail in classified]
+    readable = [item for item in batch if item.data is not None]
+    report.counts[Outcome.READ_ERROR] += len(batch) - len(readable)
+    classified = list(zip(readable, mails, strict=True))
     seen_ids, seen_digests = _seen_before(session, mails)
     matcher = _Matcher(session, mails)
     rows: list[dict[str, object]] = []

@@ -80,6 +80,11 @@ class Mail:
     why: str = ""
 
 
+def classify_all(datas: Sequence[bytes]) -> list[Mail]:
+    """`classify` for a batch: what the sync's worker process runs."""
+    return [classify(data) for data in datas]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Head:
     """What every kind of mail carries."""

@@ -11,7 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, func, insert, select, update
+from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -61,21 +61,55 @@ class _Letter:
     away_until: dt.date | None
 
 
+# Statements built once: inbox sync runs them once per mail that comes back, and building a
+# statement costs SQLAlchemy more than SQLite takes to run it.
+_LETTER = (
+    select(
+        Message.id,
+        Message.campaign_id,
+        Message.contact_id,
+        Contact.email,
+        Message.status,
+        Message.replied_at,
+        Message.bounced_at,
+        Message.away_until,
+    )
+    .join(Contact, Contact.id == Message.contact_id)
+    .where(Message.id == bindparam("letter"))
+)
+_BOUNCE = (
+    update(MESSAGES)
+    .where(MESSAGES.c.id == bindparam("letter"))
+    .values(
+        status=MessageStatus.FAILED.value,
+        smtp_code=bindparam("b_code"),
+        smtp_reply=bindparam("b_reply"),
+        bounced_at=bindparam("b_at"),
+        next_attempt_at=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+_REPLIED = (
+    update(MESSAGES)
+    .where(MESSAGES.c.id == bindparam("letter"))
+    .values(replied_at=bindparam("r_at"), updated_at=bindparam("r_now"))
+)
+_AWAY = (
+    update(MESSAGES)
+    .where(MESSAGES.c.id == bindparam("letter"))
+    .values(away_until=bindparam("a_until"), updated_at=bindparam("a_now"))
+)
+_EVENT = insert(EVENTS)
+_SUPPRESS = {
+    "sqlite": sqlite.insert(SUPPRESSIONS).on_conflict_do_nothing(index_elements=["email"]),
+    "postgresql": postgresql.insert(SUPPRESSIONS).on_conflict_do_nothing(index_elements=["email"]),
+}
+
+
 def _letter(session: Session, message: int) -> _Letter:
-    row = session.execute(
-        select(
-            Message.id,
-            Message.campaign_id,
-            Message.contact_id,
-            Contact.email,
-            Message.status,
-            Message.replied_at,
-            Message.bounced_at,
-            Message.away_until,
-        )
-        .join(Contact, Contact.id == Message.contact_id)
-        .where(Message.id == message)
-    ).one()
+    # Core on the session's connection: the ORM's per-statement machinery costs more than the
+    # lookup.
+    row = session.connection().execute(_LETTER, {"letter": message}).one()
     return _Letter(
         id=row[0],
         campaign_id=row[1],
@@ -99,17 +133,18 @@ def _log(
     detail: str | None,
     smtp_code: int | None = None,
 ) -> None:
-    session.execute(
-        insert(EVENTS).values(
-            message_id=message,
-            campaign_id=campaign_id,
-            contact_id=contact_id,
-            at=at,
-            kind=kind.value,
-            smtp_code=smtp_code,
-            detail=detail,
-            via=VIA_INBOX,
-        )
+    session.connection().execute(
+        _EVENT,
+        {
+            "message_id": message,
+            "campaign_id": campaign_id,
+            "contact_id": contact_id,
+            "at": at,
+            "kind": kind.value,
+            "smtp_code": smtp_code,
+            "detail": detail,
+            "via": VIA_INBOX,
+        },
     )
 
 
@@ -117,20 +152,20 @@ def _suppress(
     session: Session, *, email: str, reason: SuppressionReason, source: str, at: dt.datetime
 ) -> bool:
     """Suppress an address unless it is already (it keeps its first reason). True if new."""
-    values = {"email": email.strip().lower(), "reason": reason.value, "source": source[:300]}
-    dialect = session.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
+    values = {
+        "email": email.strip().lower(),
+        "reason": reason.value,
+        "source": source[:300],
+        "created_at": at,
+    }
+    statement = _SUPPRESS.get(session.get_bind().dialect.name)
+    if statement is not None:
         # A concurrent unsubscribe (the HTTP endpoint, another sync) must not fail this one.
-        module = sqlite if dialect == "sqlite" else postgresql
-        statement = (
-            module.insert(SUPPRESSIONS)
-            .values(**values, created_at=at)
-            .on_conflict_do_nothing(index_elements=["email"])
-        )
-        return bool(cast("CursorResult[Any]", session.execute(statement)).rowcount)
+        result = session.connection().execute(statement, values)
+        return bool(cast("CursorResult[Any]", result).rowcount)
     if session.scalar(select(Suppression.id).where(Suppression.email == values["email"])):
         return False
-    session.execute(insert(SUPPRESSIONS).values(**values, created_at=at))
+    session.connection().execute(insert(SUPPRESSIONS), values)
     return True
 
 
@@ -152,17 +187,9 @@ def record_bounce(
     if letter.bounced_at is not None:
         return False
     answer = " ".join(f"{status} {diagnostic}".split())
-    session.execute(
-        update(MESSAGES)
-        .where(MESSAGES.c.id == message)
-        .values(
-            status=MessageStatus.FAILED.value,
-            smtp_code=smtp_code,
-            smtp_reply=answer,
-            bounced_at=at,
-            next_attempt_at=None,
-            updated_at=now,
-        )
+    session.connection().execute(
+        _BOUNCE,
+        {"letter": message, "b_code": smtp_code, "b_reply": answer, "b_at": at, "b_now": now},
     )
     by = f" (reported by {reporter})" if reporter else ""
     _log(
@@ -219,9 +246,7 @@ def record_reply(
     letter = _letter(session, message)
     first = letter.replied_at is None or at < letter.replied_at
     if first:
-        session.execute(
-            update(MESSAGES).where(MESSAGES.c.id == message).values(replied_at=at, updated_at=now)
-        )
+        session.connection().execute(_REPLIED, {"letter": message, "r_at": at, "r_now": now})
     _log(
         session,
         kind=EventKind.REPLIED,
@@ -258,10 +283,8 @@ def record_auto_reply(
     still has not replied. A return date it names is kept (`away_until`, the latest one)."""
     letter = _letter(session, message)
     if away_until is not None and (letter.away_until is None or away_until > letter.away_until):
-        session.execute(
-            update(MESSAGES)
-            .where(MESSAGES.c.id == message)
-            .values(away_until=away_until, updated_at=now)
+        session.connection().execute(
+            _AWAY, {"letter": message, "a_until": away_until, "a_now": now}
         )
     back = f"; back on {away_until.isoformat()}" if away_until else ""
     _log(
