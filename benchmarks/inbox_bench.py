@@ -20,6 +20,7 @@ import email.utils
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -169,7 +170,15 @@ def timed_sync(root: Path, maildir: Path) -> tuple[float, float, str]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "mailer"), "-w", str(root), "inbox", "sync", "--maildir", str(maildir)],
+        [
+            str(Path(sys.executable).parent / "mailer"),
+            "-w",
+            str(root),
+            "inbox",
+            "sync",
+            "--maildir",
+            str(maildir),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -194,9 +203,13 @@ def main() -> None:
     print(f"setup: {time.perf_counter() - t:.1f} s")
     elapsed, peak, summary = timed_sync(root, maildir)
     print(summary.rstrip())
-    print(f"first sync:  {elapsed:.1f} s, {args.mails / elapsed:,.0f} mails/s, peak RSS {peak:.0f} MB")
+    print(
+        f"first sync:  {elapsed:.1f} s, {args.mails / elapsed:,.0f} mails/s, peak RSS {peak:.0f} MB"
+    )
     elapsed, peak, summary = timed_sync(root, maildir)
     print(f"second sync: {elapsed:.2f} s (nothing new), peak RSS {peak:.0f} MB")
+    if args.keep is None:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
