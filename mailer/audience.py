@@ -1,15 +1,26 @@
-"""Who is addressed: `--where`/`--tag` filters over contacts, and who must never be contacted."""
+"""Who is addressed: `--where`/`--tag` filters over contacts, filters from the record of earlier
+campaigns (contacted in, replied to: follow-ups), and who must never be contacted."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, exists, func, not_, or_, select
 from sqlalchemy.orm import Session
 
 from mailer.errors import InvalidValueError
-from mailer.models import City, Contact, ContactTag, Suppression, SuppressionReason, city_key
+from mailer.models import (
+    Campaign,
+    City,
+    Contact,
+    ContactTag,
+    Message,
+    Suppression,
+    SuppressionReason,
+    city_key,
+)
 
 CORE_FIELDS = (
     "email",
@@ -24,15 +35,41 @@ CORE_FIELDS = (
 )
 
 
+# The follow-up filters: (JSON key, flag, words for people).
+RECORD_FILTERS = (
+    ("contacted_in", "--contacted-in", "contacted in"),
+    ("not_contacted_in", "--not-contacted-in", "not contacted in"),
+    ("replied_to", "--replied-to", "replied to"),
+    ("not_replied_to", "--not-replied-to", "got and did not reply to"),
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Audience:
-    """A stored filter, resolved whenever it is needed (so later imports and suppressions count)."""
+    """A stored filter, resolved whenever it is needed (so later imports and suppressions count).
+
+    The record filters name campaigns by slug: `contacted_in` (a letter of it was sent to the
+    contact), `not_contacted_in`, `replied_to` (the contact answered it; an auto-reply is no
+    answer), `not_replied_to` (a letter of it was sent to the contact, who has not answered).
+    """
 
     where: tuple[tuple[str, str], ...] = ()
     tags: tuple[str, ...] = ()
+    contacted_in: tuple[str, ...] = ()
+    not_contacted_in: tuple[str, ...] = ()
+    replied_to: tuple[str, ...] = ()
+    not_replied_to: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, list[object]]:
-        return {"where": [list(pair) for pair in self.where], "tags": list(self.tags)}
+        data: dict[str, list[object]] = {
+            "where": [list(pair) for pair in self.where],
+            "tags": list(self.tags),
+        }
+        for key, _flag, _words in RECORD_FILTERS:
+            slugs = getattr(self, key)
+            if slugs:
+                data[key] = list(slugs)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, object] | None) -> Audience:
@@ -40,12 +77,21 @@ class Audience:
         where = data.get("where") or []
         tags = data.get("tags") or []
         assert isinstance(where, list) and isinstance(tags, list)
+        record: dict[str, tuple[str, ...]] = {}
+        for key, _flag, _words in RECORD_FILTERS:
+            slugs = data.get(key) or []
+            assert isinstance(slugs, list)
+            record[key] = tuple(str(s) for s in slugs)
         return cls(
-            where=tuple((str(f), str(v)) for f, v in where), tags=tuple(str(t) for t in tags)
+            where=tuple((str(f), str(v)) for f, v in where),
+            tags=tuple(str(t) for t in tags),
+            **record,
         )
 
     def describe(self) -> str:
         parts = [f"{f}={v}" for f, v in self.where] + [f"tag={t}" for t in self.tags]
+        for key, _flag, words in RECORD_FILTERS:
+            parts.extend(f"{words} {slug}" for slug in getattr(self, key))
         return " and ".join(parts) if parts else "all contacts"
 
 
@@ -106,7 +152,63 @@ def contacts_query(session: Session, audience: Audience) -> Select[Contact]:
         query = query.where(
             exists().where(and_(ContactTag.contact_id == Contact.id, ContactTag.tag == tag))
         )
+    for condition in _record_conditions(session, audience):
+        query = query.where(condition)
     return query.order_by(Contact.id)
+
+
+def _campaign_id(session: Session, slug: str, flag: str) -> int:
+    found = session.scalar(select(Campaign.id).where(Campaign.slug == slug))
+    if found is None:
+        known = list(session.scalars(select(Campaign.slug).order_by(Campaign.slug).limit(20)))
+        hint = f"; campaigns: {', '.join(known)}" if known else "; there are no campaigns yet"
+        raise InvalidValueError(f"{flag} {slug}: no campaign {slug!r}{hint}")
+    return found
+
+
+def _record_conditions(session: Session, audience: Audience) -> list[ColumnElement[bool]]:
+    def letter(campaign_id: int, *more: ColumnElement[bool]) -> ColumnElement[bool]:
+        return exists().where(
+            Message.contact_id == Contact.id,
+            Message.campaign_id == campaign_id,
+            Message.sent_at.is_not(None),
+            *more,
+        )
+
+    conditions: list[ColumnElement[bool]] = []
+    for key, flag, _words in RECORD_FILTERS:
+        for slug in getattr(audience, key):
+            campaign_id = _campaign_id(session, slug, flag)
+            # An auto-reply sets no `replied_at`: out of office is not an answer.
+            replied = letter(campaign_id, Message.replied_at.is_not(None))
+            conditions.append(
+                {
+                    "contacted_in": letter(campaign_id),
+                    "not_contacted_in": not_(letter(campaign_id)),
+                    "replied_to": replied,
+                    "not_replied_to": and_(letter(campaign_id), not_(replied)),
+                }[key]
+            )
+    return conditions
+
+
+def away_until(session: Session, *, contact_ids: Sequence[int]) -> dict[int, dt.date]:
+    """The latest return date an out-of-office answer named, per contact (none: not away).
+
+    A follow-up's letter to a contact is due only after this day.
+    """
+    found: dict[int, dt.date] = {}
+    for start in range(0, len(contact_ids), 500):
+        chunk = list(contact_ids[start : start + 500])
+        rows = session.execute(
+            select(Message.contact_id, func.max(Message.away_until))
+            .where(Message.contact_id.in_(chunk), Message.away_until.is_not(None))
+            .group_by(Message.contact_id)
+        )
+        for contact_id, day in rows:
+            if day is not None:
+                found[int(contact_id)] = day
+    return found
 
 
 def contact_ids(session: Session, audience: Audience) -> list[int]:

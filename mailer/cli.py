@@ -628,6 +628,35 @@ def campaign_group() -> None:
     metavar="LANG",
     help="Default language (default: [campaign] default_language in mailer.toml, else en).",
 )
+@click.option(
+    "--contacted-in",
+    "contacted_in",
+    multiple=True,
+    metavar="SLUG",
+    help="Only contacts a letter of campaign SLUG was sent to (repeatable).",
+)
+@click.option(
+    "--not-contacted-in",
+    "not_contacted_in",
+    multiple=True,
+    metavar="SLUG",
+    help="Only contacts no letter of campaign SLUG was sent to (repeatable).",
+)
+@click.option(
+    "--replied-to",
+    "replied_to",
+    multiple=True,
+    metavar="SLUG",
+    help="Only contacts who answered campaign SLUG (auto-replies do not count; repeatable).",
+)
+@click.option(
+    "--not-replied-to",
+    "not_replied_to",
+    multiple=True,
+    metavar="SLUG",
+    help="Only contacts who have not answered campaign SLUG (an out-of-office answer is no "
+    "answer; repeatable).",
+)
 def campaign_create(
     slug: str,
     template: str,
@@ -637,19 +666,35 @@ def campaign_create(
     tags: tuple[str, ...],
     title: str | None,
     language: str | None,
+    contacted_in: tuple[str, ...],
+    not_contacted_in: tuple[str, ...],
+    replied_to: tuple[str, ...],
+    not_replied_to: tuple[str, ...],
 ) -> None:
     """Create a draft campaign; its audience is a filter, resolved whenever needed.
+
+    A follow-up is a campaign whose audience comes from the record of another: bounced and
+    unsubscribed addresses are suppressed anyway.
 
     \b
     Example:
       mailer campaign create appeal-de --template appeal --from office@example.org \\
           --reply-to signatory --where country=DE --tag mayor
+      mailer campaign create appeal-again --template appeal --from office@example.org \\
+          --contacted-in appeal-de --not-replied-to appeal-de
     """
     from mailer import campaigns
     from mailer.audience import Audience, parse_where
 
     workspace = state().workspace()
-    audience = Audience(where=parse_where(where), tags=tuple(tags))
+    audience = Audience(
+        where=parse_where(where),
+        tags=tuple(tags),
+        contacted_in=tuple(contacted_in),
+        not_contacted_in=tuple(not_contacted_in),
+        replied_to=tuple(replied_to),
+        not_replied_to=tuple(not_replied_to),
+    )
     default_language = language or str(workspace.setting("campaign", "default_language", "en"))
     with _session() as session:
         campaign = campaigns.create_campaign(
@@ -1129,6 +1174,114 @@ def retry(slug: str, failed: bool, uncertain: bool) -> None:
     click.echo(
         f"Requeued {' and '.join(parts)} message(s) of {slug}; `mailer send {slug} ...` sends them."
     )
+
+
+# --------------------------------------------------------------------------- inbox
+# (inbox.py, inbox_sources.py)
+
+
+@cli.group(name="inbox")
+def inbox_group() -> None:
+    """Read what came back: bounces, replies, out-of-office answers, complaints, unsubscribes.
+
+    \b
+    Example:
+      mailer inbox sync --imap imaps://office@mail.example.org
+    """
+
+
+@inbox_group.command(name="sync")
+@click.option(
+    "--maildir",
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="A Maildir folder (with cur/, new/, tmp/).",
+)
+@click.option("--mbox", type=click.Path(path_type=Path), metavar="PATH", help="An mbox file.")
+@click.option(
+    "--imap",
+    "imap_url",
+    metavar="URL",
+    help="imaps://user@host[:993], imap+starttls://user@host[:143], or imap+plain://user@127.0.0.1 "
+    "(no TLS: a server on this machine only).",
+)
+@click.option(
+    "--folder",
+    "folders",
+    multiple=True,
+    metavar="F",
+    help="IMAP folder to read (repeatable; default INBOX).",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Trust this CA for the IMAP server's certificate (a private CA).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the IMAP server.",
+)
+def inbox_sync(
+    maildir: Path | None,
+    mbox: Path | None,
+    imap_url: str | None,
+    folders: tuple[str, ...],
+    ca_file: Path | None,
+    timeout: float,
+) -> None:
+    """Record what came back to the office's mailbox, exactly once.
+
+    Bounces (the letter failed, the address suppressed), delays, replies (with their first
+    lines), auto-replies (not counted as replies; a return date they name is kept),
+    complaints and unsubscribe requests (both suppressed). Everything else is counted and
+    skipped. A second sync of the same mail changes nothing; IMAP is only read (never
+    deleted, moved or flagged), and each folder is read from where the last sync stopped.
+    A campaign whose hard bounces spike is paused. IMAP password: $MAILER_IMAP_PASSWORD,
+    [imap] password_command in mailer.toml, or a prompt on a terminal.
+
+    \b
+    Example:
+      mailer inbox sync --maildir ~/Maildir
+      mailer inbox sync --mbox replies.mbox
+      MAILER_IMAP_PASSWORD=... mailer inbox sync --imap imaps://office@mail.example.org --folder INBOX --folder Bounces
+    """
+    from mailer import inbox, inbox_sources
+
+    if sum(x is not None for x in (maildir, mbox, imap_url)) != 1:
+        raise click.UsageError("give exactly one of --maildir PATH, --mbox PATH or --imap URL")
+    if folders and imap_url is None:
+        raise click.UsageError("--folder is for --imap only")
+    st = state()
+    workspace = st.workspace()
+    engine = st.engine()
+    source: inbox_sources.MailSource
+    if maildir is not None:
+        source = inbox_sources.MaildirSource(maildir)
+    elif mbox is not None:
+        source = inbox_sources.MboxSource(mbox)
+    else:
+        assert imap_url is not None
+        settings = inbox_sources.parse_imap_url(imap_url, ca_file=ca_file, timeout=timeout)
+        password = inbox_sources.resolve_imap_password(
+            settings=settings,
+            password_command=workspace.setting("imap", "password_command"),
+            prompt=(lambda text: str(click.prompt(text, hide_input=True)))
+            if _on_terminal()
+            else None,
+        )
+        source = inbox_sources.ImapSource(
+            settings.with_password(password),
+            folders=folders or ("INBOX",),
+        )
+    try:
+        report = inbox.sync(engine=engine, source=source)
+    finally:
+        source.close()
+    for line in inbox.format_sync_report(report):
+        click.echo(line)
 
 
 # --------------------------------------------------------------------------- review & demo

@@ -75,3 +75,11 @@ class Interrupted(MailerError):
     """The run was interrupted (Ctrl-C, SIGTERM) and paused cleanly."""
 
     exit_code = 130
+
+
+class CampaignHeld(MailerError):
+    """A campaign paused by a bounce spike: sending resumes only once the user acknowledges it."""
+
+
+class MailboxError(MailerError):
+    """A mailbox inbox sync cannot read: no such path, not a mailbox, an IMAP server refusing."""

@@ -9,7 +9,9 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -19,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -85,6 +88,8 @@ class EventKind(enum.StrEnum):
     REQUEUED = "requeued"
     BOUNCED = "bounced"
     REPLIED = "replied"
+    AUTO_REPLIED = "auto_replied"
+    COMPLAINT = "complaint"
     UNSUBSCRIBED = "unsubscribed"
 
 
@@ -207,6 +212,13 @@ class Campaign(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column()
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+    # Why the campaign is paused, in words for people (`status` shows it), and since when.
+    pause_reason: Mapped[str | None] = mapped_column(Text)
+    paused_at: Mapped[dt.datetime | None] = mapped_column()
+    # A pause that `send` must not lift on its own (a bounce spike): the user acknowledges it.
+    held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Hard bounces the user has acknowledged; a new spike is judged on those that came after.
+    bounces_acknowledged: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Message(Base):
@@ -216,6 +228,8 @@ class Message(Base):
     __table_args__ = (
         UniqueConstraint("campaign_id", "contact_id"),
         Index("ix_messages_campaign_status", "campaign_id", "status", "next_attempt_at"),
+        # What comes back names our letter by its Message-ID (In-Reply-To, a DSN's returned part).
+        Index("ix_messages_message_id", "message_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -235,6 +249,11 @@ class Message(Base):
     queued_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column()
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # What came back (inbox sync): the first human reply, the hard bounce, and the day an
+    # out-of-office answer said its reader is back (a follow-up waits until after it).
+    replied_at: Mapped[dt.datetime | None] = mapped_column()
+    bounced_at: Mapped[dt.datetime | None] = mapped_column()
+    away_until: Mapped[dt.date | None] = mapped_column(Date)
 
     contact: Mapped[Contact] = relationship(lazy="raise")
     campaign: Mapped[Campaign] = relationship(lazy="raise")
@@ -268,6 +287,44 @@ class Suppression(Base):
     reason: Mapped[str] = mapped_column(String(20))
     source: Mapped[str | None] = mapped_column(String(300))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class InboxFolder(Base):
+    """A mailbox folder inbox sync reads, and where it stopped (IMAP UIDVALIDITY and last UID)."""
+
+    __tablename__ = "inbox_folders"
+    __table_args__ = (UniqueConstraint("source", "folder"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # `maildir:/abs/path`, `mbox:/abs/path` or `imap://user@host:port` (never a password).
+    source: Mapped[str] = mapped_column(String(500))
+    folder: Mapped[str] = mapped_column(String(500))
+    uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
+    last_uid: Mapped[int | None] = mapped_column(BigInteger)
+    synced_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class InboxMessage(Base):
+    """One mail inbox sync has seen, once per folder; its Message-ID and digest make it seen
+    everywhere, so the same mail read from another source is never counted twice."""
+
+    __tablename__ = "inbox_messages"
+    __table_args__ = (UniqueConstraint("folder_id", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    folder_id: Mapped[int] = mapped_column(ForeignKey("inbox_folders.id", ondelete="CASCADE"))
+    # Where it is in its folder: a Maildir file name, `UIDVALIDITY:UID`, an mbox entry's hash.
+    key: Mapped[str] = mapped_column(String(200))
+    message_id: Mapped[str | None] = mapped_column(String(500), index=True)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    # What it was: bounce, delay, reply, auto_reply, complaint, unsubscribe, not_ours, ...
+    kind: Mapped[str] = mapped_column(String(20))
+    detail: Mapped[str | None] = mapped_column(Text)
+    # Our letter it answers, when it answers one.
+    outbox_message_id: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL"), index=True
+    )
+    seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class ImportRecord(Base):

@@ -30,6 +30,7 @@ from mailer.models import (
     city_key,
     utcnow,
 )
+from mailer.outbox import split_reply_detail
 
 STATES: tuple[str, ...] = tuple(s.value for s in MessageStatus)
 # States in which a message still has work ahead of it.
@@ -40,6 +41,9 @@ PROBLEM_STATES = (
     MessageStatus.RETRY.value,
     MessageStatus.UNCERTAIN.value,
 )
+# What came back, per campaign: letters answered, answered automatically, bounced, and
+# recipients who asked not to be written to again.
+OUTCOMES: tuple[str, ...] = ("replied", "auto_replied", "bounced", "unsubscribed")
 RATE_WINDOW = dt.timedelta(minutes=10)
 PAGE_SIZE = 1000
 
@@ -72,6 +76,11 @@ class CampaignSummary:
     top_failures: list[FailureReason] = field(default_factory=list)
     # The earliest time a `retry` message is due again.
     next_retry_at: dt.datetime | None = None
+    # What came back (inbox sync): replied, auto_replied, bounced, unsubscribed.
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    # Why the campaign is paused, and whether sending waits for the user (a bounce spike).
+    pause_reason: str | None = None
+    held: bool = False
 
     @property
     def total(self) -> int:
@@ -94,6 +103,11 @@ class CampaignSummary:
     def next_steps(self) -> list[str]:
         """What the people running the campaign should do now, in plain words."""
         slug, c = self.campaign, self.counts
+        if self.held:
+            return [
+                f"paused by a bounce spike: see `mailer log {slug} --status failed` and check the "
+                "list; sending resumes only once you acknowledge it"
+            ]
         if self.not_sent_yet:
             return [
                 f"check it with `mailer check {slug}`, then send with `mailer send {slug} --smtp URL`"
@@ -134,8 +148,10 @@ class CampaignSummary:
             "total": self.total,
         }
         data.update(self.counts)
+        data.update(self.outcomes)
         data.update(
             {
+                "pause_reason": self.pause_reason,
                 "title": self.title,
                 "progress": self.progress,
                 "started_at": _iso(self.started_at),
@@ -211,6 +227,9 @@ def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> Campa
             )
         )
     return CampaignSummary(
+        outcomes=campaign_outcomes(session, campaign_id=campaign.id),
+        pause_reason=campaign.pause_reason,
+        held=bool(campaign.held),
         next_retry_at=_aware(next_retry),
         campaign=campaign.slug,
         title=campaign.title,
@@ -220,6 +239,39 @@ def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> Campa
         ended_at=ended,
         rate_per_minute=rate,
         top_failures=failure_reasons(session, campaign_id=campaign.id, limit=5),
+    )
+
+
+def campaign_outcomes(session: Session, *, campaign_id: int) -> dict[str, int]:
+    """What came back for one campaign (OUTCOMES): auto-replies and unsubscribes counted once
+    per letter and per recipient."""
+    replied, bounced = session.execute(
+        select(func.count(Message.replied_at), func.count(Message.bounced_at)).where(
+            Message.campaign_id == campaign_id
+        )
+    ).one()
+    auto = session.scalar(
+        select(func.count(func.distinct(Event.message_id))).where(
+            Event.campaign_id == campaign_id, Event.kind == EventKind.AUTO_REPLIED.value
+        )
+    )
+    unsubscribed = session.scalar(
+        select(func.count(func.distinct(Event.contact_id))).where(
+            Event.campaign_id == campaign_id, Event.kind == EventKind.UNSUBSCRIBED.value
+        )
+    )
+    return {
+        "replied": int(replied or 0),
+        "auto_replied": int(auto or 0),
+        "bounced": int(bounced or 0),
+        "unsubscribed": int(unsubscribed or 0),
+    }
+
+
+def format_outcomes(outcomes: dict[str, int]) -> str:
+    return (
+        f"{outcomes['replied']:,} replied, {outcomes['auto_replied']:,} auto-replied, "
+        f"{outcomes['bounced']:,} bounced, {outcomes['unsubscribed']:,} unsubscribed"
     )
 
 
@@ -257,6 +309,8 @@ def format_status_text(summaries: Sequence[CampaignSummary]) -> str:
 def _status_block(s: CampaignSummary) -> list[str]:
     title = f" — {s.title}" if s.title else ""
     lines = [f"{s.campaign}{title}  [{s.status}]"]
+    if s.pause_reason:
+        lines.append(f"  PAUSED: {s.pause_reason}")
     if s.not_sent_yet:
         lines.append("  not sent yet: no messages queued")
         lines.extend(f"  next: {step}" for step in s.next_steps())
@@ -269,6 +323,7 @@ def _status_block(s: CampaignSummary) -> list[str]:
     lines.append(f"  started   {_human_time(s.started_at)}")
     lines.append(f"  ended     {_human_time(s.ended_at)}")
     lines.append(f"  rate      {s.rate_per_minute:g}/min sent in the last 10 minutes")
+    lines.append(f"  outcomes  {format_outcomes(s.outcomes)}")
     if s.top_failures:
         lines.append("  top failure reasons:")
         for reason in s.top_failures:
@@ -289,6 +344,8 @@ LOG_COLUMNS: tuple[str, ...] = (
     "attempts",
     "queued_at",
     "sent_at",
+    "replied_at",
+    "bounced_at",
     "last_event_at",
     "smtp_code",
     "smtp_reply",
@@ -317,6 +374,8 @@ LOG_TABLE_COLUMNS: tuple[str, ...] = (
     "status",
     "attempts",
     "sent_at",
+    "replied_at",
+    "bounced_at",
     "smtp_code",
     "smtp_reply",
 )
@@ -438,6 +497,8 @@ def log_rows(
         Message.attempts,
         Message.queued_at,
         Message.sent_at,
+        Message.replied_at,
+        Message.bounced_at,
         _last_event_at(),
         Message.smtp_code,
         Message.smtp_reply,
@@ -610,6 +671,19 @@ class MessageRecord:
     smtp_code: int | None
     smtp_reply: str | None
     message_id: str | None
+    replied_at: dt.datetime | None = None
+    bounced_at: dt.datetime | None = None
+    away_until: dt.date | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplyRecord:
+    """A human answer to one of our letters, as inbox sync recorded it."""
+
+    campaign: str | None
+    at: dt.datetime
+    subject: str
+    excerpt: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -643,6 +717,7 @@ class ContactHistory:
     suppression: SuppressionInfo | None = None
     messages: list[MessageRecord] = field(default_factory=list)
     events: list[EventRecord] = field(default_factory=list)
+    replies: list[ReplyRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         def conv(obj: Any) -> Any:
@@ -652,6 +727,7 @@ class ContactHistory:
         data["suppression"] = conv(self.suppression) if self.suppression else None
         data["messages"] = [conv(m) for m in self.messages]
         data["events"] = [conv(e) for e in self.events]
+        data["replies"] = [conv(r) for r in self.replies]
         return data
 
 
@@ -686,6 +762,9 @@ def contact_history(session: Session, email: str) -> ContactHistory:
             smtp_code=m.smtp_code,
             smtp_reply=m.smtp_reply,
             message_id=m.message_id,
+            replied_at=m.replied_at,
+            bounced_at=m.bounced_at,
+            away_until=m.away_until,
         )
         for m in session.scalars(
             select(Message)
@@ -709,8 +788,14 @@ def contact_history(session: Session, email: str) -> ContactHistory:
             .order_by(Event.at, Event.id)
         )
     ]
+    replies = []
+    for e in events:
+        if e.kind == EventKind.REPLIED.value:
+            subject, text = split_reply_detail(e.detail)
+            replies.append(ReplyRecord(campaign=e.campaign, at=e.at, subject=subject, excerpt=text))
     city = contact.city
     return ContactHistory(
+        replies=replies,
         email=contact.email,
         imported=True,
         name=contact.name,
@@ -773,10 +858,23 @@ def format_contact_history(history: ContactHistory) -> str:
                 if m.sent_at
                 else f"queued {_human_time(m.queued_at)}"
             )
+            came_back = [
+                f"replied {_human_time(m.replied_at)}" if m.replied_at else "",
+                f"bounced {_human_time(m.bounced_at)}" if m.bounced_at else "",
+                f"away until {m.away_until.isoformat()}" if m.away_until else "",
+            ]
+            outcome = ", ".join(p for p in came_back if p)
             lines.append(
                 f"  {m.campaign}: {m.status}, {m.attempts} attempt(s), {when}"
+                + (f", {outcome}" if outcome else "")
                 + (f" — {answer}" if answer else "")
             )
+    if history.replies:
+        lines.append("")
+        lines.append("Replies:")
+        for r in history.replies:
+            lines.append(f"  {_human_time(r.at)}  {r.campaign or '-'}  {r.subject}")
+            lines.extend(f"    | {line}" for line in r.excerpt.splitlines())
     lines.append("")
     if not history.events:
         lines.append("Events: none")

@@ -23,7 +23,12 @@ SEEDS = data_path("seeds")
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # A developer's own settings must never leak into a test.
-    for name in ("MAILER_WORKSPACE", "MAILER_DATABASE_URL", "MAILER_SMTP_PASSWORD"):
+    for name in (
+        "MAILER_WORKSPACE",
+        "MAILER_DATABASE_URL",
+        "MAILER_SMTP_PASSWORD",
+        "MAILER_IMAP_PASSWORD",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -314,6 +314,8 @@ def test_log_table_is_aligned_text(sample: sessionmaker[Session], run: Cli) -> N
         "status",
         "attempts",
         "sent_at",
+        "replied_at",
+        "bounced_at",
         "smtp_code",
         "smtp_reply",
     ]
