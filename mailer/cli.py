@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 from sqlalchemy import Engine
@@ -15,6 +15,9 @@ from sqlalchemy import Engine
 from mailer import __version__, db
 from mailer.config import Workspace, create_workspace, find_workspace
 from mailer.errors import MailerError
+
+if TYPE_CHECKING:
+    from mailer.send_report import SendReport
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -795,7 +798,7 @@ def preview(slug: str, contact: str | None, raw: bool) -> None:
 
 
 # --------------------------------------------------------------------------- send & retry
-# (engine.py, transport.py)
+# (engine.py, outbox.py, send_report.py, transport.py)
 
 
 def _on_terminal() -> bool:
@@ -880,6 +883,7 @@ def send(
     from mailer import engine as send_engine
     from mailer import transport as tr
     from mailer.errors import SendIncomplete
+    from mailer.send_report import format_incomplete_reason, format_send_summary
 
     if sum((smtp_url is not None, outbox is not None, dry_run)) != 1:
         raise click.UsageError("give exactly one of --smtp URL, --outbox DIR or --dry-run")
@@ -889,13 +893,10 @@ def send(
     terminal = _on_terminal()
     if dry_run:
         report = send_engine.dry_run(workspace=workspace, engine=engine, slug=slug, limit=limit)
-        click.echo(report.note or "")
-        for line in report.errors:
-            click.echo(f"  {line}")
-        if report.build_errors:
-            raise SendIncomplete(
-                f"{report.build_errors} message(s) of {slug} cannot be built; `mailer check {slug}` lists them"
-            )
+        for line in format_send_summary(report):
+            click.echo(line)
+        if report.incomplete:
+            raise SendIncomplete(format_incomplete_reason(report))
         return
     per_second = tr.parse_rate(rate) if rate else None
     transport: tr.Transport
@@ -945,10 +946,10 @@ def send(
             progress=progress,
             handle_signals=True,
         )
-    for line in _send_summary(report):
+    for line in format_send_summary(report):
         click.echo(line)
     if report.incomplete:
-        raise SendIncomplete(_incomplete_reason(report))
+        raise SendIncomplete(format_incomplete_reason(report))
 
 
 class _send_progress:
@@ -962,7 +963,7 @@ class _send_progress:
         self.last_tenth = -1
         self.started = 0.0
 
-    def __enter__(self) -> Callable[[Any], None]:
+    def __enter__(self) -> Callable[[SendReport], None]:
         import time
 
         self.started = time.monotonic()
@@ -985,7 +986,7 @@ class _send_progress:
             self.bar.start()
         return self.update
 
-    def update(self, report: Any) -> None:
+    def update(self, report: SendReport) -> None:
         import time
 
         done = report.done + report.released
@@ -1012,60 +1013,6 @@ class _send_progress:
             self.bar.stop()
 
 
-def _send_summary(report: Any) -> list[str]:
-    if report.test:
-        lines = [report.note or ""]
-        lines += [f"  {e}" for e in report.errors]
-        return lines
-    lines = []
-    if report.recovered:
-        lines.append(
-            f"{report.recovered} message(s) left `sending` by an earlier run are now `uncertain` "
-            f"(they may have been delivered); `mailer retry {report.campaign} --uncertain` re-sends them"
-        )
-    if report.newly_queued or report.skipped:
-        lines.append(
-            f"Queued {report.newly_queued} new message(s); skipped {report.skipped} (suppressed or invalid address)"
-        )
-    lines.append(
-        f"This run: {report.sent} sent, {report.deferred} to retry, {report.failed} failed, "
-        f"{report.uncertain} uncertain, {report.build_errors} not buildable"
-        + (f", {report.released} released unsent" if report.released else "")
-        + f" ({report.rate:,.0f} msg/s via {report.via})"
-    )
-    t = report.totals
-    lines.append(
-        f"Campaign {report.campaign}: "
-        + ", ".join(
-            f"{t.get(k, 0)} {k}"
-            for k in ("sent", "queued", "retry", "failed", "uncertain", "skipped", "sending")
-        )
-    )
-    if report.stopped == "limit":
-        lines.append(f"Stopped at --limit; run `mailer send {report.campaign}` again for the rest.")
-    return lines
-
-
-def _incomplete_reason(report: Any) -> str:
-    slug = report.campaign
-    if report.stopped == "daily-cap":
-        when = f"{report.resume_at:%Y-%m-%d %H:%M} UTC" if report.resume_at else "later"
-        return f"daily cap reached for {slug}; sending may continue after {when}"
-    if report.stopped == "paused":
-        return (
-            f"paused {slug}: more than half of the recent messages failed; see "
-            f"`mailer log {slug} --status failed`, then run send again"
-        )
-    if report.test or report.dry_run:
-        return f"{report.failed + report.build_errors} test message(s) were not accepted"
-    t = report.totals
-    left = ", ".join(f"{t.get(k, 0)} {k}" for k in ("failed", "uncertain", "retry") if t.get(k, 0))
-    return (
-        f"campaign {slug} is not complete: {left}; retries go out on a later `mailer send`, "
-        f"`mailer retry {slug} --failed/--uncertain` requeues the others"
-    )
-
-
 @cli.command()
 @click.argument("slug")
 @click.option("--failed", is_flag=True, help="Requeue messages refused for good or given up.")
@@ -1082,12 +1029,13 @@ def retry(slug: str, failed: bool, uncertain: bool) -> None:
       mailer retry appeal-2022 --failed
       mailer retry appeal-2022 --uncertain    # may reach someone a second time
     """
-    from mailer import engine as send_engine
+    from mailer import outbox
+    from mailer.clock import utcnow
 
     if not (failed or uncertain):
         raise click.UsageError("say what to retry: --failed, --uncertain, or both")
-    moved = send_engine.requeue(
-        engine=state().engine(), slug=slug, failed=failed, uncertain=uncertain
+    moved = outbox.requeue(
+        state().engine(), slug=slug, failed=failed, uncertain=uncertain, now=utcnow()
     )
     parts = [f"{n} {status}" for status, n in moved.items()]
     click.echo(
