@@ -883,7 +883,11 @@ def send(
     from mailer import engine as send_engine
     from mailer import transport as tr
     from mailer.errors import SendIncomplete
-    from mailer.send_report import format_incomplete_reason, format_send_summary
+    from mailer.send_report import (
+        format_incomplete_reason,
+        format_send_plan,
+        format_send_summary,
+    )
 
     if sum((smtp_url is not None, outbox is not None, dry_run)) != 1:
         raise click.UsageError("give exactly one of --smtp URL, --outbox DIR or --dry-run")
@@ -914,22 +918,10 @@ def send(
         transport = tr.MaildirOutbox(outbox)
         shown = f"Maildir {outbox}"
     plan = send_engine.plan_send(workspace=workspace, engine=engine, slug=slug)
-    if test_to is not None:
-        click.echo(
-            f"Test send of {slug}: {limit or 3} real rendering(s) to {test_to} only (nothing recorded)"
-        )
-    else:
-        click.echo(f"Sending {slug}: {plan.pending} message(s) to send (audience {plan.audience})")
-    click.echo(f"  from:      {plan.from_address}")
-    click.echo(f"  subject:   {plan.sample_subject or '(no recipient)'}")
-    click.echo(f"  transport: {shown}")
-    if per_second or daily_cap or limit:
-        limits = [
-            f"rate {rate}" if rate else "",
-            f"daily cap {daily_cap}" if daily_cap else "",
-            f"limit {limit}" if limit else "",
-        ]
-        click.echo(f"  limits:    {', '.join(x for x in limits if x)}")
+    for line in format_send_plan(
+        plan, transport=shown, test_to=test_to, limit=limit, rate=rate, daily_cap=daily_cap
+    ):
+        click.echo(line)
     if terminal and not yes:
         click.confirm("Send now?", abort=True)
     with _send_progress(terminal=terminal) as progress:
@@ -989,6 +981,8 @@ class _send_progress:
     def update(self, report: SendReport) -> None:
         import time
 
+        from mailer.send_report import format_progress
+
         done = report.done + report.released
         total = max(report.due, done)
         now = time.monotonic()
@@ -1003,10 +997,7 @@ class _send_progress:
         tenth = (done * 10 // total) if total else 10
         if done and (now - self.last_time >= 5 or tenth > self.last_tenth):
             self.last_time, self.last_tenth = now, tenth
-            percent = done * 100 // total if total else 100
-            click.echo(
-                f"sent {report.sent}/{total} ({percent}%), {problems} failed, {report.deferred} retry, {rate:,.0f} msg/s"
-            )
+            click.echo(format_progress(report, total=total, rate=rate))
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

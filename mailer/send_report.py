@@ -81,6 +81,51 @@ class SendPlan:
     sample_to: str | None
 
 
+def format_send_plan(
+    plan: SendPlan,
+    *,
+    transport: str,
+    test_to: str | None,
+    limit: int | None,
+    rate: str | None,
+    daily_cap: int | None,
+) -> list[str]:
+    """What `mailer send` shows before it asks for confirmation (`rate` as the user wrote it)."""
+    if test_to is not None:
+        lines = [
+            f"Test send of {plan.campaign}: {limit or 3} real rendering(s) to {test_to} only "
+            "(nothing recorded)"
+        ]
+    else:
+        lines = [
+            f"Sending {plan.campaign}: {plan.pending} message(s) to send (audience {plan.audience})"
+        ]
+    lines += [
+        f"  from:      {plan.from_address}",
+        f"  subject:   {plan.sample_subject or '(no recipient)'}",
+        f"  transport: {transport}",
+    ]
+    limits = [
+        f"rate {rate}" if rate else "",
+        f"daily cap {daily_cap}" if daily_cap else "",
+        f"limit {limit}" if limit else "",
+    ]
+    if any(limits):
+        lines.append(f"  limits:    {', '.join(x for x in limits if x)}")
+    return lines
+
+
+def format_progress(report: SendReport, *, total: int, rate: float) -> str:
+    """One progress line (off a terminal): sent so far, problems, retries, messages a second."""
+    done = report.done + report.released
+    percent = done * 100 // total if total else 100
+    problems = report.failed + report.uncertain + report.build_errors
+    return (
+        f"sent {report.sent}/{total} ({percent}%), {problems} failed, {report.deferred} retry, "
+        f"{rate:,.0f} msg/s"
+    )
+
+
 def format_send_counts(report: SendReport) -> str:
     """One line: `74 sent, 1 skipped, 0 failed, 0 uncertain`."""
     return (
@@ -163,6 +208,8 @@ __all__ = [
     "SendPlan",
     "SendReport",
     "format_incomplete_reason",
+    "format_progress",
     "format_send_counts",
+    "format_send_plan",
     "format_send_summary",
 ]

@@ -6,9 +6,12 @@ import datetime as dt
 
 from mailer.policy import StopReason
 from mailer.send_report import (
+    SendPlan,
     SendReport,
     format_incomplete_reason,
+    format_progress,
     format_send_counts,
+    format_send_plan,
     format_send_summary,
 )
 
@@ -103,4 +106,62 @@ def test_the_demo_line() -> None:
     assert (
         format_send_counts(report(sent=74, skipped=1))
         == "74 sent, 1 skipped, 0 failed, 0 uncertain"
+    )
+
+
+def test_the_plan_before_confirmation() -> None:
+    plan = SendPlan(
+        campaign="appeal",
+        from_address="Office <office@example.org>",
+        audience=12,
+        pending=10,
+        sample_subject="An appeal",
+        sample_to="mayor@example.org",
+    )
+    assert format_send_plan(
+        plan,
+        transport="smtp://mx.example.org:587",
+        test_to=None,
+        limit=5,
+        rate="300/min",
+        daily_cap=None,
+    ) == [
+        "Sending appeal: 10 message(s) to send (audience 12)",
+        "  from:      Office <office@example.org>",
+        "  subject:   An appeal",
+        "  transport: smtp://mx.example.org:587",
+        "  limits:    rate 300/min, limit 5",
+    ]
+    quiet = SendPlan(
+        campaign="appeal",
+        from_address="o@example.org",
+        audience=0,
+        pending=0,
+        sample_subject=None,
+        sample_to=None,
+    )
+    assert format_send_plan(
+        quiet,
+        transport="Maildir out",
+        test_to="me@example.org",
+        limit=None,
+        rate=None,
+        daily_cap=100,
+    ) == [
+        "Test send of appeal: 3 real rendering(s) to me@example.org only (nothing recorded)",
+        "  from:      o@example.org",
+        "  subject:   (no recipient)",
+        "  transport: Maildir out",
+        "  limits:    daily cap 100",
+    ]
+
+
+def test_a_progress_line() -> None:
+    r = report(sent=40, failed=3, uncertain=1, deferred=2, released=4)
+    assert format_progress(r, total=100, rate=1234.5) == (
+        "sent 40/100 (50%), 4 failed, 2 retry, 1,234 msg/s"
+    )
+    assert (
+        format_progress(report(), total=0, rate=0.0)
+        == "sent 0/0 (100%), 0 failed, 0 retry, 0 msg/s"
     )
