@@ -595,7 +595,7 @@ def plan_send(*, workspace: Workspace, engine: Engine, slug: str) -> SendPlan:
                     subject, to = composed.subject, composed.rcpt_to
                 except MailerError as exc:
                     subject = f"(cannot render: {exc})"
-    totals = outbox.status_counts(engine, campaign.id)
+    totals = outbox.status_counts(engine, campaign_id=campaign.id)
     pending = totals[MessageStatus.QUEUED.value] + totals[MessageStatus.RETRY.value]
     return SendPlan(
         campaign=slug,
@@ -715,7 +715,9 @@ async def _send_campaign(
             functools.partial(outbox.queue_audience, engine, campaign=campaign, now=now)
         )
         signals.check(slug)
-        totals = await asyncio.to_thread(outbox.status_counts, engine, campaign.id)
+        totals = await asyncio.to_thread(
+            functools.partial(outbox.status_counts, engine, campaign_id=campaign.id)
+        )
         report.due = totals[MessageStatus.QUEUED.value] + totals[MessageStatus.RETRY.value]
         if report.due >= policy.compose_worker_from:
             # Started first: it comes up (about a second) while the server is contacted, and

@@ -55,7 +55,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
@@ -257,32 +256,41 @@ def _insert_events(conn: Connection, events: Sequence[_EventRow]) -> None:
         )
 
 
-def _insert(engine: Engine, table: Table) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING where the backend has it (two senders may race)."""
-    if engine.dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if engine.dialect.name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    return table.insert()
-
-
 def _insert_messages(
     conn: Connection, rows: Sequence[tuple[int, int, str]], now: dt.datetime
-) -> list[tuple[int, int, str]] | None:
+) -> list[tuple[int, int, str]]:
     """New outbox rows (campaign, contact, status) in one multi-row INSERT ... ON CONFLICT DO
-    NOTHING RETURNING (only the rows this sender inserted come back), or None where the backend
-    has no driver-level form."""
+    NOTHING RETURNING: only the rows this sender inserted come back (two senders may race)."""
+    if not rows:
+        return []
     ph = _PLACEHOLDER.get(conn.dialect.name)
-    if ph is None or not rows:
-        return None
+    if ph is None:
+        # A backend without the driver-level form: no ON CONFLICT either (only SQLite and
+        # PostgreSQL are supported; this keeps another dialect working for one sender).
+        insert = MESSAGES.insert().returning(
+            MESSAGES.c.id, MESSAGES.c.contact_id, MESSAGES.c.status
+        )
+        values = [
+            {
+                "campaign_id": campaign_id,
+                "contact_id": contact_id,
+                "status": status,
+                "attempts": 0,
+                "queued_at": now,
+                "updated_at": now,
+            }
+            for campaign_id, contact_id, status in rows
+        ]
+        return [(int(m), int(c), str(s)) for m, c, s in conn.execute(insert, values)]
     at = _datetime_to_db(conn)(now)
-    values = ", ".join([f"({ph}, {ph}, {ph}, 0, {ph}, {ph})"] * len(rows))
+    placeholders = ", ".join([f"({ph}, {ph}, {ph}, 0, {ph}, {ph})"] * len(rows))
     params: list[Any] = []
     for campaign_id, contact_id, status in rows:
         params.extend((campaign_id, contact_id, status, at, at))
     result = conn.exec_driver_sql(
         "INSERT INTO messages (campaign_id, contact_id, status, attempts, queued_at, "
-        f"updated_at) VALUES {values} ON CONFLICT DO NOTHING RETURNING id, contact_id, status",
+        f"updated_at) VALUES {placeholders} ON CONFLICT DO NOTHING RETURNING id, contact_id, "
+        "status",
         tuple(params),
     )
     return [(int(mid), int(cid), str(status)) for mid, cid, status in result]
@@ -392,79 +400,55 @@ def queue_audience(
     memory stays flat at any audience size and another sender is never kept waiting long."""
     audience = audience_mod.Audience.from_json(campaign.audience)
     queued = skipped = 0
-    insert = _insert(engine, MESSAGES).returning(
-        MESSAGES.c.id, MESSAGES.c.contact_id, MESSAGES.c.status
-    )
     with Session(engine) as reading:
         for ids in audience_mod.contact_id_pages(reading, audience, size=chunk):
             # No read snapshot held while this page is written (nor through the whole walk).
             reading.rollback()
             with _writing(engine) as conn:
-                have = set(
-                    conn.execute(
-                        select(MESSAGES.c.contact_id).where(
-                            MESSAGES.c.campaign_id == campaign.id, MESSAGES.c.contact_id.in_(ids)
-                        )
-                    ).scalars()
-                )
-                missing = [i for i in ids if i not in have]
-                if not missing:
-                    continue
-                emails = contact_emails(conn, missing)
-                rows: list[tuple[int, int, str]] = []
-                invalid: dict[int, str] = {}
-                for cid in missing:
-                    email = emails.get(cid, "")
-                    problem = address_problem(email)
-                    if problem is None:
-                        rows.append((campaign.id, cid, MessageStatus.QUEUED.value))
-                    else:
-                        invalid[cid] = f"invalid address {email!r}: {problem}"
-                        rows.append((campaign.id, cid, MessageStatus.SKIPPED.value))
-                inserted = _insert_messages(conn, rows, now)
-                if inserted is None:
-                    inserted = [
-                        (m, c, s)
-                        for m, c, s in conn.execute(
-                            insert,
-                            [
-                                {
-                                    "campaign_id": campaign_id,
-                                    "contact_id": cid,
-                                    "status": status,
-                                    "attempts": 0,
-                                    "queued_at": now,
-                                    "updated_at": now,
-                                }
-                                for campaign_id, cid, status in rows
-                            ],
-                        )
-                    ]
-                events: list[_EventRow] = []
-                for mid, cid, status in inserted:
-                    if status == MessageStatus.SKIPPED.value:
-                        skipped += 1
-                        detail = invalid.get(cid, "invalid address")
-                        events.append(
-                            (
-                                mid,
-                                campaign.id,
-                                cid,
-                                now,
-                                EventKind.SKIPPED.value,
-                                None,
-                                detail,
-                                None,
-                            )
-                        )
-                    else:
-                        queued += 1
-                        events.append(
-                            (mid, campaign.id, cid, now, EventKind.QUEUED.value, None, None, None)
-                        )
-                _insert_events(conn, events)
+                page = _queue_page(conn, campaign_id=campaign.id, contact_ids=ids, now=now)
+            queued += page.queued
+            skipped += page.skipped
     skipped += skip_suppressed(engine, campaign_id=campaign.id, now=now)
     return Queued(queued=queued, skipped=skipped)
+
+
+def _queue_page(
+    conn: Connection, *, campaign_id: int, contact_ids: Sequence[int], now: dt.datetime
+) -> Queued:
+    have = set(
+        conn.execute(
+            select(MESSAGES.c.contact_id).where(
+                MESSAGES.c.campaign_id == campaign_id, MESSAGES.c.contact_id.in_(contact_ids)
+            )
+        ).scalars()
+    )
+    missing = [i for i in contact_ids if i not in have]
+    if not missing:
+        return Queued(queued=0, skipped=0)
+    emails = contact_emails(conn, missing)
+    rows: list[tuple[int, int, str]] = []
+    invalid: dict[int, str] = {}
+    for cid in missing:
+        email = emails.get(cid, "")
+        problem = address_problem(email)
+        if problem is None:
+            rows.append((campaign_id, cid, MessageStatus.QUEUED.value))
+        else:
+            invalid[cid] = f"invalid address {email!r}: {problem}"
+            rows.append((campaign_id, cid, MessageStatus.SKIPPED.value))
+    inserted: list[tuple[int, int, str]] = []
+    for start in range(0, len(rows), _ROWS_A_STATEMENT * 2):
+        inserted += _insert_messages(conn, rows[start : start + _ROWS_A_STATEMENT * 2], now)
+    events: list[_EventRow] = []
+    for mid, cid, status in inserted:
+        if status == MessageStatus.SKIPPED.value:
+            detail = invalid.get(cid, "invalid address")
+            events.append((mid, campaign_id, cid, now, EventKind.SKIPPED.value, None, detail, None))
+        else:
+            events.append((mid, campaign_id, cid, now, EventKind.QUEUED.value, None, None, None))
+    _insert_events(conn, events)
+    skipped = sum(1 for _, _, status in inserted if status == MessageStatus.SKIPPED.value)
+    return Queued(queued=len(inserted) - skipped, skipped=skipped)
 
 
 def skip_suppressed(engine: Engine, *, campaign_id: int, now: dt.datetime) -> int:
@@ -1058,7 +1042,7 @@ def finish_sending(
 ) -> dict[str, int]:
     """The campaign's status after a run: `done` when nothing is left open, `paused` when the
     run was paused or interrupted, `sending` otherwise. Returns the message counts per status."""
-    totals = status_counts(engine, campaign_id)
+    totals = status_counts(engine, campaign_id=campaign_id)
     open_ = sum(
         totals[s.value] for s in (MessageStatus.QUEUED, MessageStatus.RETRY, MessageStatus.SENDING)
     )
@@ -1077,7 +1061,7 @@ def finish_sending(
 # --------------------------------------------------------------------------- reading
 
 
-def status_counts(engine: Engine, campaign_id: int) -> dict[str, int]:
+def status_counts(engine: Engine, *, campaign_id: int) -> dict[str, int]:
     """Messages of the campaign per status (every status present, zero or not)."""
     with engine.connect() as conn:
         rows = conn.execute(

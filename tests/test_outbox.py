@@ -74,7 +74,7 @@ class Store:
             return list(s.scalars(query))
 
     def statuses(self) -> dict[str, int]:
-        counts = outbox.status_counts(self.engine, self.campaign.id)
+        counts = outbox.status_counts(self.engine, campaign_id=self.campaign.id)
         return {k: n for k, n in counts.items() if n}
 
     def assert_log_explains_every_state(self) -> None:
