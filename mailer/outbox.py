@@ -21,9 +21,9 @@ the statements that run once per message go to the driver directly as multi-row 
 driver step each, so the database thread gives up the GIL once per batch, not once per row);
 SQLite claims with `json_each` and no RETURNING; results ride along with the next claim.
 
-Imports: models, clock, audience, campaigns (get_campaign, freeze_templates) and message
-(address_problem). Never engine, compose, transport or smtp: the outbox knows nothing of
-templates or servers.
+Imports models, audience (the audience's pages), campaigns (get_campaign, freeze_templates) and
+message (address_problem). It must not import engine, policy, compose, transport or smtp: the
+outbox knows nothing of templates, servers or backoff.
 """
 
 from __future__ import annotations
