@@ -453,3 +453,38 @@ def test_the_scan_catches_each_way_of_writing(source: str) -> None:
 @pytest.mark.parametrize("source", READS.values(), ids=READS.keys())
 def test_the_scan_lets_reads_and_lookalikes_pass(source: str) -> None:
     assert outbox_writes(source) == []
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module `path` imports (`from a import b` counts as a and a.b), at any depth."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_outbox_imports_nothing_of_sending() -> None:
+    forbidden = {f"mailer.{m}" for m in ("engine", "policy", "transport", "smtp", "compose")}
+    forbidden |= {"mailer.compose_worker", "aiosmtplib"}
+    assert _imports(ROOT / "mailer" / WRITER) & forbidden == set()
+
+
+def test_the_engine_holds_no_sql() -> None:
+    # The run uses outbox verbs: no SQL construct imported, no SQL written as text.
+    sql_constructs = {
+        f"sqlalchemy.{name}"
+        for name in ("select", "insert", "update", "delete", "text", "func", "and_", "or_")
+    }
+    engine = ROOT / "mailer" / "engine.py"
+    assert _imports(engine) & sql_constructs == set()
+    statement = re.compile(r"\b(select\s+.+\s+from|insert\s+into|update\s+\w+\s+set)\b", re.I)
+    strings = [
+        node.value
+        for node in ast.walk(ast.parse(engine.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
+    assert [s for s in strings if statement.search(s)] == []
