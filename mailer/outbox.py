@@ -1143,6 +1143,7 @@ __all__ = [
     "recover_stale_claims",
     "requeue",
     "requeue_streak",
+    "sent_in_window",
     "settled_contacts",
     "skip_suppressed",
     "start_sending",
