@@ -4,10 +4,21 @@ campaigns (contacted in, replied to: follow-ups), and who must never be contacte
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, and_, exists, func, not_, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    func,
+    not_,
+    or_,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from mailer.errors import InvalidValueError
@@ -214,6 +225,33 @@ def away_until(session: Session, *, contact_ids: Sequence[int]) -> dict[int, dt.
 def contact_ids(session: Session, audience: Audience) -> list[int]:
     query = contacts_query(session, audience).with_only_columns(Contact.id)
     return list(session.scalars(query))
+
+
+def contact_id_pages(
+    session: Session, audience: Audience, *, size: int = 1000
+) -> Iterator[list[int]]:
+    """The audience's contact ids in id order, one keyset page (`id > last`) at a time: memory
+    stays flat for an audience of any size, and each page is one index range, never a sort.
+
+    Each page is its own query, so the caller may end the session's transaction between pages
+    (a long walk then holds no read snapshot open)."""
+    if size < 1:
+        raise ValueError("a page holds at least one contact")
+    page = (
+        contacts_query(session, audience)
+        .with_only_columns(Contact.id)
+        .where(Contact.id > bindparam("after", type_=Integer))
+        .limit(size)
+    )
+    after = 0
+    while True:
+        ids = list(session.scalars(page, {"after": after}))
+        if not ids:
+            return
+        yield ids
+        if len(ids) < size:
+            return
+        after = ids[-1]
 
 
 def count(session: Session, audience: Audience) -> int:

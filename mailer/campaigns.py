@@ -145,9 +145,12 @@ def create_campaign(
 
 
 def get_campaign(session: Session, slug: str) -> Campaign:
+    """The campaign named `slug`; NotFoundError naming the campaigns there are if none is."""
     campaign = session.scalar(select(Campaign).where(Campaign.slug == slug))
     if campaign is None:
-        raise NotFoundError(f"no campaign {slug!r}; `mailer campaign list` shows them")
+        known = list(session.scalars(select(Campaign.slug).order_by(Campaign.slug).limit(20)))
+        hint = f"; campaigns: {', '.join(known)}" if known else "; there are no campaigns yet"
+        raise NotFoundError(f"no campaign {slug!r}{hint}")
     return campaign
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from mailer import db
+    from mailer.send_report import SendReport
 else:
 
     def _lazy(name: str) -> ModuleType:
@@ -864,7 +865,7 @@ def preview(slug: str, contact: str | None, raw: bool) -> None:
 
 
 # --------------------------------------------------------------------------- send & retry
-# (engine.py, transport.py)
+# (engine.py, outbox.py, send_report.py, transport.py)
 
 
 def _on_terminal() -> bool:
@@ -956,6 +957,11 @@ def send(
     from mailer import smtp
     from mailer import transport as tr
     from mailer.errors import SendIncomplete
+    from mailer.send_report import (
+        format_incomplete_reason,
+        format_send_plan,
+        format_send_summary,
+    )
 
     if sum((smtp_url is not None, outbox is not None, dry_run)) != 1:
         raise click.UsageError("give exactly one of --smtp URL, --outbox DIR or --dry-run")
@@ -965,13 +971,10 @@ def send(
     terminal = _on_terminal()
     if dry_run:
         report = send_engine.dry_run(workspace=workspace, engine=engine, slug=slug, limit=limit)
-        click.echo(report.note or "")
-        for line in report.errors:
-            click.echo(f"  {line}")
-        if report.build_errors:
-            raise SendIncomplete(
-                f"{report.build_errors} message(s) of {slug} cannot be built; `mailer check {slug}` lists them"
-            )
+        for line in format_send_summary(report):
+            click.echo(line)
+        if report.incomplete:
+            raise SendIncomplete(format_incomplete_reason(report))
         return
     per_second = tr.parse_rate(rate) if rate else None
     transport: tr.Transport
@@ -994,22 +997,10 @@ def send(
         transport = tr.MaildirOutbox(outbox)
         shown = f"Maildir {outbox}"
     plan = send_engine.plan_send(workspace=workspace, engine=engine, slug=slug)
-    if test_to is not None:
-        click.echo(
-            f"Test send of {slug}: {limit or 3} real rendering(s) to {test_to} only (nothing recorded)"
-        )
-    else:
-        click.echo(f"Sending {slug}: {plan.pending} message(s) to send (audience {plan.audience})")
-    click.echo(f"  from:      {plan.from_address}")
-    click.echo(f"  subject:   {plan.sample_subject or '(no recipient)'}")
-    click.echo(f"  transport: {shown}")
-    if per_second or daily_cap or limit:
-        limits = [
-            f"rate {rate}" if rate else "",
-            f"daily cap {daily_cap}" if daily_cap else "",
-            f"limit {limit}" if limit else "",
-        ]
-        click.echo(f"  limits:    {', '.join(x for x in limits if x)}")
+    for line in format_send_plan(
+        plan, transport=shown, test_to=test_to, limit=limit, rate=rate, daily_cap=daily_cap
+    ):
+        click.echo(line)
     if terminal and not yes:
         click.confirm("Send now?", abort=True)
     with _send_progress(terminal=terminal) as progress:
@@ -1026,10 +1017,10 @@ def send(
             progress=progress,
             handle_signals=True,
         )
-    for line in _send_summary(report):
+    for line in format_send_summary(report):
         click.echo(line)
     if report.incomplete:
-        raise SendIncomplete(_incomplete_reason(report))
+        raise SendIncomplete(format_incomplete_reason(report))
 
 
 class _send_progress:
@@ -1043,7 +1034,7 @@ class _send_progress:
         self.last_tenth = -1
         self.started = 0.0
 
-    def __enter__(self) -> Callable[[Any], None]:
+    def __enter__(self) -> Callable[[SendReport], None]:
         import time
 
         self.started = time.monotonic()
@@ -1066,8 +1057,10 @@ class _send_progress:
             self.bar.start()
         return self.update
 
-    def update(self, report: Any) -> None:
+    def update(self, report: SendReport) -> None:
         import time
+
+        from mailer.send_report import format_progress
 
         done = report.done + report.released
         total = max(report.due, done)
@@ -1083,68 +1076,11 @@ class _send_progress:
         tenth = (done * 10 // total) if total else 10
         if done and (now - self.last_time >= 5 or tenth > self.last_tenth):
             self.last_time, self.last_tenth = now, tenth
-            percent = done * 100 // total if total else 100
-            click.echo(
-                f"sent {report.sent}/{total} ({percent}%), {problems} failed, {report.deferred} retry, {rate:,.0f} msg/s"
-            )
+            click.echo(format_progress(report, total=total, rate=rate))
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def _send_summary(report: Any) -> list[str]:
-    if report.test:
-        lines = [report.note or ""]
-        lines += [f"  {e}" for e in report.errors]
-        return lines
-    lines = []
-    if report.recovered:
-        lines.append(
-            f"{report.recovered} message(s) left `sending` by an earlier run are now `uncertain` "
-            f"(they may have been delivered); `mailer retry {report.campaign} --uncertain` re-sends them"
-        )
-    if report.newly_queued or report.skipped:
-        lines.append(
-            f"Queued {report.newly_queued} new message(s); skipped {report.skipped} (suppressed or invalid address)"
-        )
-    lines.append(
-        f"This run: {report.sent} sent, {report.deferred} to retry, {report.failed} failed, "
-        f"{report.uncertain} uncertain, {report.build_errors} not buildable"
-        + (f", {report.released} released unsent" if report.released else "")
-        + f" ({report.rate:,.0f} msg/s via {report.via})"
-    )
-    t = report.totals
-    lines.append(
-        f"Campaign {report.campaign}: "
-        + ", ".join(
-            f"{t.get(k, 0)} {k}"
-            for k in ("sent", "queued", "retry", "failed", "uncertain", "skipped", "sending")
-        )
-    )
-    if report.stopped == "limit":
-        lines.append(f"Stopped at --limit; run `mailer send {report.campaign}` again for the rest.")
-    return lines
-
-
-def _incomplete_reason(report: Any) -> str:
-    slug = report.campaign
-    if report.stopped == "daily-cap":
-        when = f"{report.resume_at:%Y-%m-%d %H:%M} UTC" if report.resume_at else "later"
-        return f"daily cap reached for {slug}; sending may continue after {when}"
-    if report.stopped == "paused":
-        return (
-            f"paused {slug}: more than half of the recent messages failed; see "
-            f"`mailer log {slug} --status failed`, then run send again"
-        )
-    if report.test or report.dry_run:
-        return f"{report.failed + report.build_errors} test message(s) were not accepted"
-    t = report.totals
-    left = ", ".join(f"{t.get(k, 0)} {k}" for k in ("failed", "uncertain", "retry") if t.get(k, 0))
-    return (
-        f"campaign {slug} is not complete: {left}; retries go out on a later `mailer send`, "
-        f"`mailer retry {slug} --failed/--uncertain` requeues the others"
-    )
 
 
 @cli.command()
@@ -1163,12 +1099,13 @@ def retry(slug: str, failed: bool, uncertain: bool) -> None:
       mailer retry appeal-2022 --failed
       mailer retry appeal-2022 --uncertain    # may reach someone a second time
     """
-    from mailer import engine as send_engine
+    from mailer import outbox
+    from mailer.clock import utcnow
 
     if not (failed or uncertain):
         raise click.UsageError("say what to retry: --failed, --uncertain, or both")
-    moved = send_engine.requeue(
-        engine=state().engine(), slug=slug, failed=failed, uncertain=uncertain
+    moved = outbox.requeue(
+        state().engine(), slug=slug, failed=failed, uncertain=uncertain, now=utcnow()
     )
     parts = [f"{n} {status}" for status, n in moved.items()]
     click.echo(

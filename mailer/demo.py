@@ -27,6 +27,7 @@ from mailer.devserver import DevServer
 from mailer.errors import CheckFailed, ConflictError, SendIncomplete, WorkspaceError
 from mailer.models import SuppressionReason
 from mailer.report import write_report
+from mailer.send_report import format_send_counts
 
 SLUG = "appeal"
 TEMPLATE = "appeal"
@@ -161,10 +162,7 @@ def _run(
         report = send_engine.send_campaign(
             workspace=workspace, engine=engine, slug=SLUG, transport=transport, concurrency=4
         )
-        out(
-            f"   {report.sent} sent, {report.skipped} skipped, {report.failed} failed, "
-            f"{report.uncertain} uncertain"
-        )
+        out(f"   {format_send_counts(report)}")
         received = server.count()
 
     out("6. Status (`mailer status`)")

@@ -26,6 +26,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# Re-exported: importers, review and report take the one `utcnow` from here.
+from mailer.clock import utcnow as utcnow
+
 # Named constraints let Alembic's batch mode rebuild SQLite tables without guessing names.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -34,10 +37,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):

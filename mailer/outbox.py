@@ -1,21 +1,69 @@
-"""The outbox store: the only module that writes `messages` and `events` (verbs, not SQL).
+"""The outbox: the only module that writes the `messages` and `events` tables.
 
-Each verb changes a message's state and writes its event in the caller's transaction, so the
-state and its log entry are committed together or not at all. It must not import the CLI, the
-engine, templates or transports.
+Everyone else changes a message's state through the verbs below, never with SQL of their own
+(tests/test_quality.py fails if another module writes either table). Each verb that changes
+states writes every changed message's event in the same transaction, most of them in the same
+statement batch, so promise 2 (every state change is in the send log, with its time and the
+server's answer) holds by construction.
+
+The verbs, in the order a send uses them:
+
+    start_sending -> recover_stale_claims -> queue_audience (and skip_suppressed) ->
+    Due.peek -> claim (which also records the results gathered since the last claim, in the
+    same commit) -> record -> requeue_streak -> finish_sending
+
+and `requeue` for `mailer retry`; `status_counts`, `sent_in_window` and `cap_resume_at` read.
+What follows an attempt is decided by `mailer.policy.next_state` and arrives here as a
+`NextState`; the outbox only writes it down.
+
+The fast paths were measured (benchmarks/RESULTS.md, "Send, round 2") and are kept on purpose:
+the statements that run once per message go to the driver directly as multi-row statements (one
+driver step each, so the database thread gives up the GIL once per batch, not once per row);
+SQLite claims with `json_each` and no RETURNING; results ride along with the next claim.
+
+Imports models, audience (the audience's pages), campaigns (get_campaign, freeze_templates) and
+message (address_problem). It must not import engine, policy, compose, transport or smtp: the
+outbox knows nothing of templates, servers or backoff.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import json
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import CursorResult, Table, bindparam, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Engine,
+    Integer,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from mailer.errors import CampaignHeld
+from mailer import audience as audience_mod
+from mailer import campaigns
+from mailer.errors import CampaignHeld, InvalidValueError
+from mailer.message import address_problem
 from mailer.models import (
     Campaign,
     CampaignStatus,
@@ -28,13 +76,1090 @@ from mailer.models import (
     SuppressionReason,
 )
 
+MESSAGES = cast(Table, Message.__table__)
+EVENTS = cast(Table, Event.__table__)
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NextState:
+    """What becomes of a message after an attempt (decided by `policy.next_state`): its new
+    status, the event that records the change, the event's detail and, for a retry, when."""
+
+    status: MessageStatus
+    event: EventKind
+    detail: str | None
+    next_attempt_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claim:
+    """A message this run holds (`sending`): its row, its contact, and which attempt this is."""
+
+    id: int
+    contact_id: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempted:
+    """A claimed message the transport was given: its next state and the server's answer, and
+    what was built (Message-ID, language, subject, body hash) for the send log."""
+
+    claim: Claim
+    state: NextState
+    code: int | None
+    reply: str | None
+    via: str | None
+    message_id: str | None
+    language: str | None
+    subject: str | None
+    body_hash: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Released:
+    """A claimed message never handed to the transport: back to `queued`, the attempt not
+    counted; `reason` says why the run let it go."""
+
+    claim: Claim
+    reason: str
+    message_id: str | None = None
+    language: str | None = None
+    subject: str | None = None
+    body_hash: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unbuildable:
+    """A claimed message whose letter could not be built: `failed`, with the reason."""
+
+    claim: Claim
+    error: str
+
+
+Result = Attempted | Released | Unbuildable
+
+
+class Queued(NamedTuple):
+    queued: int
+    skipped: int
+
+
+# --------------------------------------------------------------------------- run identity
+
+
+def new_run_id() -> str:
+    """Who holds a claim: host, process and a random part (several runs may share a process)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# Runs of this process that have ended: a claim of theirs still `sending` has no owner.
+_ENDED_RUNS: set[str] = set()
+
+
+def end_run(run_id: str) -> None:
+    """This run holds nothing any more: a claim of it still `sending` is dead."""
+    _ENDED_RUNS.add(run_id)
+
+
+def _claim_is_dead(
+    claimed_by: str | None, updated_at: dt.datetime, *, now: dt.datetime, stale: dt.timedelta
+) -> bool:
+    if not claimed_by or claimed_by in _ENDED_RUNS:
+        return True
+    host, _, rest = claimed_by.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host == socket.gethostname() and pid_text.isdigit():
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    # Another machine's sender, or a pid since reused: only a claim far older than any batch
+    # takes is presumed dead.
+    return now - updated_at > stale
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def _writing(engine: Engine) -> Iterator[Connection]:
+    """A write transaction; on SQLite taken with BEGIN IMMEDIATE so two writers never deadlock."""
+    with engine.connect() as conn:
+        sqlite_db = engine.dialect.name == "sqlite"
+        if sqlite_db:
+            conn.info["immediate"] = True
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            if sqlite_db:
+                conn.info.pop("immediate", None)
+
+
+# The statements that run once per message are sent to the driver directly: SQLAlchemy's
+# per-row parameter processing cost more than the database work (see benchmarks/RESULTS.md).
+_PLACEHOLDER = {"sqlite": "?", "postgresql": "%s"}
+# Rows per multi-row statement: 8 parameters a row stays far below SQLite's 32,766.
+_ROWS_A_STATEMENT = 500
+
+# One event row: message, campaign, contact, at, kind, SMTP code, detail, via.
+_EventRow = tuple[int, int, int, dt.datetime, str, int | None, str | None, str | None]
+_EVENT_COLUMNS = (
+    "message_id",
+    "campaign_id",
+    "contact_id",
+    "at",
+    "kind",
+    "smtp_code",
+    "detail",
+    "via",
+)
+
+
+def _datetime_to_db(conn: Connection) -> Callable[[dt.datetime | None], Any]:
+    process = MESSAGES.c.updated_at.type.bind_processor(conn.dialect)
+    # A batch carries one or two distinct times (its `now`, a retry's date): convert each once.
+    seen: dict[dt.datetime, Any] = {}
+
+    def convert(value: dt.datetime | None) -> Any:
+        if value is None or process is None:
+            return value
+        done = seen.get(value)
+        if done is None:
+            done = seen[value] = process(value)
+        return done
+
+    return convert
+
+
+def _insert_events(conn: Connection, events: Sequence[_EventRow]) -> None:
+    if not events:
+        return
+    ph = _PLACEHOLDER.get(conn.dialect.name)
+    if ph is None:
+        conn.execute(EVENTS.insert(), [dict(zip(_EVENT_COLUMNS, e, strict=True)) for e in events])
+        return
+    to_db = _datetime_to_db(conn)
+    # Many rows in one statement: the driver runs it in one step (one release of the GIL, see
+    # engine._Run.db_thread) instead of one step per row.
+    for start in range(0, len(events), _ROWS_A_STATEMENT):
+        chunk = events[start : start + _ROWS_A_STATEMENT]
+        values = ", ".join([f"({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})"] * len(chunk))
+        params: list[Any] = []
+        for mid, campaign_id, contact_id, at, kind, code, detail, via in chunk:
+            params.extend((mid, campaign_id, contact_id, to_db(at), kind, code, detail, via))
+        conn.exec_driver_sql(
+            "INSERT INTO events (message_id, campaign_id, contact_id, at, kind, smtp_code, "
+            f"detail, via) VALUES {values}",
+            tuple(params),
+        )
+
+
+def _insert_messages(
+    conn: Connection, rows: Sequence[tuple[int, int, str]], now: dt.datetime
+) -> list[tuple[int, int, str]]:
+    """New outbox rows (campaign, contact, status) in one multi-row INSERT ... ON CONFLICT DO
+    NOTHING RETURNING: only the rows this sender inserted come back (two senders may race)."""
+    if not rows:
+        return []
+    ph = _PLACEHOLDER.get(conn.dialect.name)
+    if ph is None:
+        # A backend without the driver-level form: no ON CONFLICT either (only SQLite and
+        # PostgreSQL are supported; this keeps another dialect working for one sender).
+        insert = MESSAGES.insert().returning(
+            MESSAGES.c.id, MESSAGES.c.contact_id, MESSAGES.c.status
+        )
+        values = [
+            {
+                "campaign_id": campaign_id,
+                "contact_id": contact_id,
+                "status": status,
+                "attempts": 0,
+                "queued_at": now,
+                "updated_at": now,
+            }
+            for campaign_id, contact_id, status in rows
+        ]
+        return [(int(m), int(c), str(s)) for m, c, s in conn.execute(insert, values)]
+    at = _datetime_to_db(conn)(now)
+    placeholders = ", ".join([f"({ph}, {ph}, {ph}, 0, {ph}, {ph})"] * len(rows))
+    params: list[Any] = []
+    for campaign_id, contact_id, status in rows:
+        params.extend((campaign_id, contact_id, status, at, at))
+    result = conn.exec_driver_sql(
+        "INSERT INTO messages (campaign_id, contact_id, status, attempts, queued_at, "
+        f"updated_at) VALUES {placeholders} ON CONFLICT DO NOTHING RETURNING id, contact_id, "
+        "status",
+        tuple(params),
+    )
+    return [(int(mid), int(cid), str(status)) for mid, cid, status in result]
+
+
+# --------------------------------------------------------------------------- a send's start
+
+
+def start_sending(engine: Engine, *, slug: str, templates_dir: Path, now: dt.datetime) -> Campaign:
+    """The campaign becomes `sending`, its templates frozen on its first send. Returns it
+    detached. Raises InvalidValueError for a cancelled campaign."""
+    # An IMMEDIATE transaction: two senders starting at once must queue, not fail on upgrade.
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        if campaign.status == CampaignStatus.CANCELLED.value:
+            raise InvalidValueError(f"campaign {slug} is cancelled; nothing is sent for it")
+        if not campaign.template_sources:
+            campaigns.freeze_templates(session, campaign, templates_dir=templates_dir)
+        campaign.status = CampaignStatus.SENDING.value
+        if campaign.started_at is None:
+            campaign.started_at = now
+        session.flush()
+        session.expunge(campaign)
+    return campaign
+
+
+def recover_stale_claims(
+    engine: Engine, *, campaign_id: int, now: dt.datetime, run_id: str, stale: dt.timedelta
+) -> int:
+    """`sending` rows whose sender is gone: their outcome is unknown, so they become `uncertain`.
+
+    A claim is dead when its run ended in this process, its process on this host is gone, or
+    (another host's) it has not moved for `stale`. Returns how many were recovered."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                MESSAGES.c.id, MESSAGES.c.contact_id, MESSAGES.c.claimed_by, MESSAGES.c.updated_at
+            ).where(
+                MESSAGES.c.campaign_id == campaign_id,
+                MESSAGES.c.status == MessageStatus.SENDING.value,
+            )
+        ).all()
+    dead = [
+        (mid, cid, claimed_by)
+        for mid, cid, claimed_by, updated_at in rows
+        if _claim_is_dead(claimed_by, updated_at, now=now, stale=stale)
+    ]
+    if not dead:
+        return 0
+    recovered = 0
+    with _writing(engine) as conn:
+        for mid, cid, claimed_by in dead:
+            changed = conn.execute(
+                update(MESSAGES)
+                .where(
+                    MESSAGES.c.id == mid,
+                    MESSAGES.c.status == MessageStatus.SENDING.value,
+                    MESSAGES.c.claimed_by.is_(None)
+                    if claimed_by is None
+                    else MESSAGES.c.claimed_by == claimed_by,
+                )
+                .values(
+                    status=MessageStatus.UNCERTAIN.value,
+                    claimed_by=None,
+                    updated_at=now,
+                    smtp_reply="the sender stopped while this message was being sent",
+                )
+            ).rowcount
+            if changed:
+                recovered += 1
+                _insert_events(
+                    conn,
+                    [
+                        (
+                            mid,
+                            campaign_id,
+                            cid,
+                            now,
+                            EventKind.UNCERTAIN.value,
+                            None,
+                            f"found in `sending` left by {claimed_by or 'an unknown sender'}: "
+                            "it may or may not have been delivered; "
+                            "`mailer retry --uncertain` re-sends",
+                            run_id,
+                        )
+                    ],
+                )
+    return recovered
+
+
+# --------------------------------------------------------------------------- queue and skip
+
+
+def contact_emails(reader: Connection | Session, contact_ids: Sequence[int]) -> dict[int, str]:
+    """Each contact's stored address (contacts that no longer exist are left out)."""
+    rows = reader.execute(select(Contact.id, Contact.email).where(Contact.id.in_(contact_ids)))
+    return {int(k): str(v) for k, v in rows}
+
+
+def queue_audience(
+    engine: Engine, *, campaign: Campaign, now: dt.datetime, chunk: int = 1000
+) -> Queued:
+    """Queue every contact of the audience that has no message yet (an invalid address is
+    `skipped` at once, with why), then skip the suppressed (see skip_suppressed).
+
+    The audience is read in keyset pages of `chunk` ids, each queued in its own transaction, so
+    memory stays flat at any audience size and another sender is never kept waiting long."""
+    audience = audience_mod.Audience.from_json(campaign.audience)
+    queued = skipped = 0
+    with Session(engine) as reading:
+        for ids in audience_mod.contact_id_pages(reading, audience, size=chunk):
+            # No read snapshot held while this page is written (nor through the whole walk).
+            reading.rollback()
+            with _writing(engine) as conn:
+                page = _queue_page(conn, campaign_id=campaign.id, contact_ids=ids, now=now)
+            queued += page.queued
+            skipped += page.skipped
+    skipped += skip_suppressed(engine, campaign_id=campaign.id, now=now)
+    return Queued(queued=queued, skipped=skipped)
+
+
+def _queue_page(
+    conn: Connection, *, campaign_id: int, contact_ids: Sequence[int], now: dt.datetime
+) -> Queued:
+    have = set(
+        conn.execute(
+            select(MESSAGES.c.contact_id).where(
+                MESSAGES.c.campaign_id == campaign_id, MESSAGES.c.contact_id.in_(contact_ids)
+            )
+        ).scalars()
+    )
+    missing = [i for i in contact_ids if i not in have]
+    if not missing:
+        return Queued(queued=0, skipped=0)
+    emails = contact_emails(conn, missing)
+    rows: list[tuple[int, int, str]] = []
+    invalid: dict[int, str] = {}
+    for cid in missing:
+        email = emails.get(cid, "")
+        problem = address_problem(email)
+        if problem is None:
+            rows.append((campaign_id, cid, MessageStatus.QUEUED.value))
+        else:
+            invalid[cid] = f"invalid address {email!r}: {problem}"
+            rows.append((campaign_id, cid, MessageStatus.SKIPPED.value))
+    inserted: list[tuple[int, int, str]] = []
+    for start in range(0, len(rows), _ROWS_A_STATEMENT * 2):
+        inserted += _insert_messages(conn, rows[start : start + _ROWS_A_STATEMENT * 2], now)
+    events: list[_EventRow] = []
+    for mid, cid, status in inserted:
+        if status == MessageStatus.SKIPPED.value:
+            detail = invalid.get(cid, "invalid address")
+            events.append((mid, campaign_id, cid, now, EventKind.SKIPPED.value, None, detail, None))
+        else:
+            events.append((mid, campaign_id, cid, now, EventKind.QUEUED.value, None, None, None))
+    _insert_events(conn, events)
+    skipped = sum(1 for _, _, status in inserted if status == MessageStatus.SKIPPED.value)
+    return Queued(queued=len(inserted) - skipped, skipped=skipped)
+
+
+def skip_suppressed(engine: Engine, *, campaign_id: int, now: dt.datetime) -> int:
+    """Messages not yet sent whose address is suppressed now become `skipped`, with the reason."""
+    with _writing(engine) as conn:
+        rows = conn.execute(
+            select(MESSAGES.c.id, MESSAGES.c.contact_id, Suppression.reason, Suppression.source)
+            .join(Contact, Contact.id == MESSAGES.c.contact_id)
+            .join(Suppression, Suppression.email == Contact.email)
+            .where(
+                MESSAGES.c.campaign_id == campaign_id,
+                MESSAGES.c.status.in_([MessageStatus.QUEUED.value, MessageStatus.RETRY.value]),
+            )
+        ).all()
+        for start in range(0, len(rows), _ROWS_A_STATEMENT):
+            conn.execute(
+                update(MESSAGES)
+                .where(
+                    MESSAGES.c.id.in_([mid for mid, *_ in rows[start : start + _ROWS_A_STATEMENT]])
+                )
+                .values(status=MessageStatus.SKIPPED.value, updated_at=now, next_attempt_at=None)
+            )
+        _insert_events(
+            conn,
+            [
+                (
+                    mid,
+                    campaign_id,
+                    cid,
+                    now,
+                    EventKind.SKIPPED.value,
+                    None,
+                    f"suppressed: {reason}" + (f" ({source})" if source else ""),
+                    None,
+                )
+                for mid, cid, reason, source in rows
+            ],
+        )
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- what is due
+
+
+@functools.cache
+def _peek_statements() -> tuple[Select[Any], ...]:
+    """The peek statements, built once: building them cost more than running them."""
+    c = MESSAGES.c
+    queued, retry = MessageStatus.QUEUED.value, MessageStatus.RETRY.value
+    now = bindparam("now", type_=c.next_attempt_at.type)
+    # Due retries (and any queued row that carries a date) first, then the plain queue in id
+    # order. Each statement reads ranges of ix_messages_campaign_status: one `status = queued
+    # OR ...` made SQLite read and sort every message of the campaign on every claim, a cost
+    # that grew with the list (quadratic over a run). The plain queue is read from a cursor:
+    # everything before it has been claimed or given up by this run.
+    parts = (
+        and_(c.status == retry, c.next_attempt_at.is_(None)),
+        and_(
+            c.status.in_([queued, retry]),
+            c.next_attempt_at.is_not(None),
+            or_(c.status == queued, c.next_attempt_at <= now),
+        ),
+        and_(c.status == queued, c.next_attempt_at.is_(None), c.id > bindparam("after")),
+    )
+    return tuple(
+        select(c.id, c.contact_id)
+        .where(c.campaign_id == bindparam("campaign"), part)
+        .order_by(c.id)
+        .limit(bindparam("n", type_=Integer))
+        for part in parts
+    )
+
+
+class Due:
+    """Which messages of one campaign are due, in claim order. Reads only: nothing is claimed
+    until `claim`, so what is peeked may be composed ahead without widening the crash window."""
+
+    def __init__(self, engine: Engine, *, campaign_id: int) -> None:
+        self.engine = engine
+        self.campaign_id = campaign_id
+        # The plain queue is read in id order: the last id peeked from it.
+        self.cursor = 0
+        self._retries: bool | None = None
+        self._retries_checked_at = 0.0
+        # Bumped by expect_retries; the retry check is asked again when it moves.
+        self._generation = 0
+        self._checked_generation = -1
+
+    def expect_retries(self) -> None:
+        """A message was just deferred: the retry parts of the peek are worth reading again."""
+        self._generation += 1
+
+    def peek(self, n: int, *, skip: frozenset[int], now: dt.datetime) -> list[tuple[int, int]]:
+        """The next due (message id, contact id) pairs in claim order, leaving out `skip` and
+        the plain queue up to the cursor (which moves past what is returned)."""
+        peeks = _peek_statements()
+        params = {"campaign": self.campaign_id, "now": now, "after": self.cursor}
+        found: list[tuple[int, int]] = []
+        with self.engine.connect() as conn:
+            retries = self._any_retries(conn)
+            for part, peek in enumerate(peeks):
+                if part < len(peeks) - 1 and not retries:
+                    continue
+                # Retries have no cursor: ask for enough to skip those already peeked.
+                want = n - len(found) + (len(skip) if part < len(peeks) - 1 else 0)
+                plain_queue = part == len(peeks) - 1
+                for mid, cid in conn.execute(peek, {**params, "n": want}):
+                    if mid not in skip and len(found) < n:
+                        found.append((mid, cid))
+                        if plain_queue:
+                            self.cursor = mid
+                if len(found) >= n:
+                    break
+        return found
+
+    def _any_retries(self, conn: Connection) -> bool:
+        """Whether the retry parts of the peek can find anything: most runs have no retries,
+        and two statements per batch fewer is a few percent of a run. Asked again after this
+        run defers a message, and every few seconds (another sender may have)."""
+        checked = time.monotonic()
+        if (
+            self._retries is None
+            or self._checked_generation != self._generation
+            or checked - self._retries_checked_at > 5.0
+        ):
+            generation = self._generation
+            c = MESSAGES.c
+            self._retries = (
+                conn.execute(
+                    select(c.id)
+                    .where(
+                        c.campaign_id == self.campaign_id,
+                        or_(
+                            c.status == MessageStatus.RETRY.value,
+                            and_(
+                                c.status == MessageStatus.QUEUED.value,
+                                c.next_attempt_at.is_not(None),
+                            ),
+                        ),
+                    )
+                    .limit(1)
+                ).first()
+                is not None
+            )
+            self._retries_checked_at = checked
+            self._checked_generation = generation
+        return self._retries
+
+    def any(self, *, now: dt.datetime) -> bool:
+        """Whether anything of the campaign is due now (queued, or a retry whose time came)."""
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(MESSAGES.c.id)
+                    .where(
+                        MESSAGES.c.campaign_id == self.campaign_id,
+                        or_(
+                            MESSAGES.c.status == MessageStatus.QUEUED.value,
+                            and_(
+                                MESSAGES.c.status == MessageStatus.RETRY.value,
+                                MESSAGES.c.next_attempt_at <= now,
+                            ),
+                        ),
+                    )
+                    .limit(1)
+                ).first()
+                is not None
+            )
+
+
+# --------------------------------------------------------------------------- claims and results
+
+
+@functools.cache
+def _claim_statement() -> Any:
+    """The claim for a backend without the SQLite fast path, built once."""
+    c = MESSAGES.c
+    now = bindparam("now", type_=c.next_attempt_at.type)
+    due = or_(
+        c.status == MessageStatus.QUEUED.value,
+        and_(
+            c.status == MessageStatus.RETRY.value,
+            or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
+        ),
+    )
+    # Only rows still due are claimed: a row another sender claimed since it was peeked stays
+    # theirs (on PostgreSQL the UPDATE waits for their commit and then re-checks `due`).
+    return (
+        update(MESSAGES)
+        .where(c.id.in_(bindparam("ids", expanding=True)), due)
+        .values(
+            status=MessageStatus.SENDING.value,
+            attempts=c.attempts + 1,
+            claimed_by=bindparam("run"),
+            updated_at=now,
+        )
+        .returning(c.id, c.contact_id, c.attempts)
+    )
+
+
+def claim(
+    engine: Engine,
+    *,
+    campaign_id: int,
+    ids: Sequence[int],
+    run_id: str,
+    now: dt.datetime,
+    results: Sequence[Result] = (),
+) -> list[Claim]:
+    """`queued`/due `retry` -> `sending` for those of `ids` still due, each with its `claimed`
+    event, committed before any byte of them goes out. `results` (of earlier claims) are
+    recorded in the same transaction: one commit, one fsync on SQLite, for both.
+
+    Returns the claims in message id order; a message another sender took since it was peeked
+    is left out."""
+    with _writing(engine) as conn:
+        _record_in(conn, campaign_id=campaign_id, results=results, now=now)
+        if conn.dialect.name == "sqlite":
+            return _claim_in_sqlite(conn, ids=ids, run_id=run_id, now=now)
+        claimed = sorted(
+            (int(mid), int(cid), int(n))
+            for mid, cid, n in conn.execute(
+                _claim_statement(), {"now": now, "ids": list(ids), "run": run_id}
+            )
+        )
+        _insert_events(
+            conn,
+            [
+                (mid, campaign_id, cid, now, EventKind.CLAIMED.value, None, f"attempt {n}", run_id)
+                for mid, cid, n in claimed
+            ],
+        )
+    return [Claim(id=mid, contact_id=cid, attempts=n) for mid, cid, n in claimed]
+
+
+def _claim_in_sqlite(
+    conn: Connection, *, ids: Sequence[int], run_id: str, now: dt.datetime
+) -> list[Claim]:
+    """The claim as three statements of one step each: RETURNING would be a driver step
+    (and a wait for the GIL) per row. The rows this claim took are the batch's rows now
+    `sending` for this run: none of them was before (each was due when peeked)."""
+    at = _datetime_to_db(conn)(now)
+    wanted = json.dumps(list(ids))
+    mine = "id IN (SELECT value FROM json_each(?)) AND claimed_by = ? AND status = 'sending'"
+    conn.exec_driver_sql(
+        "UPDATE messages SET status = 'sending', attempts = attempts + 1, claimed_by = ?, "
+        "updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) AND (status = 'queued' "
+        "OR (status = 'retry' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)))",
+        (run_id, at, wanted, at),
+    )
+    conn.exec_driver_sql(
+        "INSERT INTO events (message_id, campaign_id, contact_id, at, kind, smtp_code, "
+        "detail, via) SELECT id, campaign_id, contact_id, ?, ?, NULL, 'attempt ' || "
+        f"attempts, ? FROM messages WHERE {mine} ORDER BY id",
+        (at, EventKind.CLAIMED.value, run_id, wanted, run_id),
+    )
+    found = conn.exec_driver_sql(
+        f"SELECT json_group_array(json_array(id, contact_id, attempts)) FROM messages WHERE {mine}",
+        (wanted, run_id),
+    ).scalar_one()
+    return [
+        Claim(id=int(mid), contact_id=int(cid), attempts=int(n))
+        for mid, cid, n in sorted(json.loads(found))
+    ]
+
+
+def record(
+    engine: Engine, *, campaign_id: int, results: Sequence[Result], now: dt.datetime
+) -> None:
+    """Each claimed message's result: its new state, the server's answer and its event."""
+    if not results:
+        return
+    with _writing(engine) as conn:
+        _record_in(conn, campaign_id=campaign_id, results=results, now=now)
+
+
+# One result's message row: status, attempts, next attempt, sent at, SMTP code, reply,
+# Message-ID, language, subject, body hash, and (last) the row's id.
+_ResultRow = tuple[
+    str,
+    int,
+    dt.datetime | None,
+    dt.datetime | None,
+    int | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    int,
+]
+
+
+def _record_in(
+    conn: Connection, *, campaign_id: int, results: Sequence[Result], now: dt.datetime
+) -> None:
+    if not results:
+        return
+    rows: list[_ResultRow] = []
+    events: list[_EventRow] = []
+    sent = MessageStatus.SENT
+    for result in results:
+        c = result.claim
+        if isinstance(result, Attempted):
+            state = result.state
+            rows.append(
+                (
+                    state.status.value,
+                    c.attempts,
+                    state.next_attempt_at,
+                    now if state.status is sent else None,
+                    result.code,
+                    result.reply,
+                    result.message_id,
+                    result.language,
+                    result.subject,
+                    result.body_hash,
+                    c.id,
+                )
+            )
+            events.append(
+                (
+                    c.id,
+                    campaign_id,
+                    c.contact_id,
+                    now,
+                    state.event.value,
+                    result.code,
+                    state.detail,
+                    result.via,
+                )
+            )
+        elif isinstance(result, Released):
+            rows.append(
+                (
+                    MessageStatus.QUEUED.value,
+                    c.attempts - 1,
+                    None,
+                    None,
+                    None,
+                    None,
+                    result.message_id,
+                    result.language,
+                    result.subject,
+                    result.body_hash,
+                    c.id,
+                )
+            )
+            events.append(
+                (
+                    c.id,
+                    campaign_id,
+                    c.contact_id,
+                    now,
+                    EventKind.REQUEUED.value,
+                    None,
+                    f"released unsent ({result.reason})",
+                    None,
+                )
+            )
+        else:
+            rows.append(
+                (
+                    MessageStatus.FAILED.value,
+                    c.attempts,
+                    None,
+                    None,
+                    None,
+                    result.error,
+                    None,
+                    None,
+                    None,
+                    None,
+                    c.id,
+                )
+            )
+            events.append(
+                (
+                    c.id,
+                    campaign_id,
+                    c.contact_id,
+                    now,
+                    EventKind.FAILED.value,
+                    None,
+                    result.error,
+                    None,
+                )
+            )
+    _update_results(conn, rows, now)
+    _insert_events(conn, events)
+
+
+@functools.cache
+def _record_statement() -> Any:
+    """The result update for a backend without a driver-level form (see _update_results)."""
+    return (
+        update(MESSAGES)
+        .where(MESSAGES.c.id == bindparam("b_id"))
+        .values(
+            status=bindparam("b_status"),
+            attempts=bindparam("b_attempts"),
+            next_attempt_at=bindparam("b_next"),
+            sent_at=bindparam("b_sent_at"),
+            smtp_code=bindparam("b_code"),
+            smtp_reply=bindparam("b_reply"),
+            message_id=bindparam("b_mid"),
+            language=bindparam("b_lang"),
+            subject=bindparam("b_subject"),
+            body_hash=bindparam("b_hash"),
+            claimed_by=None,
+            updated_at=bindparam("b_now"),
+        )
+    )
+
+
+_RESULT_KEYS = (
+    "b_status",
+    "b_attempts",
+    "b_next",
+    "b_sent_at",
+    "b_code",
+    "b_reply",
+    "b_mid",
+    "b_lang",
+    "b_subject",
+    "b_hash",
+    "b_id",
+)
+
+
+def _update_results(conn: Connection, rows: Sequence[_ResultRow], now: dt.datetime) -> None:
+    ph = _PLACEHOLDER.get(conn.dialect.name)
+    if ph is None:
+        conn.execute(
+            _record_statement(),
+            [{**dict(zip(_RESULT_KEYS, row, strict=True)), "b_now": now} for row in rows],
+        )
+        return
+    to_db = _datetime_to_db(conn)
+    at = to_db(now)
+    params = [
+        (
+            status,
+            attempts,
+            to_db(next_at),
+            to_db(sent_at),
+            code,
+            reply,
+            mid,
+            lang,
+            subject,
+            body_hash,
+            at,
+            row_id,
+        )
+        for (
+            status,
+            attempts,
+            next_at,
+            sent_at,
+            code,
+            reply,
+            mid,
+            lang,
+            subject,
+            body_hash,
+            row_id,
+        ) in rows
+    ]
+    if conn.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
+        # One statement for the whole batch (one driver step: see engine._Run.db_thread).
+        for start in range(0, len(params), _ROWS_A_STATEMENT // 2):
+            chunk = params[start : start + _ROWS_A_STATEMENT // 2]
+            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            conn.exec_driver_sql(
+                "UPDATE messages SET status = v.column1, attempts = v.column2, "
+                "next_attempt_at = v.column3, sent_at = v.column4, smtp_code = v.column5, "
+                "smtp_reply = v.column6, message_id = v.column7, language = v.column8, "
+                "subject = v.column9, body_hash = v.column10, claimed_by = NULL, "
+                f"updated_at = v.column11 FROM (VALUES {values}) AS v "
+                "WHERE messages.id = v.column12",
+                tuple(value for row in chunk for value in row),
+            )
+        return
+    conn.exec_driver_sql(
+        f"UPDATE messages SET status={ph}, attempts={ph}, next_attempt_at={ph}, sent_at={ph}, "
+        f"smtp_code={ph}, smtp_reply={ph}, message_id={ph}, language={ph}, subject={ph}, "
+        f"body_hash={ph}, claimed_by=NULL, updated_at={ph} WHERE id={ph}",
+        params,
+    )
+
+
+# --------------------------------------------------------------------------- back to the queue
+
+
+def requeue_streak(
+    engine: Engine, *, campaign_id: int, ids: Sequence[int], now: dt.datetime
+) -> int:
+    """Messages refused as part of a systemic failure (`failed` by this run) go back to
+    `queued`: the refusal said nothing about these recipients. Returns how many moved."""
+    if not ids:
+        return 0
+    with _writing(engine) as conn:
+        rows = conn.execute(
+            update(MESSAGES)
+            .where(MESSAGES.c.id.in_(list(ids)), MESSAGES.c.status == MessageStatus.FAILED.value)
+            .values(status=MessageStatus.QUEUED.value, updated_at=now)
+            .returning(MESSAGES.c.id, MESSAGES.c.contact_id)
+        ).all()
+        _insert_events(
+            conn,
+            [
+                (
+                    mid,
+                    campaign_id,
+                    cid,
+                    now,
+                    EventKind.REQUEUED.value,
+                    None,
+                    "refused as part of a systemic failure; back in the queue",
+                    None,
+                )
+                for mid, cid in rows
+            ],
+        )
+    return len(rows)
+
+
+def requeue(
+    engine: Engine, *, slug: str, failed: bool, uncertain: bool, now: dt.datetime
+) -> dict[str, int]:
+    """`mailer retry`: failed and/or uncertain messages back to `queued`, their attempts reset;
+    a `done` campaign is `sending` again. Returns how many moved, per former status."""
+    if not (failed or uncertain):
+        raise InvalidValueError(
+            "say what to retry: --failed (refused or given up), --uncertain (outcome unknown: "
+            "the recipient may already have it), or both"
+        )
+    wanted = [
+        s for s, on in ((MessageStatus.FAILED, failed), (MessageStatus.UNCERTAIN, uncertain)) if on
+    ]
+    moved: dict[str, int] = {}
+    with _writing(engine) as conn:
+        with Session(bind=conn) as session:
+            campaign = campaigns.get_campaign(session, slug)
+            campaign_id, status = campaign.id, campaign.status
+        for state in wanted:
+            rows = conn.execute(
+                update(MESSAGES)
+                .where(MESSAGES.c.campaign_id == campaign_id, MESSAGES.c.status == state.value)
+                .values(
+                    status=MessageStatus.QUEUED.value,
+                    attempts=0,
+                    next_attempt_at=None,
+                    claimed_by=None,
+                    updated_at=now,
+                )
+                .returning(MESSAGES.c.id, MESSAGES.c.contact_id)
+            ).all()
+            moved[state.value] = len(rows)
+            _insert_events(
+                conn,
+                [
+                    (
+                        mid,
+                        campaign_id,
+                        cid,
+                        now,
+                        EventKind.REQUEUED.value,
+                        None,
+                        f"mailer retry: was {state.value}",
+                        None,
+                    )
+                    for mid, cid in rows
+                ],
+            )
+        if sum(moved.values()) and status == CampaignStatus.DONE.value:
+            conn.execute(
+                update(Campaign)
+                .where(Campaign.id == campaign_id)
+                .values(status=CampaignStatus.SENDING.value)
+            )
+    return moved
+
+
+# --------------------------------------------------------------------------- a send's end
+
+
+def finish_sending(
+    engine: Engine, *, campaign_id: int, paused: bool, now: dt.datetime
+) -> dict[str, int]:
+    """The campaign's status after a run: `done` when nothing is left open, `paused` when the
+    run was paused or interrupted, `sending` otherwise. Returns the message counts per status."""
+    totals = status_counts(engine, campaign_id=campaign_id)
+    open_ = sum(
+        totals[s.value] for s in (MessageStatus.QUEUED, MessageStatus.RETRY, MessageStatus.SENDING)
+    )
+    values: dict[str, Any]
+    if open_ == 0:
+        values = {"status": CampaignStatus.DONE.value, "finished_at": now}
+    elif paused:
+        values = {"status": CampaignStatus.PAUSED.value}
+    else:
+        values = {"status": CampaignStatus.SENDING.value}
+    with _writing(engine) as conn:
+        conn.execute(update(Campaign).where(Campaign.id == campaign_id).values(**values))
+    return totals
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def status_counts(engine: Engine, *, campaign_id: int) -> dict[str, int]:
+    """Messages of the campaign per status (every status present, zero or not)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(MESSAGES.c.status, func.count())
+            .where(MESSAGES.c.campaign_id == campaign_id)
+            .group_by(MESSAGES.c.status)
+        ).all()
+    counts = {s.value: 0 for s in MessageStatus}
+    counts.update({str(status): int(n) for status, n in rows})
+    return counts
+
+
+def settled_contacts(session: Session, *, campaign_id: int) -> set[int]:
+    """Contacts whose message of the campaign is past the queue (neither `queued` nor `retry`)."""
+    return set(
+        session.scalars(
+            select(MESSAGES.c.contact_id).where(
+                MESSAGES.c.campaign_id == campaign_id,
+                MESSAGES.c.status.notin_([MessageStatus.QUEUED.value, MessageStatus.RETRY.value]),
+            )
+        )
+    )
+
+
+def _as_utc(value: object) -> dt.datetime:
+    at = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    return at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at
+
+
+def sent_in_window(engine: Engine, *, now: dt.datetime) -> tuple[int, dt.datetime | None]:
+    """Messages sent in the last 24 hours across every campaign, and the oldest of those sends."""
+    since = now - dt.timedelta(hours=24)
+    with engine.connect() as conn:
+        count, oldest = conn.execute(
+            select(func.count(), func.min(EVENTS.c.at)).where(
+                EVENTS.c.kind == EventKind.SENT.value, EVENTS.c.at > since
+            )
+        ).one()
+    return int(count), None if oldest is None else _as_utc(oldest)
+
+
+def cap_resume_at(engine: Engine, *, now: dt.datetime, cap: int) -> dt.datetime | None:
+    """When the rolling 24-hour `cap` allows sending again (None: it allows it now)."""
+    since = now - dt.timedelta(hours=24)
+    count, _ = sent_in_window(engine, now=now)
+    if count < cap:
+        return None
+    # Sending may go on when enough of the window's sends have aged out to drop below the cap.
+    with engine.connect() as conn:
+        at = conn.execute(
+            select(EVENTS.c.at)
+            .where(EVENTS.c.kind == EventKind.SENT.value, EVENTS.c.at > since)
+            .order_by(EVENTS.c.at)
+            .offset(count - cap)
+            .limit(1)
+        ).scalar()
+    if at is None:
+        return None
+    return _as_utc(at) + dt.timedelta(hours=24)
+
+
+__all__ = [
+    "Attempted",
+    "Claim",
+    "Due",
+    "NextState",
+    "Queued",
+    "Released",
+    "Result",
+    "Unbuildable",
+    "cap_resume_at",
+    "claim",
+    "contact_emails",
+    "end_run",
+    "finish_sending",
+    "new_run_id",
+    "queue_audience",
+    "record",
+    "recover_stale_claims",
+    "requeue",
+    "requeue_streak",
+    "sent_in_window",
+    "settled_contacts",
+    "skip_suppressed",
+    "start_sending",
+    "status_counts",
+]
+
+
 # --- outcomes: what comes back (inbox)
 #
 # Written by `inbox.sync` from what arrives in the office's mailbox. The engine will also need
 # `ensure_not_held` (before a send resumes a campaign) and `acknowledge_bounce_spike`.
 
-MESSAGES = cast(Table, Message.__table__)
-EVENTS = cast(Table, Event.__table__)
 SUPPRESSIONS = cast(Table, Suppression.__table__)
 
 # Inbox outcomes are logged as coming from the mailbox, not from an SMTP server.

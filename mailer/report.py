@@ -18,6 +18,7 @@ from babel import Locale
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
+from mailer.campaigns import get_campaign
 from mailer.errors import OutputFileError
 from mailer.models import City, Contact, Event, EventKind, Message, MessageStatus, utcnow
 from mailer.review import (
@@ -28,7 +29,6 @@ from mailer.review import (
     Row,
     campaign_status,
     failure_reasons,
-    get_campaign,
     log_rows,
 )
 

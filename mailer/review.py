@@ -169,20 +169,14 @@ class CampaignSummary:
         return data
 
 
-def get_campaign(session: Session, slug: str) -> Campaign:
-    campaign = session.scalar(select(Campaign).where(Campaign.slug == slug))
-    if campaign is None:
-        known = list(session.scalars(select(Campaign.slug).order_by(Campaign.slug).limit(20)))
-        hint = f"; campaigns: {', '.join(known)}" if known else "; there are no campaigns yet"
-        raise NotFoundError(f"no campaign {slug!r}{hint}")
-    return campaign
-
-
 def campaign_status(
     session: Session, slug: str | None = None, *, now: dt.datetime | None = None
 ) -> list[CampaignSummary]:
     """Every campaign (or the one named), oldest first."""
     if slug is not None:
+        # Imported here: campaigns brings the template machinery, which reading needs not.
+        from mailer.campaigns import get_campaign
+
         campaigns = [get_campaign(session, slug)]
     else:
         campaigns = list(session.scalars(select(Campaign).order_by(Campaign.id)))
@@ -479,6 +473,8 @@ def log_rows(
     `since` keeps the recipients whose message has an event at or after that time.
     """
     flt = flt or LogFilter()
+    from mailer.campaigns import get_campaign
+
     campaign = get_campaign(session, slug)
     conditions = [Message.campaign_id == campaign.id, *_filter_conditions(flt)]
     if flt.since is not None:
@@ -531,6 +527,8 @@ def event_rows(
 ) -> Iterator[Row]:
     """One row per event (EVENT_COLUMNS), oldest first, read page by page."""
     flt = flt or LogFilter()
+    from mailer.campaigns import get_campaign
+
     campaign = get_campaign(session, slug)
     conditions = [Event.campaign_id == campaign.id, *_filter_conditions(flt)]
     if flt.since is not None:

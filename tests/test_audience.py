@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailer import audience
@@ -107,3 +108,34 @@ def test_suppression_keeps_first_reason(people: sessionmaker[Session]) -> None:
         assert audience.suppressed_among(s, ["a@krakow.example.org", "b@wien.example.org"]) == {
             "a@krakow.example.org"
         }
+
+
+def test_contact_id_pages_walk_the_audience_in_id_order(people: sessionmaker[Session]) -> None:
+    with people.begin() as s:
+        city = s.scalars(select(City).where(City.country == "DE")).one()
+        for i in range(7):
+            _add(s, f"m{i}@berlin.example.org", city=city, language="de", tags=("mayor",))
+    with people() as s:
+        everyone = audience.contact_ids(s, Audience())
+        pages = list(audience.contact_id_pages(s, Audience(), size=4))
+        assert [len(p) for p in pages] == [4, 4, 2]
+        assert [i for p in pages for i in p] == everyone
+        # The filter applies on every page, not only the first.
+        mayors = list(audience.contact_id_pages(s, Audience(tags=("mayor",)), size=3))
+        assert [i for p in mayors for i in p] == audience.contact_ids(s, Audience(tags=("mayor",)))
+        assert [len(p) for p in mayors] == [3, 3, 3]
+        # A page size that divides the audience ends without an empty page.
+        assert [len(p) for p in audience.contact_id_pages(s, Audience(), size=5)] == [5, 5]
+        assert list(audience.contact_id_pages(s, Audience(where=parse_where(["country=FR"])))) == []
+
+
+def test_contact_id_pages_allow_the_transaction_to_end_between_pages(
+    people: sessionmaker[Session],
+) -> None:
+    # queue_audience ends its read transaction after each page; the walk must go on regardless.
+    seen: list[int] = []
+    with people() as s:
+        for page in audience.contact_id_pages(s, Audience(), size=1):
+            s.rollback()
+            seen.extend(page)
+        assert seen == audience.contact_ids(s, Audience())

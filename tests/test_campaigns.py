@@ -266,7 +266,7 @@ def test_create_and_get_in_the_library(
                 default_language="en",
                 templates_dir=workspace / "templates",
             )
-        with pytest.raises(NotFoundError, match="no campaign 'other'; `mailer campaign list`"):
+        with pytest.raises(NotFoundError, match=r"^no campaign 'other'; campaigns: appeal$"):
             campaigns.get_campaign(session, "other")
         assert [c.slug for c in campaigns.list_campaigns(session)] == ["appeal"]
         summary = campaigns.summarise(

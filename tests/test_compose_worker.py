@@ -23,6 +23,7 @@ from mailer import engine as send_engine
 from mailer.compose_worker import BatchComposer, Composed, ComposeWorker, Composing
 from mailer.config import Workspace, find_workspace
 from mailer.models import Campaign, Contact, Message
+from mailer.policy import SendPolicy
 from mailer.smtp import SmtpPool, parse_smtp_url
 
 FROM = "Campaign Office <office@example.org>"
@@ -187,7 +188,7 @@ def test_a_large_run_uses_the_worker_and_survives_its_death(
             slug="appeal",
             transport=pool,
             concurrency=2,
-            policy=send_engine.SendPolicy(batch_size=10, compose_worker_from=100),
+            policy=SendPolicy(batch_size=10, compose_worker_from=100),
         )
         received = collections.Counter(server.recipients())
     assert killed, "no compose worker was running halfway through a 400-message run"

@@ -21,6 +21,8 @@ from mailer import engine as send_engine
 from mailer.config import Workspace, find_workspace
 from mailer.errors import AuthenticationRefused, TransportError
 from mailer.models import Campaign, Event, Message, SuppressionReason
+from mailer.policy import SendPolicy
+from mailer.send_report import SendReport
 from mailer.smtp import SmtpPool, parse_smtp_url
 
 SLUG = "appeal"
@@ -67,7 +69,7 @@ def send(
     *,
     timeout: float = 10.0,
     **kwargs: object,
-) -> send_engine.SendReport:
+) -> SendReport:
     pool = SmtpPool(
         parse_smtp_url(server.url(), timeout=timeout), size=int(kwargs.pop("concurrency", 2))
     )  # type: ignore[call-overload]
@@ -173,7 +175,7 @@ def test_a_message_deferred_too_often_fails(
     (email,) = seed_campaign(engine, workspace, count=1)
     server.on_rcpt = lambda a: "452 4.2.2 mailbox full"
     clock = Clock()
-    policy = send_engine.SendPolicy(max_attempts=3)
+    policy = SendPolicy(max_attempts=3)
     for _ in range(3):
         send(ws, engine, server, clock=clock, policy=policy)
         clock.now += dt.timedelta(hours=3)
@@ -262,7 +264,7 @@ def test_same_5xx_for_a_run_of_recipients_is_systemic(
     seed_campaign(engine, workspace, count=40)
     server.on_rcpt = lambda a: "554 5.7.1 relay access denied"
     with pytest.raises(TransportError, match="relay access denied"):
-        send(ws, engine, server, concurrency=1, policy=send_engine.SendPolicy(batch_size=5))
+        send(ws, engine, server, concurrency=1, policy=SendPolicy(batch_size=5))
     # Nothing is marked failed: the refusal was about the server, not the recipients.
     assert statuses(engine) == {"queued": 40}
     assert len(events(engine, "failed")) == 10
@@ -519,7 +521,7 @@ def test_interrupt_with_sends_stuck_past_the_grace(
                 server,
                 concurrency=2,
                 handle_signals=True,
-                policy=send_engine.SendPolicy(grace=0.3),
+                policy=SendPolicy(grace=0.3),
             )
     finally:
         timer.cancel()

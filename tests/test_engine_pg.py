@@ -15,6 +15,8 @@ from mailer import db
 from mailer import engine as send_engine
 from mailer.config import Workspace, data_path
 from mailer.models import Event, Message
+from mailer.policy import SendPolicy
+from mailer.send_report import SendReport
 from mailer.smtp import SmtpPool, parse_smtp_url
 
 
@@ -28,9 +30,9 @@ def test_two_concurrent_senders_deliver_each_message_exactly_once(
         shutil.copytree(data_path("templates"), root / "templates")
         workspace = Workspace(root=root, settings={}, database_url_override=pg_url)
         emails = seed_campaign(engine, root, count=300)
-        reports: list[send_engine.SendReport] = []
+        reports: list[SendReport] = []
         errors: list[BaseException] = []
-        policy = send_engine.SendPolicy(batch_size=10)
+        policy = SendPolicy(batch_size=10)
         with SmtpTestServer(delay=0.005) as server:
             barrier = threading.Barrier(2)
 
