@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from mailer import audience as audience_mod
+from mailer.addresses import address_problem, split_mailbox
 from mailer.audience import Audience
 from mailer.config import Workspace
 from mailer.errors import (
@@ -39,13 +40,7 @@ from mailer.errors import (
     NotFoundError,
     TemplateError,
 )
-from mailer.message import (
-    address_problem,
-    build_message,
-    clean_text,
-    make_message_id,
-    split_mailbox,
-)
+from mailer.message import build_message, clean_text, make_message_id
 from mailer.models import Campaign, CampaignStatus, City, Contact, Partnership, Signatory
 from mailer.render import (
     CampaignView,

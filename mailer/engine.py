@@ -54,6 +54,7 @@ from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
 from mailer import campaigns
+from mailer.addresses import address_problem
 from mailer.compose_worker import Batch, BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace
 from mailer.errors import (
@@ -63,7 +64,6 @@ from mailer.errors import (
     MailerError,
     TransportError,
 )
-from mailer.message import address_problem
 from mailer.models import (
     Campaign,
     CampaignStatus,
