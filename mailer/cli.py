@@ -770,19 +770,19 @@ def preview(slug: str, contact: str | None, raw: bool) -> None:
       mailer preview appeal-2022 --contact mayor@nuernberg.example.org
       mailer preview appeal-2022 --raw > letter.eml
     """
-    from mailer import campaigns, message
+    from mailer import campaigns, compose, message
 
     workspace = state().workspace()
     with _session() as session:
         campaign = campaigns.get_campaign(session, slug)
-        composed = campaigns.preview(
+        composed = compose.preview(
             session,
             campaign,
             contact_email=contact,
             templates_dir=workspace.templates_dir,
             settings=workspace,
         )
-        notes = campaigns.recipient_notes(session, composed.rcpt_to)
+        notes = compose.recipient_notes(session, composed.rcpt_to)
     if raw:
         # click.echo writes bytes to the binary stream untouched: the exact message.
         click.echo(composed.data, nl=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from mailer import campaigns, db, importers, review
+from mailer import addresses, campaigns, db, importers, review
 from mailer import engine as send_engine
 from mailer import transport as tr
 from mailer.audience import Audience, suppress
@@ -137,7 +137,7 @@ def _run(
             slug=SLUG,
             template=TEMPLATE,
             from_address=FROM_ADDRESS,
-            reply_to=campaigns.REPLY_TO_SIGNATORY,
+            reply_to=addresses.REPLY_TO_SIGNATORY,
             audience=Audience(),
             title=TITLE,
             default_language=str(workspace.setting("campaign", "default_language", "en")),

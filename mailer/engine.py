@@ -53,7 +53,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer import campaigns
+from mailer import campaigns, compose
 from mailer.addresses import address_problem
 from mailer.compose_worker import Batch, BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace
@@ -925,7 +925,7 @@ class _Run:
             else:
                 job.data = composed.data
                 job.mail_from = composed.mail_from
-                job.rcpt_to = composed.rcpt_to
+                job.rcpt_to = (composed.rcpt_to,)
                 job.smtputf8 = composed.smtputf8
                 job.message_id = composed.message_id
                 job.language = composed.language
@@ -1430,11 +1430,9 @@ def plan_send(*, workspace: Workspace, engine: Engine, slug: str) -> SendPlan:
         )
         subject = to = None
         if ids:
-            recipients = campaigns.load_recipients(session, ids[:1])
-            template_set = campaigns.template_set_for(
-                campaign, templates_dir=workspace.templates_dir
-            )
-            composer = campaigns.composer_for(
+            recipients = compose.load_recipients(session, ids[:1])
+            template_set = compose.template_set_for(campaign, templates_dir=workspace.templates_dir)
+            composer = compose.composer_for(
                 campaign=campaign, template_set=template_set, settings=workspace
             )
             if recipients:
@@ -1749,8 +1747,8 @@ def send_test(
     with Session(engine) as session:
         campaign = campaigns.get_campaign(session, slug)
         ids = audience_mod.contact_ids(session, audience_mod.Audience.from_json(campaign.audience))
-        template_set = campaigns.template_set_for(campaign, templates_dir=workspace.templates_dir)
-        composer = campaigns.composer_for(
+        template_set = compose.template_set_for(campaign, templates_dir=workspace.templates_dir)
+        composer = compose.composer_for(
             campaign=campaign, template_set=template_set, settings=workspace
         )
         picked: list[int] = []
@@ -1765,7 +1763,7 @@ def send_test(
             picked.extend(i for i in chunk if emails.get(i) not in blocked)
             if len(picked) >= count:
                 break
-        recipients = campaigns.load_recipients(session, picked[:count])
+        recipients = compose.load_recipients(session, picked[:count])
         for cid in picked[:count]:
             recipient = recipients.get(cid)
             if recipient is None:
@@ -1830,8 +1828,8 @@ def dry_run(
                 )
             )
         )
-        template_set = campaigns.template_set_for(campaign, templates_dir=workspace.templates_dir)
-        composer = campaigns.composer_for(
+        template_set = compose.template_set_for(campaign, templates_dir=workspace.templates_dir)
+        composer = compose.composer_for(
             campaign=campaign, template_set=template_set, settings=workspace
         )
         todo = [i for i in ids if i not in final]
@@ -1846,7 +1844,7 @@ def dry_run(
                 )
             }
             blocked = audience_mod.suppressed_among(session, emails.values())
-            recipients = campaigns.load_recipients(
+            recipients = compose.load_recipients(
                 session, [i for i in chunk if emails.get(i) not in blocked]
             )
             for cid in chunk:
