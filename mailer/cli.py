@@ -737,19 +737,20 @@ def check(slug: str) -> None:
       mailer check appeal-2022
     """
     from mailer import campaigns
+    from mailer import check as checking
     from mailer.errors import CheckFailed
 
     workspace = state().workspace()
     with _session() as session, _CheckProgress() as progress:
         campaign = campaigns.get_campaign(session, slug)
-        report = campaigns.check_campaign(
+        report = checking.check_campaign(
             session,
             campaign,
             templates_dir=workspace.templates_dir,
             settings=workspace,
             progress=progress,
         )
-    for line in campaigns.format_report(report):
+    for line in checking.format_report(report):
         click.echo(line)
     if not report.ok:
         raise CheckFailed(

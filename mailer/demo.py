@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from mailer import addresses, campaigns, db, importers, review
+from mailer import check as checking
 from mailer import engine as send_engine
 from mailer import transport as tr
 from mailer.audience import Audience, suppress
@@ -147,10 +148,10 @@ def _run(
     out("4. Check: render the letter for every recipient")
     with db.transaction(factory) as session:
         campaign = campaigns.get_campaign(session, SLUG)
-        check = campaigns.check_campaign(
+        check = checking.check_campaign(
             session, campaign, templates_dir=workspace.templates_dir, settings=workspace
         )
-    for line in campaigns.format_report(check):
+    for line in checking.format_report(check):
         out(f"   {line}")
     if not check.ok:
         raise CheckFailed(f"the demo campaign does not pass `mailer check {SLUG}`")

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_campaigns import FROM, add_world, contact, create
 
 from mailer import campaigns, compose, db
+from mailer import check as checking
 from mailer.audience import Audience
 from mailer.config import find_workspace
 from mailer.message import parse
@@ -183,7 +184,7 @@ def test_check_report_in_the_library(
     create(session_factory, workspace, audience=Audience(tags=("mayor",)))
     calls: list[tuple[int, int]] = []
     with db.transaction(session_factory) as session:
-        report = campaigns.check_campaign(
+        report = checking.check_campaign(
             session,
             campaigns.get_campaign(session, "appeal"),
             templates_dir=workspace / "templates",
@@ -304,7 +305,7 @@ def test_check_on_postgresql(pg_url: str, tmp_path: Path) -> None:
         workspace = create_workspace(root=tmp_path / "ws", db_url=pg_url)
         create(factory, workspace.root, reply_to="signatory")
         with db.transaction(factory) as session:
-            report = campaigns.check_campaign(
+            report = checking.check_campaign(
                 session,
                 campaigns.get_campaign(session, "appeal"),
                 templates_dir=workspace.templates_dir,
@@ -349,7 +350,7 @@ def test_check_with_worker_processes_matches_one_process(
         try:
             with db.transaction(session_factory) as session:
                 reports.append(
-                    campaigns.check_campaign(
+                    checking.check_campaign(
                         session,
                         campaigns.get_campaign(session, "appeal"),
                         templates_dir=workspace / "templates",
