@@ -21,6 +21,7 @@ from pathlib import Path
 from sqlalchemy import insert
 
 from mailer import campaigns, db
+from mailer import check as checking
 from mailer.audience import Audience
 from mailer.config import create_workspace
 from mailer.models import City, Contact, Partnership, Signatory
@@ -120,7 +121,7 @@ def main() -> None:
         with db.transaction(factory) as session:
             campaign = campaigns.get_campaign(session, "bench")
             wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
-            report = campaigns.check_campaign(
+            report = checking.check_campaign(
                 session,
                 campaign,
                 templates_dir=workspace.templates_dir,

@@ -21,6 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from mailer import addresses
 from mailer.errors import InvalidValueError
 from mailer.models import (
     Campaign,
@@ -119,7 +120,8 @@ def parse_where(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
 
 
 def normalise_email(address: str) -> str:
-    return address.strip().lower()
+    """The stored form of an address (see addresses.normalise): lookups find any form of it."""
+    return addresses.normalise(address)
 
 
 def _condition(session: Session, field: str, value: str) -> ColumnElement[bool]:

@@ -807,19 +807,20 @@ def check(slug: str) -> None:
       mailer check appeal-2022
     """
     from mailer import campaigns
+    from mailer import check as checking
     from mailer.errors import CheckFailed
 
     workspace = state().workspace()
     with _session() as session, _CheckProgress() as progress:
         campaign = campaigns.get_campaign(session, slug)
-        report = campaigns.check_campaign(
+        report = checking.check_campaign(
             session,
             campaign,
             templates_dir=workspace.templates_dir,
             settings=workspace,
             progress=progress,
         )
-    for line in campaigns.format_report(report):
+    for line in checking.format_report(report):
         click.echo(line)
     if not report.ok:
         raise CheckFailed(
@@ -840,19 +841,19 @@ def preview(slug: str, contact: str | None, raw: bool) -> None:
       mailer preview appeal-2022 --contact mayor@nuernberg.example.org
       mailer preview appeal-2022 --raw > letter.eml
     """
-    from mailer import campaigns, message
+    from mailer import campaigns, compose, message
 
     workspace = state().workspace()
     with _session() as session:
         campaign = campaigns.get_campaign(session, slug)
-        composed = campaigns.preview(
+        composed = compose.preview(
             session,
             campaign,
             contact_email=contact,
             templates_dir=workspace.templates_dir,
             settings=workspace,
         )
-        notes = campaigns.recipient_notes(session, composed.rcpt_to)
+        notes = compose.recipient_notes(session, composed.rcpt_to)
     if raw:
         # click.echo writes bytes to the binary stream untouched: the exact message.
         click.echo(composed.data, nl=False)

@@ -1,5 +1,8 @@
 """Composing a send's messages: in this process, or in a worker process on another core.
 
+Composing itself (compose.py) is the same here and in the sender; this module is the process,
+its pipe framing and the choice of where a batch is composed.
+
 A large send spends about a third of its CPU time loading recipients and rendering + building
 their messages; the rest (claims, SMTP, the send log) must stay in the sending process. One
 interpreter holds one core, so a large campaign gets a worker process that composes batches
@@ -26,32 +29,17 @@ import struct
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from mailer import campaigns
+from mailer import compose
+from mailer.compose import Composed
 from mailer.config import Workspace
 from mailer.errors import MailerError
 from mailer.models import Campaign
 from mailer.smtp import PASSWORD_ENV
-
-
-class Composed(NamedTuple):
-    """One recipient's message, as the transport needs it and the send log records it (a
-    tuple: thousands a second cross the pipe from the worker, and tuples unpickle cheapest)."""
-
-    data: bytes
-    mail_from: str
-    rcpt_to: tuple[str, ...]
-    smtputf8: bool
-    message_id: str
-    language: str
-    subject: str
-    body_hash: str
-    fell_back: bool
-
 
 # Per contact id: the message, or why it cannot be built (recorded as that message's failure).
 Batch = dict[int, Composed | str]
@@ -62,18 +50,18 @@ class BatchComposer:
 
     def __init__(self, *, engine: Engine, workspace: Workspace, campaign: Campaign) -> None:
         self.engine = engine
-        template_set = campaigns.template_set_for(campaign, templates_dir=workspace.templates_dir)
-        self.composer = campaigns.composer_for(
+        template_set = compose.template_set_for(campaign, templates_dir=workspace.templates_dir)
+        self.composer = compose.composer_for(
             campaign=campaign, template_set=template_set, settings=workspace
         )
-        self.loader: campaigns.RecipientLoader | None = None
+        self.loader: compose.RecipientLoader | None = None
 
     def compose(self, contact_ids: Sequence[int]) -> Batch:
         with Session(self.engine) as session:
             # One loader for the run: the signatories and each city's ties are read once, not
             # once per batch; each batch lends it a fresh session.
             if self.loader is None:
-                self.loader = campaigns.RecipientLoader(session)
+                self.loader = compose.RecipientLoader(session)
             self.loader.session = session
             recipients = self.loader.load(contact_ids)
         batch: Batch = {}
@@ -83,24 +71,11 @@ class BatchComposer:
                 batch[contact_id] = f"contact {contact_id} no longer exists"
                 continue
             try:
-                composed = self.composer.compose(recipient)
+                batch[contact_id] = self.composer.compose(recipient)
             except MailerError as exc:
                 batch[contact_id] = f"cannot build the message: {exc}"
-                continue
             except Exception as exc:  # one contact's odd data must not stop the whole run
                 batch[contact_id] = f"cannot build the message: {type(exc).__name__}: {exc}"
-                continue
-            batch[contact_id] = Composed(
-                data=composed.data,
-                mail_from=composed.mail_from,
-                rcpt_to=(composed.rcpt_to,),
-                smtputf8=bool(composed.smtputf8),
-                message_id=composed.message_id,
-                language=composed.language,
-                subject=composed.subject,
-                body_hash=composed.body_hash,
-                fell_back=bool(composed.fell_back),
-            )
         return batch
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from mailer import campaigns, db, importers, review, smtp
+from mailer import addresses, campaigns, db, importers, review, smtp
+from mailer import check as checking
 from mailer import engine as send_engine
 from mailer.audience import Audience, suppress
 from mailer.config import CONFIG_NAME, DEFAULT_DB_NAME, Workspace, create_workspace, data_path
@@ -137,7 +138,7 @@ def _run(
             slug=SLUG,
             template=TEMPLATE,
             from_address=FROM_ADDRESS,
-            reply_to=campaigns.REPLY_TO_SIGNATORY,
+            reply_to=addresses.REPLY_TO_SIGNATORY,
             audience=Audience(),
             title=TITLE,
             default_language=str(workspace.setting("campaign", "default_language", "en")),
@@ -147,10 +148,10 @@ def _run(
     out("4. Check: render the letter for every recipient")
     with db.transaction(factory) as session:
         campaign = campaigns.get_campaign(session, SLUG)
-        check = campaigns.check_campaign(
+        check = checking.check_campaign(
             session, campaign, templates_dir=workspace.templates_dir, settings=workspace
         )
-    for line in campaigns.format_report(check):
+    for line in checking.format_report(check):
         out(f"   {line}")
     if not check.ok:
         raise CheckFailed(f"the demo campaign does not pass `mailer check {SLUG}`")

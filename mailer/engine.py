@@ -37,7 +37,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer import campaigns, outbox
+from mailer import campaigns, compose, outbox
+from mailer.addresses import address_problem
 from mailer.clock import Clock, utcnow
 from mailer.compose_worker import Batch, BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace
@@ -48,7 +49,6 @@ from mailer.errors import (
     MailerError,
     TransportError,
 )
-from mailer.message import address_problem
 from mailer.models import Campaign, MessageStatus
 from mailer.outbox import Claim
 from mailer.policy import RateLimiter, SendPolicy, StopReason, next_state
@@ -215,7 +215,7 @@ class _Run:
             else:
                 job.data = composed.data
                 job.mail_from = composed.mail_from
-                job.rcpt_to = composed.rcpt_to
+                job.rcpt_to = (composed.rcpt_to,)
                 job.smtputf8 = composed.smtputf8
                 job.message_id = composed.message_id
                 job.language = composed.language
@@ -582,11 +582,11 @@ def plan_send(*, workspace: Workspace, engine: Engine, slug: str) -> SendPlan:
         first = next(audience_mod.contact_id_pages(session, audience, size=1), [])
         subject = to = None
         if first:
-            recipients = campaigns.load_recipients(session, first)
-            template_set = campaigns.template_set_for(
+            recipients = compose.load_recipients(session, first)
+            template_set = compose.template_set_for(
                 campaign, templates_dir=workspace.templates_dir
             )
-            composer = campaigns.composer_for(
+            composer = compose.composer_for(
                 campaign=campaign, template_set=template_set, settings=workspace
             )
             if recipients:
@@ -883,8 +883,8 @@ def send_test(
     with Session(engine) as session:
         campaign = campaigns.get_campaign(session, slug)
         audience = audience_mod.Audience.from_json(campaign.audience)
-        template_set = campaigns.template_set_for(campaign, templates_dir=workspace.templates_dir)
-        composer = campaigns.composer_for(
+        template_set = compose.template_set_for(campaign, templates_dir=workspace.templates_dir)
+        composer = compose.composer_for(
             campaign=campaign, template_set=template_set, settings=workspace
         )
         picked: list[int] = []
@@ -894,7 +894,7 @@ def send_test(
             picked.extend(i for i in chunk if emails.get(i) not in blocked)
             if len(picked) >= count:
                 break
-        recipients = campaigns.load_recipients(session, picked[:count])
+        recipients = compose.load_recipients(session, picked[:count])
         for cid in picked[:count]:
             recipient = recipients.get(cid)
             if recipient is None:
@@ -947,8 +947,8 @@ def dry_run(
         campaign = campaigns.get_campaign(session, slug)
         ids = audience_mod.contact_ids(session, audience_mod.Audience.from_json(campaign.audience))
         final = outbox.settled_contacts(session, campaign_id=campaign.id)
-        template_set = campaigns.template_set_for(campaign, templates_dir=workspace.templates_dir)
-        composer = campaigns.composer_for(
+        template_set = compose.template_set_for(campaign, templates_dir=workspace.templates_dir)
+        composer = compose.composer_for(
             campaign=campaign, template_set=template_set, settings=workspace
         )
         todo = [i for i in ids if i not in final]
@@ -959,7 +959,7 @@ def dry_run(
             chunk = todo[start : start + 200]
             emails = outbox.contact_emails(session, chunk)
             blocked = audience_mod.suppressed_among(session, emails.values())
-            recipients = campaigns.load_recipients(
+            recipients = compose.load_recipients(
                 session, [i for i in chunk if emails.get(i) not in blocked]
             )
             for cid in chunk:

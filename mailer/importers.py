@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import charset_normalizer
-import email_validator
 from babel import Locale, UnknownLocaleError
 from sqlalchemy import Table as SqlTable
 from sqlalchemy import bindparam, insert, select, update
@@ -40,6 +39,7 @@ from sqlalchemy import table as sa_table
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
+from mailer import addresses
 from mailer.audience import Audience, contacts_query, suppressed_among
 from mailer.errors import ImportFileError, InvalidValueError, StrictImportError
 from mailer.models import (
@@ -69,9 +69,6 @@ _SCAN_BLOCK = 1 << 20
 # Any C0/C1 control (tab included: every field is single-line) and the Unicode line separators:
 # a CR/LF in a name is how a header injection ("\r\nBcc: ...") gets in.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_ATEXT_LOCAL = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z"
-)
 
 
 class StrictImportFailed(StrictImportError):
@@ -834,56 +831,11 @@ def parse_language(value: str) -> str:
 
 
 class EmailChecker:
-    """email-validator (no DNS) with a fast path: plain ASCII local parts, domains cached.
-
-    email-validator costs ~60 µs a call; the fast path checks the local part with the same
-    dot-atom rule it applies and asks it about each distinct domain only once, taking the
-    domain's normalised form from it too (`xn--bcher-kva.example` is `bücher.example`).
-    """
-
-    def __init__(self) -> None:
-        # domain -> its normalised form, or None where email-validator refuses it.
-        self._domains: dict[str, str | None] = {}
+    """The import's address check: `addresses.validated` (email-validator with a fast path)."""
 
     def __call__(self, address: str) -> str:
-        """The normalised, lower-cased address; `ValueError` with the reason otherwise."""
-        local, at, domain = address.rpartition("@")
-        if (
-            at
-            and address.isascii()
-            and len(address) <= 254
-            and len(local) <= 64
-            and _ATEXT_LOCAL.match(local)
-        ):
-            domain = domain.lower()
-            normalised = self._domains.get(domain, "")
-            if normalised == "":
-                normalised = self._check_domain(domain)
-            if normalised is not None:
-                return f"{local}@{normalised}".lower()
-        return self._full(address)
-
-    def _check_domain(self, domain: str) -> str | None:
-        try:
-            normalised: str | None = email_validator.validate_email(
-                f"x@{domain}", check_deliverability=False, test_environment=True
-            ).domain
-        except email_validator.EmailNotValidError:
-            normalised = None
-        if len(self._domains) > 100_000:
-            self._domains.clear()
-        self._domains[domain] = normalised
-        return normalised
-
-    @staticmethod
-    def _full(address: str) -> str:
-        try:
-            result = email_validator.validate_email(
-                address, check_deliverability=False, test_environment=True
-            )
-        except email_validator.EmailNotValidError as exc:
-            raise ValueError(f"{address!r}: {exc}") from None
-        return result.normalized.lower()
+        """The normalised address; `ValueError` with the reason otherwise."""
+        return addresses.validated(address)
 
 
 def _clean(cells: Sequence[str], columns: _Columns, header_len: int) -> list[str]:

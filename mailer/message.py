@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from email.message import EmailMessage
 
+from mailer.addresses import encode_domain, split_mailbox, wire_address
 from mailer.errors import InvalidValueError
 from mailer.render import Rendered
 
@@ -40,11 +41,6 @@ _Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 _Q_BYTE = {b: (chr(b) if b in _Q_SAFE else "_" if b == 0x20 else f"={b:02X}") for b in range(256)}
 _ATEXT_PHRASE = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ ]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_LOCAL_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.\u0080-\U0010ffff]+$")
-_DOMAIN = re.compile(
-    r"^(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]{0,61}"
-    r"[A-Za-z0-9\u0080-\U0010ffff])?\.)+[A-Za-z\u0080-\U0010ffff][A-Za-z0-9\-\u0080-\U0010ffff]*$"
-)
 _URL_BAD = re.compile(r"[\s<>\"\x00-\x1f\x7f]")
 
 
@@ -58,72 +54,7 @@ class BuiltMessage:
     body_hash: str
 
 
-# --------------------------------------------------------------------------- addresses
-
-
-_PLAIN_ADDRESS = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-)
-
-
-def address_problem(address: str) -> str | None:
-    """Why `address` cannot be put on an envelope or in a header, or None when it can."""
-    # The common case (plain ASCII dot-atom) in one regex; the rest explains what is wrong.
-    if _PLAIN_ADDRESS.fullmatch(address) and len(address) <= 254 and address.index("@") <= 64:
-        return None
-    if not address:
-        return "empty address"
-    if len(address) > 320:
-        return "longer than 320 characters"
-    if _CONTROL.search(address) or any(ch.isspace() for ch in address):
-        return "contains a space or line break"
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        return "no @ with a local part and a domain"
-    if len(local.encode()) > 64:
-        return "local part longer than 64 octets"
-    if local.startswith(".") or local.endswith("."):
-        return "the local part starts or ends with a dot"
-    if not _LOCAL_ATEXT.match(local):
-        return "the local part has characters not allowed unquoted"
-    if ".." in local:
-        return "two dots in a row"
-    if not _DOMAIN.match(domain):
-        return "the domain is not a domain name"
-    return None
-
-
-def _checked_address(address: str, what: str) -> tuple[str, bool]:
-    """(address fit for the envelope and headers, whether it needs SMTPUTF8)."""
-    address = address.strip()
-    problem = address_problem(address)
-    if problem:
-        raise InvalidValueError(f"{what} address {address!r} is not valid: {problem}")
-    if address.isascii():
-        return address, False
-    local, _, domain = address.rpartition("@")
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise InvalidValueError(
-                f"{what} address {address!r}: domain is not a valid international name"
-            ) from exc
-    ascii_address = f"{local}@{domain}"
-    return ascii_address, not local.isascii()
-
-
-def split_mailbox(value: str) -> tuple[str | None, str]:
-    """`Name <addr>` or `addr` to (name or None, addr). The address is not validated here."""
-    value = value.strip()
-    if value.endswith(">") and "<" in value:
-        name, _, rest = value[:-1].rpartition("<")
-        name = name.strip()
-        if len(name) >= 2 and name[0] == name[-1] == '"':
-            name = re.sub(r"\\(.)", r"\1", name[1:-1])
-        return (name or None), rest.strip()
-    return None, value
+# --------------------------------------------------------------------------- header text
 
 
 def clean_text(value: str) -> str:
@@ -221,7 +152,7 @@ def _phrase_tokens(name: str) -> list[str] | tuple[str, ...]:
 @functools.lru_cache(maxsize=1024)
 def _mailbox_header(header: str, name: str | None, address: str) -> tuple[str, str, bool]:
     """(folded header, envelope address, smtputf8) for a constant mailbox (From, Reply-To)."""
-    envelope, utf8 = _checked_address(address, header)
+    envelope, utf8 = wire_address(address, what=header)
     shown = address.strip() if utf8 else envelope
     return _mailbox_line(header, name, shown), envelope, utf8
 
@@ -270,10 +201,7 @@ def make_message_id(*, campaign_slug: str, contact_email: str, domain: str) -> s
     """The same campaign and contact always give the same Message-ID (`<hash@domain>`)."""
     key = f"{campaign_slug}\0{contact_email.strip().lower()}".encode()
     digest = hashlib.sha256(key).hexdigest()[:32]
-    domain = domain.strip().lower()
-    if not domain.isascii():
-        domain = domain.encode("idna").decode("ascii")
-    return f"<{digest}@{domain}>"
+    return f"<{digest}@{encode_domain(domain)}>"
 
 
 def _checked_url(value: str, what: str) -> str:
@@ -318,7 +246,7 @@ def build_message(
 ) -> BuiltMessage:
     sender_name, sender_address = split_mailbox(sender)
     from_line, mail_from, utf8 = _mailbox_header("From", sender_name, sender_address)
-    rcpt_to, to_utf8 = _checked_address(to_address, "recipient")
+    rcpt_to, to_utf8 = wire_address(to_address, what="recipient")
     to_line = _mailbox_line("To", to_name, to_address.strip() if to_utf8 else rcpt_to)
     utf8 = utf8 or to_utf8
     lines = [

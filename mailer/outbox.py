@@ -22,7 +22,7 @@ driver step each, so the database thread gives up the GIL once per batch, not on
 SQLite claims with `json_each` and no RETURNING; results ride along with the next claim.
 
 Imports models, audience (the audience's pages), campaigns (get_campaign, freeze_templates) and
-message (address_problem). It must not import engine, policy, compose, transport or smtp: the
+addresses (address_problem). It must not import engine, policy, compose, transport or smtp: the
 outbox knows nothing of templates, servers or backoff.
 """
 
@@ -62,8 +62,8 @@ from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
 from mailer import campaigns
+from mailer.addresses import address_problem
 from mailer.errors import CampaignHeld, InvalidValueError
-from mailer.message import address_problem
 from mailer.models import (
     Campaign,
     CampaignStatus,

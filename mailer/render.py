@@ -789,3 +789,15 @@ def template_names(templates_dir: Path) -> list[str]:
         for p in templates_dir.iterdir()
         if p.is_dir() and any(f.name.endswith(TEXT_SUFFIX) for f in p.iterdir())
     )
+
+
+def load_template_set(templates_dir: Path, name: str) -> TemplateSet:
+    """The template `templates_dir/NAME/`, compiled (syntax errors name file and line)."""
+    available = template_names(templates_dir)
+    if name not in available:
+        listing = ", ".join(available) if available else "none"
+        raise NotFoundError(
+            f"no template {name!r} in {templates_dir} (available: {listing}); "
+            f"a template is a folder {templates_dir}/NAME/ with LANG.txt.j2 files"
+        )
+    return TemplateSet.from_directory(templates_dir / name, name=name)

@@ -12,7 +12,7 @@ from conftest import Cli
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import campaigns, db
+from mailer import campaigns, compose, db
 from mailer.audience import Audience
 from mailer.config import find_workspace
 from mailer.errors import ConflictError, InvalidValueError, NotFoundError, TemplateError
@@ -297,9 +297,7 @@ def test_load_recipients_joins_city_partners_and_signatories(
     session_factory: sessionmaker[Session], world: dict[str, int]
 ) -> None:
     with db.transaction(session_factory) as session:
-        loaded = campaigns.load_recipients(
-            session, list(world.values()), today=dt.date(2026, 11, 26)
-        )
+        loaded = compose.load_recipients(session, list(world.values()), today=dt.date(2026, 11, 26))
     assert set(loaded) == set(world.values())
     nue = loaded[world["nuernberg"]]
     assert nue.contact.email == "ob@nuernberg.example.org"
@@ -350,7 +348,7 @@ def test_load_recipients_uses_a_few_queries_per_batch(
         listener = lambda *args: statements.append(args[2])  # noqa: E731
         event.listen(engine, "before_cursor_execute", listener)
         try:
-            campaigns.load_recipients(session, list(world.values()))
+            compose.load_recipients(session, list(world.values()))
         finally:
             event.remove(engine, "before_cursor_execute", listener)
     assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) <= 3
@@ -369,25 +367,25 @@ def test_templates_are_live_while_draft_and_frozen_once_sending(
     templates = workspace / "templates"
     with db.transaction(session_factory) as session:
         campaign = campaigns.get_campaign(session, "appeal")
-        assert campaigns.template_set_for(campaign, templates_dir=templates).sources == {
+        assert compose.template_set_for(campaign, templates_dir=templates).sources == {
             "en.txt.j2": "Subject: First\n\nOne\n"
         }
         (folder / "en.txt.j2").write_text("Subject: Second\n\nTwo\n", encoding="utf-8")
-        live = campaigns.template_set_for(campaign, templates_dir=templates)
+        live = compose.template_set_for(campaign, templates_dir=templates)
         assert live.sources["en.txt.j2"] == "Subject: Second\n\nTwo\n"
         campaigns.freeze_templates(session, campaign, templates_dir=templates)
     (folder / "en.txt.j2").write_text("Subject: Third\n\n{{ broken\n", encoding="utf-8")
     with db.transaction(session_factory) as session:
         campaign = campaigns.get_campaign(session, "appeal")
         assert campaign.template_sources == {"en.txt.j2": "Subject: Second\n\nTwo\n"}
-        frozen = campaigns.template_set_for(campaign, templates_dir=templates)
+        frozen = compose.template_set_for(campaign, templates_dir=templates)
         assert frozen.sources == {"en.txt.j2": "Subject: Second\n\nTwo\n"}
         # Freezing again (a resumed campaign) keeps the first copy.
         campaigns.freeze_templates(session, campaign, templates_dir=templates)
         assert campaign.template_sources == {"en.txt.j2": "Subject: Second\n\nTwo\n"}
         campaign.template_sources = {}
         with pytest.raises(TemplateError, match=r"templates/note/en\.txt\.j2:3"):
-            campaigns.template_set_for(campaign, templates_dir=templates)
+            compose.template_set_for(campaign, templates_dir=templates)
 
 
 # --------------------------------------------------------------------------- composing
@@ -395,7 +393,7 @@ def test_templates_are_live_while_draft_and_frozen_once_sending(
 
 def composer(
     factory: sessionmaker[Session], workspace: Path, *, settings: str = "", **kwargs: Any
-) -> tuple[campaigns.Composer, dict[int, Any]]:
+) -> tuple[compose.Composer, dict[int, Any]]:
     if settings:
         config = workspace / "mailer.toml"
         config.write_text(
@@ -404,15 +402,15 @@ def composer(
     create(factory, workspace, **kwargs)
     with db.transaction(factory) as session:
         campaign = campaigns.get_campaign(session, "appeal")
-        template_set = campaigns.template_set_for(campaign, templates_dir=workspace / "templates")
+        template_set = compose.template_set_for(campaign, templates_dir=workspace / "templates")
         ids = list(session.scalars(select(Contact.id)))
         return (
-            campaigns.composer_for(
+            compose.composer_for(
                 campaign=campaign,
                 template_set=template_set,
                 settings=find_workspace(start=workspace),
             ),
-            campaigns.load_recipients(session, ids),
+            compose.load_recipients(session, ids),
         )
 
 

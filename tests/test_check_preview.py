@@ -10,7 +10,8 @@ from conftest import Cli
 from sqlalchemy.orm import Session, sessionmaker
 from test_campaigns import FROM, add_world, contact, create
 
-from mailer import campaigns, db
+from mailer import campaigns, compose, db
+from mailer import check as checking
 from mailer.audience import Audience
 from mailer.config import find_workspace
 from mailer.message import parse
@@ -183,7 +184,7 @@ def test_check_report_in_the_library(
     create(session_factory, workspace, audience=Audience(tags=("mayor",)))
     calls: list[tuple[int, int]] = []
     with db.transaction(session_factory) as session:
-        report = campaigns.check_campaign(
+        report = checking.check_campaign(
             session,
             campaigns.get_campaign(session, "appeal"),
             templates_dir=workspace / "templates",
@@ -243,14 +244,14 @@ def test_preview_raw_writes_the_exact_bytes(
     with db.transaction(session_factory) as session:
         camp = campaigns.get_campaign(session, "c")
         workspace = find_workspace(start=run.workspace)
-        template_set = campaigns.template_set_for(camp, templates_dir=workspace.templates_dir)
-        composer = campaigns.composer_for(
+        template_set = compose.template_set_for(camp, templates_dir=workspace.templates_dir)
+        composer = compose.composer_for(
             campaign=camp, template_set=template_set, settings=workspace
         )
         contact_id = next(
             r.id for r in session.query(Contact).filter_by(email="ob@nuernberg.example.org")
         )
-        recipient = campaigns.load_recipients(session, [contact_id])[contact_id]
+        recipient = compose.load_recipients(session, [contact_id])[contact_id]
         expected = composer.compose(recipient, date=message["Date"].datetime)
     assert data == expected.data
 
@@ -304,14 +305,14 @@ def test_check_on_postgresql(pg_url: str, tmp_path: Path) -> None:
         workspace = create_workspace(root=tmp_path / "ws", db_url=pg_url)
         create(factory, workspace.root, reply_to="signatory")
         with db.transaction(factory) as session:
-            report = campaigns.check_campaign(
+            report = checking.check_campaign(
                 session,
                 campaigns.get_campaign(session, "appeal"),
                 templates_dir=workspace.templates_dir,
                 settings=workspace,
             )
             assert report.ok and report.rendered == 5
-            composed = campaigns.preview(
+            composed = compose.preview(
                 session,
                 campaigns.get_campaign(session, "appeal"),
                 contact_email="prezydent@krakow.example.org",
@@ -349,7 +350,7 @@ def test_check_with_worker_processes_matches_one_process(
         try:
             with db.transaction(session_factory) as session:
                 reports.append(
-                    campaigns.check_campaign(
+                    checking.check_campaign(
                         session,
                         campaigns.get_campaign(session, "appeal"),
                         templates_dir=workspace / "templates",

@@ -20,7 +20,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from mailer import engine as send_engine
-from mailer.compose_worker import BatchComposer, Composed, ComposeWorker, Composing
+from mailer.compose import Composed
+from mailer.compose_worker import BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace, find_workspace
 from mailer.models import Campaign, Contact, Message
 from mailer.policy import SendPolicy
