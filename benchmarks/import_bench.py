@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mailer import db
 from mailer.config import create_workspace
-from mailer.importers import import_contacts
+from mailer.importers import format_counts, import_contacts
 
 FIRST = ["Anna", "Jürgen", "José", "Олена", "Marie", "Piotr", "Giulia", "Søren", "Łucja", "Ewan"]
 LAST = ["Berg", "Müller", "Peña", "Коваленко", "Dubois", "Nowak", "Rossi", "Hansen", "Wójcik"]
@@ -86,7 +86,7 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             cpu = time.process_time() - cpu_started
             label = "import" if attempt == 0 else "re-import"
-            print(summary.line())
+            print(format_counts(summary))
             # Other work on the machine shows in the wall time (and, on shared cores, in the
             # CPU time too): the load average is printed to judge a figure by.
             print(

@@ -19,8 +19,10 @@ from mailer.errors import MailerError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
 
     from mailer import db
+    from mailer.importers import ImportSummary
     from mailer.send_report import SendReport
 else:
 
@@ -226,7 +228,6 @@ def db_current() -> None:
 # --------------------------------------------------------------------------- import & contacts
 # (importers.py, audience.py)
 
-MAX_REJECT_LINES = 20
 _READ_OPTIONS = (
     click.option(
         "--encoding",
@@ -263,26 +264,18 @@ def _read_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _print_import(summary: Any, rejects_path: Path | None) -> None:
-    for reject in summary.rejects[:MAX_REJECT_LINES]:
-        click.echo(reject.line(summary.file))
-    more = summary.rejected - MAX_REJECT_LINES
-    if more > 0:
-        where = f"{rejects_path} and the import record" if rejects_path else "the import record"
-        click.echo(f"... and {more} more rejected rows (all listed in {where})")
-    click.echo(summary.line())
-
-
-def _run_import(func: Callable[..., Any], rejects_path: Path | None, **kwargs: Any) -> None:
+def _run_import(
+    run: Callable[[sessionmaker[Session]], ImportSummary], rejects_path: Path | None
+) -> None:
     from mailer import importers
 
     factory = db.session_factory(state().engine())
     try:
-        summary = func(factory, rejects_path=rejects_path, **kwargs)
+        summary = run(factory)
     except importers.StrictImportFailed as exc:
-        _print_import(exc.summary, rejects_path)
+        click.echo(importers.format_import(exc.summary, rejects_path=rejects_path))
         raise
-    _print_import(summary, rejects_path)
+    click.echo(importers.format_import(summary, rejects_path=rejects_path))
 
 
 @cli.group(name="import")
@@ -323,18 +316,22 @@ def import_contacts_cmd(
       mailer import contacts mayors.csv --tag germany --rejects rejected.csv
       mailer import contacts liste.csv --encoding cp1252 --delimiter ';' --map 'E-Post=email'
     """
-    from mailer import importers
+    from mailer import fields, importers
 
+    mapping = fields.parse_mapping(mappings)
     _run_import(
-        importers.import_contacts,
+        lambda factory: importers.import_contacts(
+            factory,
+            path=file,
+            encoding=encoding,
+            delimiter=delimiter,
+            mapping=mapping,
+            tags=tags,
+            strict=strict,
+            dry_run=dry_run,
+            rejects_path=rejects_path,
+        ),
         rejects_path,
-        path=file,
-        encoding=encoding,
-        delimiter=delimiter,
-        mapping=importers.parse_mapping(mappings),
-        tags=tags,
-        strict=strict,
-        dry_run=dry_run,
     )
 
 
@@ -359,17 +356,21 @@ def import_partnerships_cmd(
     Example:
       mailer import partnerships seeds/partnerships.csv
     """
-    from mailer import importers
+    from mailer import fields, importers
 
+    mapping = fields.parse_mapping(mappings)
     _run_import(
-        importers.import_partnerships,
+        lambda factory: importers.import_partnerships(
+            factory,
+            path=file,
+            encoding=encoding,
+            delimiter=delimiter,
+            mapping=mapping,
+            strict=strict,
+            dry_run=dry_run,
+            rejects_path=rejects_path,
+        ),
         rejects_path,
-        path=file,
-        encoding=encoding,
-        delimiter=delimiter,
-        mapping=importers.parse_mapping(mappings),
-        strict=strict,
-        dry_run=dry_run,
     )
 
 
@@ -394,17 +395,21 @@ def import_signatories_cmd(
     Example:
       mailer import signatories seeds/signatories.csv
     """
-    from mailer import importers
+    from mailer import fields, importers
 
+    mapping = fields.parse_mapping(mappings)
     _run_import(
-        importers.import_signatories,
+        lambda factory: importers.import_signatories(
+            factory,
+            path=file,
+            encoding=encoding,
+            delimiter=delimiter,
+            mapping=mapping,
+            strict=strict,
+            dry_run=dry_run,
+            rejects_path=rejects_path,
+        ),
         rejects_path,
-        path=file,
-        encoding=encoding,
-        delimiter=delimiter,
-        mapping=importers.parse_mapping(mappings),
-        strict=strict,
-        dry_run=dry_run,
     )
 
 
@@ -445,54 +450,14 @@ def contacts_list(wheres: tuple[str, ...], tags: tuple[str, ...], fmt: str) -> N
       mailer contacts list --where country=DE --where language=de
       mailer contacts list --tag wave-1 --format csv > wave-1.csv
     """
-    import csv
-    import io
-    import json
-
-    from mailer import importers
+    from mailer import review
     from mailer.audience import Audience, parse_where
 
     audience = Audience(where=parse_where(wheres), tags=tuple(tags))
-    records = importers.contact_records(db.session_factory(state().engine()), audience=audience)
-    columns = importers.LIST_COLUMNS
-
-    def text(record: dict[str, Any], column: str) -> str:
-        value = record[column]
-        if isinstance(value, list):
-            return ";".join(value)
-        if isinstance(value, bool):
-            return "yes" if value else ""
-        return "" if value is None else str(value)
-
-    if fmt == "json":
-        click.echo("[", nl=False)
-        for index, record in enumerate(records):
-            item = json.dumps(record, ensure_ascii=False)
-            click.echo(("," if index else "") + "\n  " + item, nl=False)
-        click.echo("\n]")
-    elif fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-        for record in records:
-            writer.writerow([importers.spreadsheet_safe(text(record, c)) for c in columns])
-            click.echo(buffer.getvalue(), nl=False)
-            buffer.seek(0)
-            buffer.truncate()
-        click.echo(buffer.getvalue(), nl=False)
-    else:
-        rows = [[text(record, c) for c in columns] for record in records]
-        if not rows:
-            click.echo(f"No contacts match ({audience.describe()}).")
-            return
-        widths = [min(40, max(len(c), *(len(r[i]) for r in rows))) for i, c in enumerate(columns)]
-        click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-        for row in rows:
-            cells = (
-                v if len(v) <= w else v[: w - 1] + "…" for v, w in zip(row, widths, strict=True)
-            )
-            click.echo("  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip())
-        click.echo(f"{len(rows)} contact(s)")
+    with db.session_factory(state().engine())() as session:
+        review.write_contact_list(
+            session, audience=audience, fmt=review.OutputFormat(fmt), out=sys.stdout
+        )
 
 
 @cli.group(name="suppress")
@@ -581,14 +546,7 @@ def suppress_import(file: Path, reason: str, encoding: str | None, delimiter: st
         encoding=encoding,
         delimiter=delimiter,
     )
-    for reject in summary.rejects[:MAX_REJECT_LINES]:
-        click.echo(reject.line(summary.file))
-    if summary.rejected > MAX_REJECT_LINES:
-        click.echo(f"... and {summary.rejected - MAX_REJECT_LINES} more rejected rows")
-    click.echo(
-        f"{summary.file}: {summary.added} suppressed, {summary.unchanged} already suppressed, "
-        f"{summary.rejected} rejected"
-    )
+    click.echo(importers.format_import(summary))
 
 
 # --------------------------------------------------------------------------- campaigns, check, preview

@@ -120,7 +120,7 @@ def _run(
         ("contacts.csv", importers.import_contacts),
     ):
         imported = importer(factory, path=seeds / name)
-        out(f"   {imported.line()}")
+        out(f"   {importers.format_counts(imported)}")
 
     with db.transaction(factory) as session:
         suppress(

@@ -1,37 +1,30 @@
-"""Reading lists as they come from real spreadsheets, and upserting them (DESIGN §9).
+"""Rows → the store: contacts upserted by address, partner-city ties, signatories, suppressions.
 
-One pass over the file with bounded memory: a pre-scan hashes the bytes and settles the encoding,
-then `csv.reader` runs over a decoding text stream (or openpyxl over a read-only workbook) and
-rows are validated and written in chunks. The whole import is one transaction, so `--strict`,
-`--dry-run`, a file that turns out unreadable half-way, and Ctrl-C all leave nothing written.
+`tables` turns a file into rows and `fields` says what each column and value means; this module
+validates rows and writes them. A contacts import streams in chunks with bounded memory: this
+thread reads and validates while one database thread writes (on SQLite a chunk's new contacts go
+in as one JSON text, so SQLite works with the GIL released). The whole import is one transaction,
+so `--strict`, `--dry-run`, a file that turns out unreadable half-way, and Ctrl-C all leave
+nothing written. Text for people comes from the `format_*` functions beside `ImportSummary`.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import datetime as dt
-import functools
 import gc
-import hashlib
-import io
 import json
 import operator
-import re
 import sys
-import unicodedata
-import zipfile
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import charset_normalizer
-from babel import Locale, UnknownLocaleError
 from sqlalchemy import Table as SqlTable
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy import column as sa_column
@@ -40,8 +33,26 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailer import addresses
-from mailer.audience import Audience, contacts_query, suppressed_among
+from mailer.audience import suppressed_among
 from mailer.errors import ImportFileError, InvalidValueError, StrictImportError
+from mailer.fields import (
+    CONTACT_FIELDS,
+    CONTACT_SYNONYMS,
+    CONTROL,
+    PARTNERSHIP_FIELDS,
+    PARTNERSHIP_SYNONYMS,
+    SIGNATORY_FIELDS,
+    SIGNATORY_SYNONYMS,
+    SUPPRESSION_SYNONYMS,
+    Columns,
+    RowRejected,
+    check_length,
+    clean_cells,
+    parse_country,
+    parse_language,
+    resolve_columns,
+    split_tags,
+)
 from mailer.models import (
     PARTNERSHIP_KINDS,
     City,
@@ -55,20 +66,16 @@ from mailer.models import (
     city_key,
     utcnow,
 )
+from mailer.tables import Table
 
-MAX_CELL = 10_000
-SAMPLE_BYTES = 64 * 1024
 CHUNK_ROWS = 2_000
 # How `import_contacts` runs its two threads (see there).
 _SWITCH_INTERVAL = 0.0002
 _GC_THRESHOLD = 20_000
 _QUEUED_CHUNKS = 1
-DELIMITERS = ",;\t|"
-_SCAN_BLOCK = 1 << 20
+# How many rejected rows an import prints; the rest are in the import record (and --rejects).
+MAX_REJECT_LINES = 20
 
-# Any C0/C1 control (tab included: every field is single-line) and the Unicode line separators:
-# a CR/LF in a name is how a header injection ("\r\nBcc: ...") gets in.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class StrictImportFailed(StrictImportError):
@@ -85,10 +92,7 @@ class Reject:
     column: str
     reason: str
 
-    def line(self, file: str) -> str:
-        return f"{file}:{self.row}: {self.column}: {self.reason}"
-
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, int | str]:
         return {"row": self.row, "column": self.column, "reason": self.reason}
 
 
@@ -109,725 +113,50 @@ class ImportSummary:
     def rejected(self) -> int:
         return len(self.rejects)
 
-    def line(self) -> str:
-        text = (
-            f"{self.file}: {self.added} added, {self.updated} updated, "
-            f"{self.unchanged} unchanged, {self.rejected} rejected"
-        )
-        if self.suppressed:
-            text += f"; {self.suppressed} of them suppressed (they stay suppressed)"
-        if self.dry_run:
-            text += " (dry run: nothing written)"
-        return text
+
+def format_reject(reject: Reject, *, file: str) -> str:
+    """FILE:ROW: column: reason (the header is row 1, as in a spreadsheet)."""
+    return f"{file}:{reject.row}: {reject.column}: {reject.reason}"
 
 
-# --------------------------------------------------------------------------- reading files
-
-
-@dataclass
-class _Scan:
-    sha256: str
-    size: int
-    head: bytes
-    utf8_ok: bool
-    non_ascii_sample: bytes
-
-
-def _scan(path: Path) -> _Scan:
-    """Hash the file and check it decodes as UTF-8, in one bounded-memory pass."""
-    digest = hashlib.sha256()
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    utf8_ok = True
-    head = b""
-    sample: list[bytes] = []
-    sample_size = 0
-    size = 0
-    try:
-        with path.open("rb") as fh:
-            while block := fh.read(_SCAN_BLOCK):
-                if not head:
-                    head = block[:SAMPLE_BYTES]
-                size += len(block)
-                digest.update(block)
-                if utf8_ok:
-                    try:
-                        decoder.decode(block)
-                    except UnicodeDecodeError:
-                        utf8_ok = False
-                if sample_size < SAMPLE_BYTES and not block.isascii():
-                    # Only lines with non-ASCII bytes tell encodings apart; keep them whole.
-                    for line in block.split(b"\n"):
-                        if not line.isascii():
-                            sample.append(line)
-                            sample_size += len(line)
-                            if sample_size >= SAMPLE_BYTES:
-                                break
-            if utf8_ok:
-                try:
-                    decoder.decode(b"", final=True)
-                except UnicodeDecodeError:
-                    utf8_ok = False
-    except OSError as exc:
-        raise ImportFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return _Scan(digest.hexdigest(), size, head, utf8_ok, b"\n".join(sample))
-
-
-def _looks_binary(head: bytes) -> bool:
-    if b"\x00" in head:
-        return True
-    controls = sum(1 for b in head[:8192] if b < 32 and b not in (9, 10, 13))
-    return controls > max(2, len(head[:8192]) // 100)
-
-
-def _implausible_words(text: str) -> float:
-    """Share of non-ASCII words that look like a wrong decoding ("Mьnchen", "Êè¿â")."""
-    words = [w for w in re.split(r"[\s,;|\t\"'@.()/]+", text) if w and not w.isascii()]
-    if not words:
-        return 0.0
-    bad = 0
-    for word in words:
-        latin = cyrillic = non_ascii_latin = 0
-        symbol_inside = False
-        for i, ch in enumerate(word):
-            if ch.isascii():
-                if ch.isalpha():
-                    latin += 1
-                continue
-            name = unicodedata.name(ch, "")
-            category = unicodedata.category(ch)
-            if "CYRILLIC" in name:
-                cyrillic += 1
-            elif category.startswith("L"):
-                latin += 1
-                non_ascii_latin += 1
-            elif (
-                category[0] in "NSP"
-                and category not in ("Pd", "Pi", "Pf")
-                and 0 < i < len(word) - 1
-                and word[i - 1].isalpha()
-                and word[i + 1].isalpha()
-            ):
-                symbol_inside = True
-        letters = latin + cyrillic
-        if (
-            (latin and cyrillic)
-            or symbol_inside
-            or (not cyrillic and letters >= 3 and non_ascii_latin * 2 > letters)
-        ):
-            bad += 1
-    return bad / len(words)
-
-
-def _guess_legacy_encoding(sample: bytes, display: str) -> str:
-    """Not UTF-8: tell Cyrillic (cp1251) from Western European (cp1252), or ask."""
-    plausible = []
-    for encoding in ("cp1251", "cp1252"):
-        try:
-            text = sample.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-        if _implausible_words(text) <= 0.1:
-            plausible.append(encoding)
-    if len(plausible) == 1:
-        return plausible[0]
-    best = charset_normalizer.from_bytes(
-        sample, cp_isolation=plausible or None, explain=False
-    ).best()
-    if len(plausible) == 2 and best is not None and best.encoding in plausible:
-        return str(best.encoding)
-    hint = f" (it may be {best.encoding})" if best is not None else ""
-    raise ImportFileError(
-        f"{display}: cannot tell the file's encoding with confidence: it is not UTF-8{hint}; "
-        "give it with --encoding, e.g. --encoding cp1252 (Western European) or "
-        "--encoding cp1251 (Cyrillic)"
-    )
-
-
-def _choose_encoding(scan: _Scan, encoding: str | None, display: str) -> str:
-    head = scan.head
-    if encoding:
-        try:
-            name = codecs.lookup(encoding).name
-        except LookupError:
-            raise InvalidValueError(f"--encoding {encoding}: unknown encoding") from None
-        # Excel's "CSV UTF-8" writes a BOM; don't let it stick to the first header name.
-        if name == "utf-8" and head.startswith(codecs.BOM_UTF8):
-            return "utf-8-sig"
-        return name
-    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
-        return "utf-32"
-    if head.startswith(codecs.BOM_UTF8):
-        return "utf-8-sig"
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "utf-16"
-    if _looks_binary(head):
-        raise ImportFileError(f"{display}: not a CSV or XLSX file (binary content)")
-    if scan.utf8_ok:
-        return "utf-8"
-    return _guess_legacy_encoding(scan.non_ascii_sample, display)
-
-
-def _sniff_delimiter(text: str) -> str:
-    header_line = re.split(r"[\r\n]", text, maxsplit=1)[0]
-    cut = text.rfind("\n", 0, 8192)
-    sample = text[: cut if cut > 0 else 8192]
-    try:
-        sniffed = csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
-        if sniffed in header_line:
-            return sniffed
-    except csv.Error:
-        pass
-    counts = {d: header_line.count(d) for d in DELIMITERS}
-    best = max(counts, key=lambda d: counts[d])
-    return best if counts[best] else ","
-
-
-def _decode_error(path: Path, encoding: str, display: str) -> ImportFileError:
-    """Find where the bytes stop decoding (only on the error path, so a second pass is fine)."""
-    decoder = codecs.getincrementaldecoder(encoding)()
-    offset = 0
-    lines = 1
-    with path.open("rb") as fh:
-        while block := fh.read(_SCAN_BLOCK):
-            try:
-                lines += decoder.decode(block).count("\n")
-            except UnicodeDecodeError as exc:
-                good = exc.object[: exc.start]
-                lines += good.decode(encoding, errors="replace").count("\n")
-                at = offset + exc.start - (len(exc.object) - len(block))
-                byte = exc.object[exc.start : exc.start + 1].hex()
-                return ImportFileError(
-                    f"{display}: line {lines}, byte {max(at, 0)}: 0x{byte} is not valid "
-                    f"{encoding}; give the file's real encoding with --encoding"
-                )
-            offset += len(block)
-    return ImportFileError(
-        f"{display}: the file ends in the middle of a {encoding} character; "
-        "give the file's real encoding with --encoding"
-    )
-
-
-@dataclass(slots=True)
-class RawRow:
-    number: int
-    cells: list[str]
-    # A problem the reader found itself (an XLSX formula without a value): (column, reason).
-    problem: tuple[str, str] | None = None
-
-
-class Table:
-    """An open CSV or XLSX file: `header`, then iterate `RawRow`s. Use as a context manager."""
-
-    def __init__(self, path: Path, *, encoding: str | None = None, delimiter: str | None = None):
-        self.path = path
-        self.display = path.name
-        self.encoding: str | None = None
-        self.delimiter: str | None = None
-        self.kind = "csv"
-        self._stack = ExitStack()
-        if not path.is_file():
-            raise ImportFileError(f"{path}: no such file")
-        if delimiter is not None:
-            delimiter = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(delimiter, delimiter)
-            if len(delimiter) != 1:
-                raise InvalidValueError(
-                    f"--delimiter {delimiter!r}: give one character, e.g. ';' or tab"
-                )
-        self._scan = _scan(path)
-        self.sha256 = self._scan.sha256
-        head = self._scan.head
-        if self._scan.size == 0:
-            raise ImportFileError(f"{self.display}: empty file")
-        if head.startswith(b"\xd0\xcf\x11\xe0"):
-            raise ImportFileError(
-                f"{self.display}: an old Excel .xls file; save it as .xlsx or CSV first"
-            )
-        try:
-            if head.startswith(b"PK\x03\x04"):
-                self.kind = "xlsx"
-                self.header, self._rows = self._open_xlsx()
-            else:
-                self.header, self._rows = self._open_csv(encoding, delimiter)
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self) -> Table:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def __iter__(self) -> Iterator[RawRow]:
-        return self._rows
-
-    # -- CSV
-
-    def _open_csv(
-        self, encoding: str | None, delimiter: str | None
-    ) -> tuple[list[str], Iterator[RawRow]]:
-        chosen = _choose_encoding(self._scan, encoding, self.display)
-        self.encoding = chosen
-        head_text = self._scan.head.decode(chosen, errors="replace").lstrip("\ufeff")
-        self.delimiter = delimiter or _sniff_delimiter(head_text)
-        raw = self._stack.enter_context(self.path.open("rb"))
-        text = io.TextIOWrapper(raw, encoding=chosen, errors="strict", newline="")
-        self._stack.callback(text.detach)
-        reader = csv.reader(text, delimiter=self.delimiter, strict=True)
-        rows = self._csv_rows(reader, chosen)
-        header: RawRow | None = None
-        for row in rows:
-            if any(cell.strip() for cell in row.cells):
-                header = row
-                break
-        if header is None:
-            raise ImportFileError(f"{self.display}: empty file")
-        cells = header.cells
-        cells[0] = cells[0].lstrip("\ufeff")
-        return cells, rows
-
-    def _csv_rows(self, reader: Iterator[list[str]], encoding: str) -> Iterator[RawRow]:
-        number = 0
-        while True:
-            number += 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except UnicodeDecodeError:
-                raise _decode_error(self.path, encoding, self.display) from None
-            except csv.Error as exc:
-                message = str(exc)
-                if "end of data" in message:
-                    raise ImportFileError(
-                        f"{self.display}:{number}: a quoted cell is never closed "
-                        "(its opening quote is in this row)"
-                    ) from None
-                if "field larger than field limit" in message:
-                    raise ImportFileError(
-                        f"{self.display}:{number}: a cell over {csv.field_size_limit()} "
-                        "characters, or a quote that is never closed"
-                    ) from None
-                if "expected after" in message:
-                    message = (
-                        'text after a closing quote (write a quote inside a quoted cell as "")'
-                    )
-                yield RawRow(number, [], ("(row)", f"malformed CSV: {message}"))
-                continue
-            yield RawRow(number, cells)
-
-    # -- XLSX
-
-    def _open_xlsx(self) -> tuple[list[str], Iterator[RawRow]]:
-        import openpyxl
-        from openpyxl.utils.exceptions import InvalidFileException
-
-        try:
-            # File objects, not the path: openpyxl would refuse a name not ending in .xlsx.
-            values_wb = openpyxl.load_workbook(
-                self._stack.enter_context(self.path.open("rb")), read_only=True, data_only=True
-            )
-            self._stack.callback(values_wb.close)
-            formulas_wb = openpyxl.load_workbook(
-                self._stack.enter_context(self.path.open("rb")), read_only=True, data_only=False
-            )
-            self._stack.callback(formulas_wb.close)
-        except (zipfile.BadZipFile, InvalidFileException, KeyError, OSError, ValueError):
-            self.close()
-            raise ImportFileError(
-                f"{self.display}: not a CSV or XLSX file (a ZIP archive that is not an "
-                "Excel workbook)"
-            ) from None
-        sheets = [ws for ws in values_wb.worksheets if _sheet_has_data(ws)]
-        if not sheets:
-            self.close()
-            raise ImportFileError(f"{self.display}: empty file")
-        if len(sheets) > 1:
-            names = ", ".join(repr(ws.title) for ws in sheets)
-            self.close()
-            raise ImportFileError(
-                f"{self.display}: {len(sheets)} sheets hold data ({names}); save the sheet "
-                "to import as its own file, or delete the other sheets"
-            )
-        values = sheets[0]
-        formulas = formulas_wb[values.title]
-        rows = self._xlsx_rows(values, formulas)
-        for row in rows:
-            if any(cell.strip() for cell in row.cells):
-                cells = row.cells
-                while cells and not cells[-1].strip():
-                    cells.pop()
-                return cells, rows
-        self.close()
-        raise ImportFileError(f"{self.display}: empty file")
-
-    def _xlsx_rows(self, values: Any, formulas: Any) -> Iterator[RawRow]:
-        from openpyxl.utils import get_column_letter
-
-        header: list[str] | None = None
-        pairs = zip(
-            values.iter_rows(values_only=True), formulas.iter_rows(values_only=True), strict=False
-        )
-        for number, (value_row, formula_row) in enumerate(pairs, start=1):
-            cells = [_cell_text(v) for v in value_row]
-            problem = None
-            for index, (value, formula) in enumerate(zip(value_row, formula_row, strict=False)):
-                if value is None and formula is not None and _is_formula(formula):
-                    column = header[index] if header and index < len(header) else ""
-                    label = column or get_column_letter(index + 1)
-                    problem = (
-                        label,
-                        f"formula without a cached value in cell {get_column_letter(index + 1)}"
-                        f"{number} (open and save the file in Excel/LibreOffice)",
-                    )
-                    break
-            row = RawRow(number, cells, problem)
-            if header is None and any(c.strip() for c in cells):
-                header = cells
-            yield row
-
-
-def _sheet_has_data(ws: Any) -> bool:
-    for row in ws.iter_rows(values_only=True):
-        if any(v is not None and str(v).strip() for v in row):
-            return True
-    return False
-
-
-def _is_formula(value: object) -> bool:
-    if isinstance(value, str):
-        return value.startswith("=")
-    return type(value).__name__ in ("ArrayFormula", "DataTableFormula")
-
-
-def _cell_text(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, float) and value.is_integer():
-        # Postcodes and years come out of Excel as 1990.0.
-        return str(int(value))
-    if isinstance(value, dt.datetime):
-        if value.time() == dt.time(0):
-            return value.date().isoformat()
-        return value.isoformat(sep=" ")
-    if isinstance(value, dt.date | dt.time):
-        return value.isoformat()
-    return str(value)
-
-
-def read_table(
-    path: Path, *, encoding: str | None = None, delimiter: str | None = None
-) -> Iterator[tuple[int, dict[str, str]]]:
-    """(row number, {header: cell}) for every non-empty row; header is row 1 as in a spreadsheet.
-
-    Rows with more or fewer cells than the header raise `ImportFileError`; importers that want
-    to reject such rows instead use `Table` directly.
-    """
-    with Table(path, encoding=encoding, delimiter=delimiter) as table:
-        header = table.header
-        for row in table:
-            if not any(c.strip() for c in row.cells):
-                continue
-            if row.problem:
-                raise ImportFileError(f"{table.display}:{row.number}: {': '.join(row.problem)}")
-            if table.kind == "csv" and len(row.cells) != len(header):
-                raise ImportFileError(
-                    f"{table.display}:{row.number}: {len(row.cells)} cells, "
-                    f"the header has {len(header)}"
-                )
-            yield row.number, dict(zip(header, row.cells, strict=False))
-
-
-# --------------------------------------------------------------------------- columns
-
-
-def normalise_header(name: str) -> str:
-    """Header key for matching: case, spaces and punctuation ignored ("E-Mail" -> "email")."""
-    return "".join(ch for ch in name.casefold() if ch.isalnum())
-
-
-def attribute_key(name: str) -> str:
-    """The attribute a free column is kept under: snake_case of the header name."""
-    key = re.sub(r"\W+", "_", name.strip().casefold()).strip("_")
-    return key
-
-
-def _synonyms(table: Mapping[str, Iterable[str]]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for target, names in table.items():
-        out[normalise_header(target)] = target
-        for name in names:
-            out[normalise_header(name)] = target
-    return out
-
-
-CONTACT_FIELDS = (
-    "email",
-    "name",
-    "title",
-    "salutation",
-    "organisation",
-    "city",
-    "region",
-    "country",
-    "language",
-    "tags",
-)
-_CONTACT_SYNONYMS = _synonyms(
-    {
-        "email": [
-            "E-mail",
-            "Email address",
-            "E-mail address",
-            "Mail",
-            "E-Mail-Adresse",
-            "Courriel",
-            "Correo",
-            "Correo electrónico",
-            "Пошта",
-            "Електронна пошта",
-        ],
-        "name": ["Full name", "Contact", "Contact name", "Mayor", "Ім'я", "ПІБ", "Nombre"],
-        "title": ["Position", "Office", "Function", "Job title", "Role", "Funktion", "Посада"],
-        "salutation": ["Greeting", "Anrede", "Saludo", "Звернення"],
-        "organisation": [
-            "Org",
-            "Organization",
-            "Organisation name",
-            "Institution",
-        ],
-        "city": [
-            "Municipality",
-            "Town",
-            "Stadt",
-            "Gemeinde",
-            "Ville",
-            "Ciudad",
-            "Місто",
-        ],
-        "region": ["State", "Oblast", "Province", "Bundesland", "Область"],
-        "country": ["Land", "Country code", "Pays", "País", "Країна"],
-        "language": ["Lang", "Locale", "Sprache", "Langue", "Idioma", "Мова"],
-        "tags": ["Tag", "Labels", "Groups"],
-    }
-)
-PARTNERSHIP_FIELDS = (
-    "ukrainian_city",
-    "partner_city",
-    "partner_country",
-    "kind",
-    "since",
-    "note",
-    "ukrainian_region",
-    "partner_region",
-)
-_PARTNERSHIP_SYNONYMS = _synonyms(
-    {
-        "ukrainian_city": ["UA city", "City UA", "Ukrainian community", "Місто"],
-        "partner_city": ["Partner", "City abroad", "Foreign city"],
-        "partner_country": ["Country", "Partner country code"],
-        "kind": ["Type", "Relationship", "Tie"],
-        "since": ["Year", "Since year", "Established"],
-        "note": ["Notes", "Comment", "Remarks"],
-        "ukrainian_region": ["Oblast", "Region UA"],
-        "partner_region": ["Region", "State"],
-    }
-)
-SIGNATORY_FIELDS = ("name", "title", "city", "email", "region")
-_SIGNATORY_SYNONYMS = _synonyms(
-    {
-        "name": ["Full name", "Signatory", "Mayor"],
-        "title": ["Position", "Office", "Function"],
-        "city": ["Municipality", "Town", "Community", "Місто"],
-        "email": ["E-mail", "Email address", "Mail", "Reply-to", "Reply to"],
-        "region": ["Oblast", "State"],
-    }
-)
-_SUPPRESSION_SYNONYMS = _synonyms(
-    {"email": ["E-mail", "Email address", "Mail", "Address"], "reason": ["Why"]}
-)
-
-
-@dataclass
-class _Columns:
-    header: list[str]
-    fields: dict[str, int]
-    # (cell index, attribute key) for columns that are no known field.
-    extra: list[tuple[int, str]]
-
-    def label(self, index: int) -> str:
+def format_counts(summary: ImportSummary) -> str:
+    """The one line that closes an import: what it did to the store."""
+    if summary.kind == "suppressions":
         return (
-            self.header[index]
-            if index < len(self.header) and self.header[index]
-            else (f"column {index + 1}")
+            f"{summary.file}: {summary.added} suppressed, {summary.unchanged} already "
+            f"suppressed, {summary.rejected} rejected"
         )
-
-
-def _resolve_columns(
-    *,
-    header: Sequence[str],
-    display: str,
-    fields: Sequence[str],
-    synonyms: Mapping[str, str],
-    mapping: Mapping[str, str],
-    required: Sequence[str],
-) -> _Columns:
-    keys = [normalise_header(h) for h in header]
-    found: dict[str, int] = {}
-    mapped_indexes: set[int] = set()
-    for source, target in mapping.items():
-        target_field = target.strip().lower().replace("-", "_").replace(" ", "_")
-        if target_field not in fields:
-            raise InvalidValueError(
-                f"--map {source}={target}: unknown field {target!r}; valid fields: "
-                + ", ".join(fields)
-            )
-        source_key = normalise_header(source)
-        if source_key not in keys:
-            raise InvalidValueError(
-                f"--map {source}={target}: {display} has no column {source!r} "
-                f"(found: {', '.join(h for h in header if h)})"
-            )
-        index = keys.index(source_key)
-        found[target_field] = index
-        mapped_indexes.add(index)
-    for index, key in enumerate(keys):
-        if index in mapped_indexes:
-            continue
-        meaning = synonyms.get(key)
-        if meaning is None or (meaning in found and found[meaning] in mapped_indexes):
-            continue
-        if meaning in found:
-            raise ImportFileError(
-                f"{display}: columns {header[found[meaning]]!r} and {header[index]!r} "
-                f"both mean {meaning}; rename one or pick with --map COLUMN={meaning}"
-            )
-        found[meaning] = index
-    for name in required:
-        if name not in found:
-            listing = ", ".join(h for h in header if h) or "nothing"
-            raise ImportFileError(
-                f"{display}: no {name} column (found: {listing}); use --map COLUMN={name}"
-            )
-    used = set(found.values())
-    extra: list[tuple[int, str]] = []
-    seen_keys: set[str] = set()
-    for index, name in enumerate(header):
-        if index in used:
-            continue
-        key = attribute_key(name) or f"column_{index + 1}"
-        if key in seen_keys:
-            key = f"{key}_{index + 1}"
-        seen_keys.add(key)
-        extra.append((index, key))
-    return _Columns(list(header), found, extra)
-
-
-def parse_mapping(items: Iterable[str]) -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for item in items:
-        source, sep, target = item.rpartition("=")
-        if not sep or not source.strip() or not target.strip():
-            raise InvalidValueError(f"--map {item!r}: expected SOURCE=FIELD, e.g. 'E-Post=email'")
-        mapping[source.strip()] = target.strip()
-    return mapping
-
-
-# --------------------------------------------------------------------------- field validation
-
-
-class _RowRejected(Exception):
-    def __init__(self, column: str, reason: str) -> None:
-        super().__init__(reason)
-        self.column = column
-        self.reason = reason
-
-
-@functools.cache
-def _country_names() -> dict[str, str]:
-    names: dict[str, str] = {}
-    # English first so it wins; a few endonyms help with lists from partner cities themselves.
-    for locale in ("en", "de", "fr", "es", "it", "pl", "uk", "nl", "pt"):
-        for code, name in Locale(locale).territories.items():
-            if len(code) == 2 and code.isalpha() and code not in _PSEUDO_TERRITORIES:
-                names.setdefault(_fold(name), code)
-    for code in list(names.values()):
-        names.setdefault(code.casefold(), code)
-    names.update(
-        {
-            "uk": "GB",
-            "great britain": "GB",
-            "britain": "GB",
-            "england": "GB",
-            "scotland": "GB",
-            "wales": "GB",
-            "northern ireland": "GB",
-            "usa": "US",
-            "u s a": "US",
-            "u s": "US",
-            "united states of america": "US",
-            "america": "US",
-            "the netherlands": "NL",
-            "holland": "NL",
-            "czech republic": "CZ",
-            "turkey": "TR",
-            "republic of korea": "KR",
-            "korea": "KR",
-            "ivory coast": "CI",
-            "russian federation": "RU",
-            "republic of moldova": "MD",
-            "macedonia": "MK",
-        }
+    text = (
+        f"{summary.file}: {summary.added} added, {summary.updated} updated, "
+        f"{summary.unchanged} unchanged, {summary.rejected} rejected"
     )
-    return names
+    if summary.suppressed:
+        text += f"; {summary.suppressed} of them suppressed (they stay suppressed)"
+    if summary.dry_run:
+        text += " (dry run: nothing written)"
+    return text
 
 
-_PSEUDO_TERRITORIES = frozenset({"EU", "EZ", "UN", "QO", "XA", "XB", "ZZ"})
+def format_import(
+    summary: ImportSummary,
+    *,
+    rejects_path: Path | None = None,
+    max_rejects: int = MAX_REJECT_LINES,
+) -> str:
+    """What an import tells its user: the first rejected rows, then `format_counts`."""
+    lines = [format_reject(reject, file=summary.file) for reject in summary.rejects[:max_rejects]]
+    more = summary.rejected - max_rejects
+    if more > 0:
+        if summary.kind == "suppressions":
+            lines.append(f"... and {more} more rejected rows")
+        else:
+            where = f"{rejects_path} and the import record" if rejects_path else "the import record"
+            lines.append(f"... and {more} more rejected rows (all listed in {where})")
+    lines.append(format_counts(summary))
+    return "\n".join(lines)
 
 
-def _fold(text: str) -> str:
-    return " ".join(re.sub(r"[.\-_,()]", " ", text.casefold()).split())
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_country(value: str) -> str:
-    code = _country_names().get(_fold(value))
-    if code is None:
-        raise ValueError(f"unknown country {value!r}; use an ISO code like DE or an English name")
-    return code
-
-
-@functools.cache
-def _language_names() -> dict[str, str]:
-    return {
-        name.casefold(): code for code, name in Locale("en").languages.items() if "_" not in code
-    }
-
-
-@functools.cache
-def parse_language(value: str) -> str:
-    """A BCP 47 tag, normalised (`de`, `de-AT`, `sr-Latn`); English names like German accepted."""
-    tag = value.strip()
-    by_name = _language_names().get(tag.casefold())
-    if by_name:
-        tag = by_name
-    try:
-        locale = Locale.parse(tag.replace("-", "_"))
-    except (UnknownLocaleError, ValueError, TypeError):
-        raise ValueError(
-            f"{value!r} is not a language code (use a BCP 47 tag such as en, de, uk, de-AT)"
-        ) from None
-    parts = [locale.language]
-    if locale.script:
-        parts.append(locale.script)
-    if locale.territory:
-        parts.append(locale.territory)
-    return "-".join(parts)
+# --------------------------------------------------------------------------- addresses
 
 
 class EmailChecker:
@@ -836,59 +165,6 @@ class EmailChecker:
     def __call__(self, address: str) -> str:
         """The normalised address; `ValueError` with the reason otherwise."""
         return addresses.validated(address)
-
-
-def _clean(cells: Sequence[str], columns: _Columns, header_len: int) -> list[str]:
-    """Checks every importer applies, then the cells stripped. Raises `_RowRejected`."""
-    joined = "".join(cells)
-    if _CONTROL.search(joined):
-        for index, cell in enumerate(cells):
-            match = _CONTROL.search(cell)
-            if match:
-                char = match.group()
-                raise _RowRejected(
-                    columns.label(index),
-                    f"contains a control character ({_char_name(char)}); "
-                    "fields must be single-line text",
-                )
-    if len(joined) > MAX_CELL:
-        for index, cell in enumerate(cells):
-            if len(cell) > MAX_CELL:
-                raise _RowRejected(
-                    columns.label(index), f"{len(cell)} characters, more than {MAX_CELL}"
-                )
-    return list(map(str.strip, cells))
-
-
-def _char_name(char: str) -> str:
-    names = {"\r": "CR", "\n": "LF", "\t": "tab", "\x00": "NUL"}
-    return names.get(char, f"U+{ord(char):04X}")
-
-
-def _limit_at(columns: _Columns, index: int | None, value: str, limit: int) -> str:
-    if len(value) > limit:
-        raise _RowRejected(
-            columns.label(index) if index is not None else "tags",
-            f"{len(value)} characters, more than {limit}",
-        )
-    return value
-
-
-def _limit(column: str, value: str, limit: int) -> str:
-    if len(value) > limit:
-        raise _RowRejected(column, f"{len(value)} characters, more than {limit}")
-    return value
-
-
-class _Tags(frozenset[str]):
-    too_long: str | None = None
-
-
-@functools.lru_cache(maxsize=4096)
-def _split_tags(value: str) -> _Tags:
-    tags = _Tags(t.strip() for t in re.split(r"[;,]", value) if t.strip())
-    tags.too_long = next((t for t in tags if len(t) > 100), None)
-    return tags
 
 
 # --------------------------------------------------------------------------- shared machinery
@@ -1253,7 +529,7 @@ class _SortedTags(dict[frozenset[str], list[str]]):
 class _ContactValidator:
     """Checks one row of a contacts file (no database needed)."""
 
-    def __init__(self, *, table: Table, columns: _Columns, tags: Sequence[str]) -> None:
+    def __init__(self, *, table: Table, columns: Columns, tags: Sequence[str]) -> None:
         self.table = table
         self.columns = columns
         self.extra_tags = frozenset(t.strip() for t in tags if t.strip())
@@ -1275,42 +551,42 @@ class _ContactValidator:
         width = len(columns.header)
         if self.table.kind == "csv":
             if len(raw) != width:
-                raise _RowRejected("(row)", f"{len(raw)} cells, the header has {width}")
+                raise RowRejected("(row)", f"{len(raw)} cells, the header has {width}")
         else:
             if any(c.strip() for c in raw[width:]):
-                raise _RowRejected("(row)", "a value in a column that has no header")
+                raise RowRejected("(row)", "a value in a column that has no header")
             raw = raw[:width] + [""] * (width - len(raw))
-        cells = _clean(raw, columns, width)
+        cells = clean_cells(raw, columns=columns)
         label = columns.label
         address = cells[self.i_email]
         if not address:
-            raise _RowRejected(label(self.i_email), "no address")
+            raise RowRejected(label(self.i_email), "no address")
         try:
             email = self.check_email(address)
         except ValueError as exc:
-            raise _RowRejected(label(self.i_email), str(exc)) from None
+            raise RowRejected(label(self.i_email), str(exc)) from None
         scalars: list[str | None] = [None] * len(_CONTACT_SCALARS)
         for slot, index, limit in self.scalars:
             value = cells[index]
             if not value:
                 continue
             if len(value) > limit:
-                raise _RowRejected(label(index), f"{len(value)} characters, more than {limit}")
+                raise RowRejected(label(index), f"{len(value)} characters, more than {limit}")
             if slot == _LANGUAGE_SLOT:
                 try:
                     value = parse_language(value)
                 except ValueError as exc:
-                    raise _RowRejected(label(index), str(exc)) from None
+                    raise RowRejected(label(index), str(exc)) from None
             scalars[slot] = value
         country: str | None = None
         if self.i_country is not None and cells[self.i_country]:
             try:
                 country = parse_country(cells[self.i_country])
             except ValueError as exc:
-                raise _RowRejected(label(self.i_country), str(exc)) from None
+                raise RowRejected(label(self.i_country), str(exc)) from None
         region = cells[self.i_region] if self.i_region is not None else ""
-        if len(region) > 200:
-            _limit_at(columns, self.i_region, region, 200)
+        if len(region) > 200 and self.i_region is not None:
+            check_length(label(self.i_region), region, 200)
         attributes: dict[str, str] = {}
         for i, key in columns.extra:
             value = cells[i]
@@ -1319,8 +595,8 @@ class _ContactValidator:
         city = None
         city_name = cells[self.i_city] if self.i_city is not None else ""
         if city_name:
-            if len(city_name) > 200:
-                _limit_at(columns, self.i_city, city_name, 200)
+            if len(city_name) > 200 and self.i_city is not None:
+                check_length(label(self.i_city), city_name, 200)
             city = (city_name, country, region or None)
         else:
             # Without a city there is no row to hang country/region on: keep them for templates.
@@ -1330,9 +606,9 @@ class _ContactValidator:
                 attributes["region"] = region
         tags = self.extra_tags
         if self.i_tags is not None and cells[self.i_tags]:
-            split = _split_tags(cells[self.i_tags])
+            split = split_tags(cells[self.i_tags])
             if split.too_long:
-                raise _RowRejected(
+                raise RowRejected(
                     label(self.i_tags), f"a tag over 100 characters: {split.too_long!r}"
                 )
             tags = tags | split if tags else split
@@ -1347,7 +623,7 @@ class _ContactImport(_ContactValidator):
         *,
         session: Session,
         table: Table,
-        columns: _Columns,
+        columns: Columns,
         tags: Sequence[str],
         summary: ImportSummary,
     ) -> None:
@@ -1694,9 +970,9 @@ def _validated_chunks(importer: _ContactImport, chunk_rows: int) -> Iterator[_Ch
         has_data = True
         try:
             if raw.problem is not None:
-                raise _RowRejected(*raw.problem)
+                raise RowRejected(*raw.problem)
             rows.append(validate(raw.number, raw.cells))
-        except _RowRejected as exc:
+        except RowRejected as exc:
             rejects.append((raw.number, exc.column, exc.reason, raw.cells))
         if len(rows) >= chunk_rows:
             yield prepare(rows, rejects, raw.number)
@@ -1726,15 +1002,15 @@ def import_contacts(
     when any row is rejected, `ImportFileError` when the file cannot be read.
     """
     for tag in tags:
-        if not tag.strip() or len(tag.strip()) > 100 or _CONTROL.search(tag):
+        if not tag.strip() or len(tag.strip()) > 100 or CONTROL.search(tag):
             raise InvalidValueError(f"--tag {tag!r}: a tag is 1 to 100 characters of plain text")
     with ExitStack() as stack:
         table = stack.enter_context(Table(path, encoding=encoding, delimiter=delimiter))
-        columns = _resolve_columns(
+        columns = resolve_columns(
             header=table.header,
             display=table.display,
             fields=CONTACT_FIELDS,
-            synonyms=_CONTACT_SYNONYMS,
+            synonyms=CONTACT_SYNONYMS,
             mapping=mapping or {},
             required=("email",),
         )
@@ -1861,7 +1137,7 @@ def _small_import(
     """Row-at-a-time import for the small tables; `handle` returns added/updated/unchanged."""
     with ExitStack() as stack:
         table = stack.enter_context(Table(path, encoding=encoding, delimiter=delimiter))
-        columns = _resolve_columns(
+        columns = resolve_columns(
             header=table.header,
             display=table.display,
             fields=fields,
@@ -1891,15 +1167,15 @@ def _small_import(
             has_data = True
             try:
                 if raw.problem is not None:
-                    raise _RowRejected(*raw.problem)
+                    raise RowRejected(*raw.problem)
                 cells = raw.cells
                 if table.kind == "csv" and len(cells) != width:
-                    raise _RowRejected("(row)", f"{len(cells)} cells, the header has {width}")
+                    raise RowRejected("(row)", f"{len(cells)} cells, the header has {width}")
                 cells = cells[:width] + [""] * (width - len(cells))
-                cleaned = _clean(cells, columns, width)
+                cleaned = clean_cells(cells, columns=columns)
                 values = {name: cleaned[i] for name, i in columns.fields.items()}
                 outcome = handle(session, cities, values, label, raw.number)
-            except _RowRejected as exc:
+            except RowRejected as exc:
                 sink.add(raw.number, exc.column, exc.reason, raw.cells)
                 continue
             if outcome == "added":
@@ -1919,8 +1195,8 @@ def _small_import(
 def _required(values: Mapping[str, str], name: str, label: Callable[[str], str]) -> str:
     value = values.get(name, "")
     if not value:
-        raise _RowRejected(label(name), "empty")
-    return _limit(label(name), value, 200)
+        raise RowRejected(label(name), "empty")
+    return check_length(label(name), value, 200)
 
 
 def import_partnerships(
@@ -1950,20 +1226,20 @@ def import_partnerships(
         try:
             country = parse_country(country_text)
         except ValueError as exc:
-            raise _RowRejected(label("partner_country"), str(exc)) from None
+            raise RowRejected(label("partner_country"), str(exc)) from None
         try:
             kind = _parse_kind(values.get("kind", ""))
         except ValueError as exc:
-            raise _RowRejected(label("kind"), str(exc)) from None
+            raise RowRejected(label("kind"), str(exc)) from None
         try:
             since = _parse_year(values.get("since", ""))
         except ValueError as exc:
-            raise _RowRejected(label("since"), str(exc)) from None
+            raise RowRejected(label("since"), str(exc)) from None
         note = values.get("note") or None
         ua_id = cities.get(ua_name, "UA", values.get("ukrainian_region") or None)
         partner_id = cities.get(partner_name, country, values.get("partner_region") or None)
         if (ua_id, partner_id) in seen:
-            raise _RowRejected(label("partner_city"), f"duplicate of row {seen[ua_id, partner_id]}")
+            raise RowRejected(label("partner_city"), f"duplicate of row {seen[ua_id, partner_id]}")
         seen[ua_id, partner_id] = number
         existing = session.scalar(
             select(Partnership).where(
@@ -1999,7 +1275,7 @@ def import_partnerships(
         kind="partnerships",
         path=path,
         fields=PARTNERSHIP_FIELDS,
-        synonyms=_PARTNERSHIP_SYNONYMS,
+        synonyms=PARTNERSHIP_SYNONYMS,
         required=("ukrainian_city", "partner_city", "partner_country"),
         encoding=encoding,
         delimiter=delimiter,
@@ -2036,19 +1312,19 @@ def import_signatories(
         label: Callable[[str], str],
         number: int,
     ) -> str:
-        name = _limit(label("name"), _required(values, "name", label), 300)
+        name = check_length(label("name"), _required(values, "name", label), 300)
         city_name = _required(values, "city", label)
-        title = _limit(label("title"), values.get("title", ""), 300) or None
+        title = check_length(label("title"), values.get("title", ""), 300) or None
         email = None
         if values.get("email"):
             try:
                 email = check_email(values["email"])
             except ValueError as exc:
-                raise _RowRejected(label("email"), str(exc)) from None
+                raise RowRejected(label("email"), str(exc)) from None
         city_id = cities.get(city_name, "UA", values.get("region") or None)
         key = (name.casefold(), city_id)
         if key in seen:
-            raise _RowRejected(label("name"), f"duplicate of row {seen[key]}")
+            raise RowRejected(label("name"), f"duplicate of row {seen[key]}")
         seen[key] = number
         existing = next(
             (
@@ -2079,7 +1355,7 @@ def import_signatories(
         kind="signatories",
         path=path,
         fields=SIGNATORY_FIELDS,
-        synonyms=_SIGNATORY_SYNONYMS,
+        synonyms=SIGNATORY_SYNONYMS,
         required=("name", "city"),
         encoding=encoding,
         delimiter=delimiter,
@@ -2111,11 +1387,11 @@ def import_suppressions(
     check_email = EmailChecker()
     with ExitStack() as stack:
         table = stack.enter_context(Table(path, encoding=encoding, delimiter=delimiter))
-        columns = _resolve_columns(
+        columns = resolve_columns(
             header=table.header,
             display=table.display,
             fields=("email", "reason"),
-            synonyms=_SUPPRESSION_SYNONYMS,
+            synonyms=SUPPRESSION_SYNONYMS,
             mapping={},
             required=("email",),
         )
@@ -2132,21 +1408,23 @@ def import_suppressions(
             has_data = True
             try:
                 if raw.problem is not None:
-                    raise _RowRejected(*raw.problem)
+                    raise RowRejected(*raw.problem)
                 if table.kind == "csv" and len(raw.cells) != width:
-                    raise _RowRejected("(row)", f"{len(raw.cells)} cells, the header has {width}")
-                cells = _clean(raw.cells[:width] + [""] * (width - len(raw.cells)), columns, width)
+                    raise RowRejected("(row)", f"{len(raw.cells)} cells, the header has {width}")
+                cells = clean_cells(
+                    raw.cells[:width] + [""] * (width - len(raw.cells)), columns=columns
+                )
                 try:
                     email = check_email(cells[i_email])
                 except ValueError as exc:
-                    raise _RowRejected(columns.label(i_email), str(exc)) from None
+                    raise RowRejected(columns.label(i_email), str(exc)) from None
                 row_reason = reason
                 if i_reason is not None and cells[i_reason]:
                     try:
                         row_reason = parse_reason(cells[i_reason])
                     except InvalidValueError as exc:
-                        raise _RowRejected(columns.label(i_reason), str(exc)) from None
-            except _RowRejected as exc:
+                        raise RowRejected(columns.label(i_reason), str(exc)) from None
+            except RowRejected as exc:
                 sink.add(raw.number, exc.column, exc.reason, raw.cells)
                 continue
             by_reason.setdefault(row_reason, set()).add(email)
@@ -2163,59 +1441,3 @@ def import_suppressions(
                 )
         summary.unchanged = total - summary.added
         return summary
-
-
-# --------------------------------------------------------------------------- listing contacts
-
-LIST_COLUMNS = (
-    "email",
-    "name",
-    "title",
-    "organisation",
-    "language",
-    "city",
-    "region",
-    "country",
-    "tags",
-    "suppressed",
-)
-
-
-def contact_records(
-    session_factory: sessionmaker[Session], *, audience: Audience, page: int = 1000
-) -> Iterator[dict[str, Any]]:
-    """One plain dict per matching contact (LIST_COLUMNS plus `attributes`), streamed."""
-    with session_factory() as session:
-        query = contacts_query(session, audience).execution_options(yield_per=page)
-        batch: list[Contact] = []
-
-        def emit(contacts: list[Contact]) -> Iterator[dict[str, Any]]:
-            suppressed = suppressed_among(session, [c.email for c in contacts])
-            for c in contacts:
-                yield {
-                    "email": c.email,
-                    "name": c.name,
-                    "title": c.title,
-                    "organisation": c.organisation,
-                    "language": c.language,
-                    "city": c.city.name if c.city else None,
-                    "region": c.city.region if c.city else None,
-                    "country": c.city.country if c.city else None,
-                    "tags": list(c.tags or []),
-                    "suppressed": c.email in suppressed,
-                    "attributes": dict(c.attributes or {}),
-                }
-
-        for contact in session.scalars(query):
-            batch.append(contact)
-            if len(batch) >= page:
-                yield from emit(batch)
-                batch = []
-        yield from emit(batch)
-
-
-def spreadsheet_safe(value: str) -> str:
-    """A cell a spreadsheet will show as text, never run as a formula."""
-    if value and value[0] in "=+-@\t\r":
-        return "'" + value
-    return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import enum
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,7 +18,13 @@ from typing import IO, Any
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from mailer.audience import normalise_email, suppression_for
+from mailer.audience import (
+    Audience,
+    contacts_query,
+    normalise_email,
+    suppressed_among,
+    suppression_for,
+)
 from mailer.errors import InvalidValueError, NotFoundError
 from mailer.models import (
     Campaign,
@@ -572,6 +579,15 @@ def event_rows(
 
 # --------------------------------------------------------------------------- writers
 
+
+class OutputFormat(enum.StrEnum):
+    """The `--format` of the listing commands."""
+
+    TABLE = "table"
+    CSV = "csv"
+    JSON = "json"
+
+
 # A spreadsheet runs a cell starting with these as a formula (OWASP "CSV injection").
 _FORMULA_CHARS = "=+-@\t\r"
 
@@ -613,8 +629,10 @@ def write_table(
     out: IO[str],
     max_width: int = 40,
     sample: int = 500,
+    empty: str = "(no matching rows)\n",
 ) -> int:
-    """Plain aligned columns. Widths come from the first `sample` rows, so output streams."""
+    """Plain aligned columns. Widths come from the first `sample` rows, so output streams.
+    With no rows at all, only `empty` is written."""
     iterator = iter(rows)
     head: list[Row] = []
     for row in iterator:
@@ -622,7 +640,7 @@ def write_table(
         if len(head) >= sample:
             break
     if not head:
-        out.write("(no matching rows)\n")
+        out.write(empty)
         return 0
     widths = {
         c: min(max_width, max(len(c), *(len(_plain(r.get(c))) for r in head))) for c in columns
@@ -888,6 +906,82 @@ def format_contact_history(history: ContactHistory) -> str:
                 parts.append(f"via {e.via}")
             lines.append("  " + "  ".join(parts))
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- contacts list
+# Beside `contacts show` (contact_history) and the writers: listing contacts is reading the store
+# back for people, as the log is; `audience` only says who matches.
+
+CONTACT_COLUMNS = (
+    "email",
+    "name",
+    "title",
+    "organisation",
+    "language",
+    "city",
+    "region",
+    "country",
+    "tags",
+    "suppressed",
+)
+
+
+def contact_rows(
+    session: Session, *, audience: Audience, page_size: int = PAGE_SIZE
+) -> Iterator[Row]:
+    """One row per matching contact (CONTACT_COLUMNS plus `attributes`), read page by page."""
+    query = contacts_query(session, audience).execution_options(yield_per=page_size)
+    batch: list[Contact] = []
+
+    def emit(contacts: list[Contact]) -> Iterator[Row]:
+        suppressed = suppressed_among(session, [c.email for c in contacts])
+        for c in contacts:
+            yield {
+                "email": c.email,
+                "name": c.name,
+                "title": c.title,
+                "organisation": c.organisation,
+                "language": c.language,
+                "city": c.city.name if c.city else None,
+                "region": c.city.region if c.city else None,
+                "country": c.city.country if c.city else None,
+                "tags": list(c.tags or []),
+                "suppressed": c.email in suppressed,
+                "attributes": dict(c.attributes or {}),
+            }
+
+    for contact in session.scalars(query):
+        batch.append(contact)
+        if len(batch) >= page_size:
+            yield from emit(batch)
+            batch = []
+    yield from emit(batch)
+
+
+def _contact_text(row: Row) -> Row:
+    """A contact row as a spreadsheet or a terminal shows it: tags `a;b`, suppressed `yes`."""
+    return row | {"tags": ";".join(row["tags"]), "suppressed": "yes" if row["suppressed"] else ""}
+
+
+def format_contact_count(count: int, *, audience: Audience) -> str:
+    """The line under a `contacts list` table (or instead of it, when nobody matches)."""
+    if not count:
+        return f"No contacts match ({audience.describe()})."
+    return f"{count} contact(s)"
+
+
+def write_contact_list(
+    session: Session, *, audience: Audience, fmt: OutputFormat, out: IO[str]
+) -> int:
+    """`contacts list`: the matching contacts in `fmt`, streamed. Returns how many."""
+    rows = contact_rows(session, audience=audience)
+    if fmt is OutputFormat.JSON:
+        return write_json(rows, columns=(*CONTACT_COLUMNS, "attributes"), out=out)
+    if fmt is OutputFormat.CSV:
+        return write_csv(map(_contact_text, rows), columns=CONTACT_COLUMNS, out=out)
+    count = write_table(map(_contact_text, rows), columns=CONTACT_COLUMNS, out=out, empty="")
+    out.write(format_contact_count(count, audience=audience) + "\n")
+    return count
 
 
 # --------------------------------------------------------------------------- helpers

@@ -875,7 +875,7 @@ def test_json_rows_store_what_executemany_stores(
                 monkeypatch.setattr(importers, "_sqlite_json_rows", lambda connection: False)
             import_contacts(factory, path=first)
             summary = import_contacts(factory, path=path, chunk_rows=3, tags=["wave"])
-            summaries.append((summary.line(), summary.rejects))
+            summaries.append((importers.format_counts(summary), summary.rejects))
         assert summaries[0] == summaries[1]
         assert summaries[0][0] == "mixed.csv: 12 added, 3 updated, 0 unchanged, 2 rejected"
         stored = _stored_rows(session_factory)

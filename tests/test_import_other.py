@@ -12,8 +12,9 @@ from conftest import Cli
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer.importers import read_table, spreadsheet_safe
 from mailer.models import City, ImportRecord, Partnership, Signatory, Suppression
+from mailer.review import csv_cell
+from mailer.tables import read_table
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -223,7 +224,7 @@ def test_contacts_list_csv_is_spreadsheet_safe(listed: Cli) -> None:
     assert rows[1]["name"] == '\'=HYPERLINK("http://x.test")'
     assert rows[1]["suppressed"] == "yes" and rows[0]["suppressed"] == ""
     assert rows[2]["tags"] == "mayor;ua" and rows[2]["name"] == "Олена"
-    assert [spreadsheet_safe(v) for v in ("+1", "-x", "@a", "\tq", "ok")] == [
+    assert [csv_cell(v) for v in ("+1", "-x", "@a", "\tq", "ok")] == [
         "'+1",
         "'-x",
         "'@a",
