@@ -75,3 +75,11 @@ class Interrupted(MailerError):
     """The run was interrupted (Ctrl-C, SIGTERM) and paused cleanly."""
 
     exit_code = 130
+
+
+def quoted(value: str, *, limit: int = 60) -> str:
+    """`value` quoted for an error line, cut to `limit` characters: a cell or a header can be
+    megabytes long, and an error line must stay one readable line."""
+    if len(value) > limit:
+        value = value[: limit - 1] + "…"
+    return repr(value)
