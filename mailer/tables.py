@@ -399,11 +399,6 @@ class Table:
         if header is None:
             raise ImportFileError(f"{self.display}: empty file")
         cells = header.cells
-        if len(cells) > MAX_COLUMNS:
-            raise ImportFileError(
-                f"{self.display}:{header.number}: the header has {len(cells):,} columns, more "
-                f"than the {MAX_COLUMNS:,} an import reads"
-            )
         cells[0] = cells[0].lstrip("\ufeff")
         return cells, rows
 
@@ -456,9 +451,10 @@ class Table:
                 yield RawRow(number, [], ("(row)", f"malformed CSV: {message}"))
                 continue
             if len(cells) > MAX_COLUMNS:
-                yield RawRow(
-                    number, [], ("(row)", f"{len(cells):,} cells, more than {MAX_COLUMNS:,}")
+                reason = (
+                    f"{len(cells):,} cells, more than the {MAX_COLUMNS:,} columns an import reads"
                 )
+                yield RawRow(number, [], ("(row)", reason))
                 continue
             if damaged and _UNDECODED.search("".join(cells)):
                 yield self._undecoded(number, cells, encoding)
@@ -503,6 +499,10 @@ class Table:
                 "to import as its own file, or delete the other sheets"
             )
         _, rows, header = found[0]
+        if header.problem is not None:
+            raise ImportFileError(
+                f"{self.display}:{header.number}: the header row: {header.problem[1]}"
+            )
         cells = header.cells
         while cells and not cells[-1].strip():
             cells.pop()
