@@ -819,11 +819,6 @@ class _ContactValidator:
         cells = clean_cells(raw, columns=columns)
         label = columns.label
         address = cells[self.i_email]
-        lost = lost_letter(cells)
-        if lost is not None and lost != self.i_email:
-            self.warnings.append(
-                Reject(number, label(lost), f"{quoted(cells[lost])} {_LOST_LETTER}")
-            )
         if not address:
             raise RowRejected(label(self.i_email), "no address")
         try:
@@ -877,6 +872,12 @@ class _ContactValidator:
                     label(self.i_tags), f"a tag over 100 characters: {quoted(split.too_long)}"
                 )
             tags = tags | split if tags else split
+        # Imported as it is, but worth a look: a "?" where a lossy save dropped a letter.
+        lost = lost_letter(cells)
+        if lost is not None and lost != self.i_email:
+            self.warnings.append(
+                Reject(number, label(lost), f"{quoted(cells[lost])} {_LOST_LETTER}")
+            )
         return _ContactRow(number, raw, email, scalars, attributes, tags, city)
 
 
@@ -1458,20 +1459,18 @@ def _small_import(
                     raise RowRejected("(row)", f"{len(cells)} cells, the header has {width}")
                 cells = cells[:width] + [""] * (width - len(cells))
                 cleaned = clean_cells(cells, columns=columns)
-                lost = lost_letter(cleaned)
-                if lost is not None:
-                    summary.warnings.append(
-                        Reject(
-                            raw.number,
-                            columns.label(lost),
-                            f"{quoted(cleaned[lost])} {_LOST_LETTER}",
-                        )
-                    )
                 values = {name: cleaned[i] for name, i in columns.fields.items()}
                 outcome = handle(session, places, values, label, raw.number)
             except RowRejected as exc:
                 sink.add(raw.number, exc.column, exc.reason, raw.cells)
                 continue
+            lost = lost_letter(cleaned)
+            if lost is not None:
+                summary.warnings.append(
+                    Reject(
+                        raw.number, columns.label(lost), f"{quoted(cleaned[lost])} {_LOST_LETTER}"
+                    )
+                )
             if outcome == "added":
                 summary.added += 1
             elif outcome == "updated":
