@@ -338,6 +338,11 @@ def import_contacts_cmd(
 @import_group.command(name="partnerships")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @_read_options
+@click.option(
+    "--new-city",
+    is_flag=True,
+    help="Add a Ukrainian city that is not in the known list (default: such a row is rejected).",
+)
 def import_partnerships_cmd(
     file: Path,
     encoding: str | None,
@@ -346,11 +351,15 @@ def import_partnerships_cmd(
     strict: bool,
     dry_run: bool,
     rejects_path: Path | None,
+    new_city: bool,
 ) -> None:
     """Add or update partner-city ties from FILE; cities are created as needed.
 
     Columns: ukrainian_city, partner_city, partner_country, kind (twin, sister, partner,
     friendship, cooperation), since (a year), note; optional ukrainian_region, partner_region.
+    The Ukrainian city must be a known one (seeds/ukrainian_cities.csv, or added before) in any
+    usual spelling: Kharkiv, Charkiw, Kharkov and Харків are one city. An unknown one is
+    rejected with the nearest known city, unless --new-city.
 
     \b
     Example:
@@ -369,6 +378,7 @@ def import_partnerships_cmd(
             strict=strict,
             dry_run=dry_run,
             rejects_path=rejects_path,
+            new_city=new_city,
         ),
         rejects_path,
     )
@@ -377,6 +387,11 @@ def import_partnerships_cmd(
 @import_group.command(name="signatories")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @_read_options
+@click.option(
+    "--new-city",
+    is_flag=True,
+    help="Add a Ukrainian city that is not in the known list (default: such a row is rejected).",
+)
 def import_signatories_cmd(
     file: Path,
     encoding: str | None,
@@ -385,11 +400,12 @@ def import_signatories_cmd(
     strict: bool,
     dry_run: bool,
     rejects_path: Path | None,
+    new_city: bool,
 ) -> None:
     """Add or update the Ukrainian signatories from FILE, by (name, city).
 
-    Columns: name, title, city (a Ukrainian city), email (optional reply-to address);
-    optional region.
+    Columns: name, title, city (a known Ukrainian city, in any usual spelling; --new-city
+    adds one that is not known), email (optional reply-to address); optional region.
 
     \b
     Example:
@@ -408,6 +424,7 @@ def import_signatories_cmd(
             strict=strict,
             dry_run=dry_run,
             rejects_path=rejects_path,
+            new_city=new_city,
         ),
         rejects_path,
     )

@@ -83,3 +83,11 @@ class CampaignHeld(MailerError):
 
 class MailboxError(MailerError):
     """A mailbox inbox sync cannot read: no such path, not a mailbox, an IMAP server refusing."""
+
+
+def quoted(value: str, *, limit: int = 60) -> str:
+    """`value` quoted for an error line, cut to `limit` characters: a cell or a header can be
+    megabytes long, and an error line must stay one readable line."""
+    if len(value) > limit:
+        value = value[: limit - 1] + "…"
+    return repr(value)

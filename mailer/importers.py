@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import gc
 import json
 import operator
@@ -20,7 +21,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -29,12 +30,19 @@ from sqlalchemy import Table as SqlTable
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy import column as sa_column
 from sqlalchemy import table as sa_table
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import addresses
+from mailer import addresses, db
 from mailer.audience import suppressed_among
-from mailer.errors import ImportFileError, InvalidValueError, StrictImportError
+from mailer.errors import (
+    DatabaseError,
+    ImportFileError,
+    InvalidValueError,
+    StrictImportError,
+    quoted,
+)
 from mailer.fields import (
     CONTACT_FIELDS,
     CONTACT_SYNONYMS,
@@ -45,9 +53,13 @@ from mailer.fields import (
     SIGNATORY_SYNONYMS,
     SUPPRESSION_SYNONYMS,
     Columns,
+    KnownCity,
     RowRejected,
+    UkrainianCities,
+    UnknownColumn,
     check_length,
     clean_cells,
+    lost_letter,
     parse_country,
     parse_language,
     resolve_columns,
@@ -75,6 +87,11 @@ _GC_THRESHOLD = 20_000
 _QUEUED_CHUNKS = 1
 # How many rejected rows an import prints; the rest are in the import record (and --rejects).
 MAX_REJECT_LINES = 20
+_UNKNOWN_LINES = 10
+_LOST_LETTER = (
+    "has '?' where a letter should be: the file was saved in an encoding without that letter "
+    "(save it as CSV UTF-8 and import it again)"
+)
 
 
 
@@ -96,6 +113,17 @@ class Reject:
         return {"row": self.row, "column": self.column, "reason": self.reason}
 
 
+@dataclass(frozen=True)
+class Change:
+    """A stored contact's name or city that a row changed."""
+
+    row: int
+    email: str
+    field: str
+    old: str | None
+    new: str | None
+
+
 @dataclass(kw_only=True)
 class ImportSummary:
     file: str
@@ -104,6 +132,12 @@ class ImportSummary:
     updated: int = 0
     unchanged: int = 0
     rejects: list[Reject] = field(default_factory=list)
+    # Rows imported as they are, with something the user should look at (a lost letter).
+    warnings: list[Reject] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    # Columns that are no field, and the fields no column gave (what a --map could read).
+    unknown: list[UnknownColumn] = field(default_factory=list)
+    missing: tuple[str, ...] = ()
     suppressed: int = 0
     dry_run: bool = False
     encoding: str | None = None
@@ -115,8 +149,42 @@ class ImportSummary:
 
 
 def format_reject(reject: Reject, *, file: str) -> str:
-    """FILE:ROW: column: reason (the header is row 1, as in a spreadsheet)."""
-    return f"{file}:{reject.row}: {reject.column}: {reject.reason}"
+    """FILE:ROW: column: reason (the header is row 1, as in a spreadsheet), one bounded line."""
+    return f"{file}:{reject.row}: {_clip(reject.column, 60)}: {_clip(reject.reason, 300)}"
+
+
+def format_warning(warning: Reject, *, file: str) -> str:
+    return f"{file}:{warning.row}: {_clip(warning.column, 60)}: warning: {warning.reason}"
+
+
+def format_change(change: Change, *, file: str) -> str:
+    return (
+        f"{file}:{change.row}: {change.email}: {change.field} changed from "
+        f"{quoted(change.old or '')} to {quoted(change.new or '')}"
+    )
+
+
+def format_unknown(column: UnknownColumn, *, file: str, missing: Sequence[str]) -> str:
+    """What became of a column that is no field, and the --map that would read it as one."""
+    label = column.label.replace("'", "")
+    done = (
+        f"kept as the attribute {column.attribute}" if column.attribute is not None else "not read"
+    )
+    if column.suggestion is not None:
+        hint = f"--map '{label}={column.suggestion}' reads it as the {column.suggestion}"
+    elif missing:
+        hint = f"--map '{label}=FIELD' reads it as one of {', '.join(missing)}"
+    else:
+        hint = "every field has its column already"
+    return f"{file}: column {quoted(column.label)} is not a field: {done}; {hint}"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _capped(lines: list[str], more: int, what: str) -> list[str]:
+    return [*lines, f"... and {more} more {what}"] if more > 0 else lines
 
 
 def format_counts(summary: ImportSummary) -> str:
@@ -143,8 +211,10 @@ def format_import(
     rejects_path: Path | None = None,
     max_rejects: int = MAX_REJECT_LINES,
 ) -> str:
-    """What an import tells its user: the first rejected rows, then `format_counts`."""
-    lines = [format_reject(reject, file=summary.file) for reject in summary.rejects[:max_rejects]]
+    """What an import tells its user: the first rejected rows, warnings and changed contacts,
+    the columns it did not understand, then `format_counts`."""
+    file = summary.file
+    lines = [format_reject(reject, file=file) for reject in summary.rejects[:max_rejects]]
     more = summary.rejected - max_rejects
     if more > 0:
         if summary.kind == "suppressions":
@@ -152,6 +222,24 @@ def format_import(
         else:
             where = f"{rejects_path} and the import record" if rejects_path else "the import record"
             lines.append(f"... and {more} more rejected rows (all listed in {where})")
+    lines += _capped(
+        [format_warning(w, file=file) for w in summary.warnings[:max_rejects]],
+        len(summary.warnings) - max_rejects,
+        "warnings",
+    )
+    lines += _capped(
+        [format_change(c, file=file) for c in summary.changes[:max_rejects]],
+        len(summary.changes) - max_rejects,
+        "changed names and cities",
+    )
+    lines += _capped(
+        [
+            format_unknown(column, file=file, missing=summary.missing)
+            for column in summary.unknown[:_UNKNOWN_LINES]
+        ],
+        len(summary.unknown) - _UNKNOWN_LINES,
+        "columns that are no field",
+    )
     lines.append(format_counts(summary))
     return "\n".join(lines)
 
@@ -270,7 +358,7 @@ _LOOKUP_COLUMNS = (
 # Where each column is in a row that `_ContactImport._existing` returns.
 _OLD = {name: index for index, name in enumerate(_LOOKUP_COLUMNS)}
 _OLD_ID, _OLD_EMAIL, _OLD_CITY = _OLD["id"], _OLD["email"], _OLD["city_id"]
-_OLD_ATTRIBUTES, _OLD_TAGS = _OLD["attributes"], _OLD["tags"]
+_OLD_ATTRIBUTES, _OLD_TAGS, _OLD_NAME = _OLD["attributes"], _OLD["tags"], _OLD["name"]
 
 
 class _Cities:
@@ -282,11 +370,24 @@ class _Cities:
         # Same spelling as a row seen before: skip folding the name again.
         self._spelled: dict[tuple[str, str | None], int] = {}
         self._regions: dict[int, str | None] = {}
-        for city_id, key, country, region in session.execute(
-            select(City.id, City.name_key, City.country, City.region)
+        self._names: dict[int, str] = {}
+        for city_id, key, country, region, name in session.execute(
+            select(City.id, City.name_key, City.country, City.region, City.name)
         ):
             self._ids.setdefault((key, country), city_id)
             self._regions[city_id] = region
+            self._names[city_id] = name
+
+    def name_of(self, city_id: int | None) -> str | None:
+        return None if city_id is None else self._names.get(city_id)
+
+    def ukrainian(self) -> list[tuple[str, str | None]]:
+        """(name, region) of the Ukrainian cities stored."""
+        return [
+            (self._names[city_id], self._regions.get(city_id))
+            for (_, country), city_id in self._ids.items()
+            if country == "UA"
+        ]
 
     def cached(self, city: tuple[str, str | None, str | None]) -> int | None:
         """What `get(*city)` returns where that needs no database, else None. Also called from
@@ -316,10 +417,51 @@ class _Cities:
             ).scalar_one()
             self._ids[key] = city_id
             self._regions[city_id] = region or None
+            self._names[city_id] = name
         elif region and not self._regions.get(city_id):
             self._session.execute(update(City).where(City.id == city_id).values(region=region))
             self._regions[city_id] = region
         return city_id
+
+
+class _Places:
+    """The cities of a partnerships or signatories import: stored ones, and the known Ukrainian
+    cities (the seed list and those stored) that a Ukrainian city must be one of."""
+
+    def __init__(self, session: Session) -> None:
+        self.cities = _Cities(session)
+        self.ukrainian = UkrainianCities(_seed_cities())
+        for name, region in self.cities.ukrainian():
+            self.ukrainian.add(KnownCity(name, region))
+
+    def ukrainian_city(self, name: str, *, region: str | None, new_city: bool, column: str) -> int:
+        """The id of the Ukrainian city `name` spells (made as the list writes it), or of a new
+        one with `new_city`; `RowRejected` with a suggestion otherwise."""
+        try:
+            known = self.ukrainian.match(name)
+        except ValueError as exc:
+            if not new_city:
+                raise RowRejected(column, str(exc)) from None
+            known = KnownCity(name, region)
+            self.ukrainian.add(known)
+        return self.cities.get(known.name, "UA", region or known.region)
+
+
+@functools.cache
+def _seed_cities() -> tuple[KnownCity, ...]:
+    """The known Ukrainian cities: `seeds/ukrainian_cities.csv` (name, region, name_uk)."""
+    from mailer.config import data_path
+    from mailer.tables import read_table
+
+    return tuple(
+        KnownCity(
+            row["name"],
+            row.get("region") or None,
+            tuple(v for v in (row.get("name_uk"),) if v),
+        )
+        for _, row in read_table(data_path("seeds") / "ukrainian_cities.csv")
+        if row.get("country", "UA") == "UA"
+    )
 
 
 def _executemany(session: Session, statement: Any, rows: list[dict[str, Any]]) -> None:
@@ -352,6 +494,71 @@ def _large_sqlite_cache(session: Session) -> Callable[[], None]:
     before = int(raw.execute("PRAGMA cache_size").fetchone()[0])
     raw.execute("PRAGMA cache_size=-32768")
     return lambda: raw.execute(f"PRAGMA cache_size={before}").close()
+
+
+def _write_session(factory: sessionmaker[Session]) -> tuple[Session, Callable[[], None]]:
+    """A session whose transaction holds the database's write lock from its start, and how to
+    close it.
+
+    On SQLite the transaction begins with BEGIN IMMEDIATE, waiting within the busy timeout for
+    another writer (a send) to finish: a deferred transaction that reads first and writes later
+    fails at once, busy timeout or not, when another process wrote in between.
+    """
+    with factory() as probe:
+        bind = probe.get_bind()
+    if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
+        session = factory()
+        return session, session.close
+    connection = bind.connect()
+    connection.info["immediate"] = True
+    session = factory(bind=connection)
+
+    def close() -> None:
+        try:
+            session.close()
+        finally:
+            connection.info.pop("immediate", None)
+            connection.close()
+
+    try:
+        session.connection()
+    except BaseException:
+        close()
+        raise
+    return session, close
+
+
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """A database that is busy, full or read-only is one `DatabaseError` saying what to do.
+
+    The import is one transaction, so whatever failed, nothing of it was written.
+    """
+    try:
+        yield
+    except OperationalError as exc:
+        detail = str(exc.orig).strip()
+        folded = detail.casefold()
+        if "locked" in folded or "busy" in folded:
+            seconds = db.SQLITE_BUSY_TIMEOUT_MS / 1000
+            message = (
+                "the database is busy: another mailer process (a send, another import) kept "
+                f"writing to it for more than {seconds:g} s; nothing was imported: run the "
+                "import again when it has finished"
+            )
+        elif "full" in folded or "no space" in folded or "could not extend" in folded:
+            message = (
+                "the disk is full (or the database reached its size limit): nothing was "
+                "imported; free some space and run the import again"
+            )
+        elif "readonly" in folded or "read-only" in folded or "read only" in folded:
+            message = (
+                "the database cannot be written (read-only): nothing was imported; check the "
+                "file's permissions"
+            )
+        else:
+            message = f"database error, nothing was imported: {_clip(detail, 300)}"
+        raise DatabaseError(message) from None
 
 
 def _finish(
@@ -401,6 +608,7 @@ _CONTACT_TAGS_RAW = sa_table(_CONTACT_TAGS.name, sa_column("contact_id"), sa_col
 # In the table's column order, so new rows go to the driver as they are.
 _CONTACT_SCALARS = ("name", "title", "salutation", "language", "organisation")
 _LANGUAGE_SLOT = _CONTACT_SCALARS.index("language")
+_NAME_SLOT = _CONTACT_SCALARS.index("name")
 # The order of the tuples new contacts are written as (SQLite puts the id in front).
 _NEW_CONTACT_COLUMNS = (
     "email",
@@ -545,6 +753,8 @@ class _ContactValidator:
         self.i_country = f.get("country")
         self.i_region = f.get("region")
         self.i_tags = f.get("tags")
+        # Rows imported with something to look at; appended on the validating thread only.
+        self.warnings: list[Reject] = []
 
     def validate(self, number: int, raw: list[str]) -> _ContactRow:
         columns = self.columns
@@ -609,9 +819,15 @@ class _ContactValidator:
             split = split_tags(cells[self.i_tags])
             if split.too_long:
                 raise RowRejected(
-                    label(self.i_tags), f"a tag over 100 characters: {split.too_long!r}"
+                    label(self.i_tags), f"a tag over 100 characters: {quoted(split.too_long)}"
                 )
             tags = tags | split if tags else split
+        # Imported as it is, but worth a look: a "?" where a lossy save dropped a letter.
+        lost = lost_letter(cells)
+        if lost is not None and lost != self.i_email:
+            self.warnings.append(
+                Reject(number, label(lost), f"{quoted(cells[lost])} {_LOST_LETTER}")
+            )
         return _ContactRow(number, raw, email, scalars, attributes, tags, city)
 
 
@@ -849,6 +1065,7 @@ class _ContactImport(_ContactValidator):
         update_columns = self.update_columns
         checks = [(slot, _OLD[_CONTACT_SCALARS[slot]]) for slot, _, _ in self.scalars]
         updates: list[dict[str, Any]] = []
+        changes = self.summary.changes
         for row, old in known:
             scalars = row.scalars
             changed = False
@@ -886,6 +1103,13 @@ class _ContactImport(_ContactValidator):
                     merged[_CONTACT_SCALARS[slot]] = scalars[slot]
             if row.city is not None:
                 merged["city_id"] = city_id
+            # Someone else's name or city is worth a second look: say what changed.
+            name = scalars[_NAME_SLOT]
+            if name is not None and name != old[_OLD_NAME] and old[_OLD_NAME] is not None:
+                changes.append(Change(row.number, row.email, "name", old[_OLD_NAME], name))
+            if city_id != old[_OLD_CITY] and old[_OLD_CITY] is not None:
+                before, after = cities.name_of(old[_OLD_CITY]), cities.name_of(city_id)
+                changes.append(Change(row.number, row.email, "city", before, after))
             old_tag_set = set(old_tags or [])
             merged["attributes"] = to_json({**(old_attributes or {}), **row.attributes})
             merged["tags"] = to_json(sorted(old_tag_set | row.tags))
@@ -1003,8 +1227,10 @@ def import_contacts(
     """
     for tag in tags:
         if not tag.strip() or len(tag.strip()) > 100 or CONTROL.search(tag):
-            raise InvalidValueError(f"--tag {tag!r}: a tag is 1 to 100 characters of plain text")
-    with ExitStack() as stack:
+            raise InvalidValueError(
+                f"--tag {quoted(tag)}: a tag is 1 to 100 characters of plain text"
+            )
+    with _database_errors(), ExitStack() as stack:
         table = stack.enter_context(Table(path, encoding=encoding, delimiter=delimiter))
         columns = resolve_columns(
             header=table.header,
@@ -1021,6 +1247,8 @@ def import_contacts(
             encoding=table.encoding,
             delimiter=table.delimiter,
         )
+        summary.unknown = columns.unknown(synonyms=CONTACT_SYNONYMS, kept=True)
+        summary.missing = columns.missing
         sink = _RejectSink(stack=stack, path=rejects_path, header=table.header)
         # Writing (one database thread that owns the session from start to end) overlaps with
         # reading and validating (this thread) where the driver releases the GIL: on SQLite, for
@@ -1042,8 +1270,9 @@ def import_contacts(
         def on_db(call: Callable[[], Any]) -> Any:
             return pool.submit(call).result()
 
-        session: Session = on_db(session_factory)
-        stack.callback(lambda: pool.submit(session.close).result())
+        opened: tuple[Session, Callable[[], None]] = on_db(lambda: _write_session(session_factory))
+        session, close = opened
+        stack.callback(lambda: pool.submit(close).result())
         restore_cache = on_db(lambda: _large_sqlite_cache(session))
         stack.callback(lambda: pool.submit(restore_cache).result())
         importer: _ContactImport = on_db(
@@ -1074,6 +1303,7 @@ def import_contacts(
         collect(keep=0)
         sink.flush()
         summary.rejects = sink.rejects
+        summary.warnings = importer.warnings
         on_db(
             lambda: _finish(
                 session, summary=summary, table=table, path=path, strict=strict, dry_run=dry_run
@@ -1101,7 +1331,7 @@ def _parse_kind(value: str) -> str:
         "friends": "friendship",
     }.get(folded, folded)
     if kind not in PARTNERSHIP_KINDS:
-        raise ValueError(f"unknown kind {value!r}; use one of {', '.join(PARTNERSHIP_KINDS)}")
+        raise ValueError(f"unknown kind {quoted(value)}; use one of {', '.join(PARTNERSHIP_KINDS)}")
     return kind
 
 
@@ -1112,7 +1342,7 @@ def _parse_year(value: str) -> int | None:
     try:
         year = int(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not a year") from None
+        raise ValueError(f"{quoted(value)} is not a year") from None
     if not 1900 <= year <= this_year:
         raise ValueError(f"{year} is not a year between 1900 and {this_year}")
     return year
@@ -1132,10 +1362,11 @@ def _small_import(
     strict: bool,
     dry_run: bool,
     rejects_path: Path | None,
-    handle: Callable[[Session, _Cities, dict[str, str], Callable[[str], str], int], str],
+    multiline: Sequence[str] = (),
+    handle: Callable[[Session, _Places, dict[str, str], Callable[[str], str], int], str],
 ) -> ImportSummary:
     """Row-at-a-time import for the small tables; `handle` returns added/updated/unchanged."""
-    with ExitStack() as stack:
+    with _database_errors(), ExitStack() as stack:
         table = stack.enter_context(Table(path, encoding=encoding, delimiter=delimiter))
         columns = resolve_columns(
             header=table.header,
@@ -1144,6 +1375,8 @@ def _small_import(
             synonyms=synonyms,
             mapping=mapping or {},
             required=required,
+            multiline=multiline,
+            attributes=False,
         )
         summary = ImportSummary(
             file=table.display,
@@ -1151,10 +1384,13 @@ def _small_import(
             dry_run=dry_run,
             encoding=table.encoding,
             delimiter=table.delimiter,
+            unknown=columns.unknown(synonyms=synonyms, kept=False),
+            missing=columns.missing,
         )
         sink = _RejectSink(stack=stack, path=rejects_path, header=table.header)
-        session = stack.enter_context(session_factory())
-        cities = _Cities(session)
+        session, close = _write_session(session_factory)
+        stack.callback(close)
+        places = _Places(session)
         width = len(table.header)
         has_data = False
 
@@ -1174,10 +1410,17 @@ def _small_import(
                 cells = cells[:width] + [""] * (width - len(cells))
                 cleaned = clean_cells(cells, columns=columns)
                 values = {name: cleaned[i] for name, i in columns.fields.items()}
-                outcome = handle(session, cities, values, label, raw.number)
+                outcome = handle(session, places, values, label, raw.number)
             except RowRejected as exc:
                 sink.add(raw.number, exc.column, exc.reason, raw.cells)
                 continue
+            lost = lost_letter(cleaned)
+            if lost is not None:
+                summary.warnings.append(
+                    Reject(
+                        raw.number, columns.label(lost), f"{quoted(cleaned[lost])} {_LOST_LETTER}"
+                    )
+                )
             if outcome == "added":
                 summary.added += 1
             elif outcome == "updated":
@@ -1209,13 +1452,18 @@ def import_partnerships(
     strict: bool = False,
     dry_run: bool = False,
     rejects_path: Path | None = None,
+    new_city: bool = False,
 ) -> ImportSummary:
-    """Partner-city ties, upserted on (Ukrainian city, partner city); cities made as needed."""
+    """Partner-city ties, upserted on (Ukrainian city, partner city).
+
+    The Ukrainian city must be a known one (`seeds/ukrainian_cities.csv` or stored), in any
+    usual spelling; with `new_city` an unknown one is added. Cities abroad are made as needed.
+    """
     seen: dict[tuple[int, int], int] = {}
 
     def handle(
         session: Session,
-        cities: _Cities,
+        places: _Places,
         values: dict[str, str],
         label: Callable[[str], str],
         number: int,
@@ -1236,8 +1484,13 @@ def import_partnerships(
         except ValueError as exc:
             raise RowRejected(label("since"), str(exc)) from None
         note = values.get("note") or None
-        ua_id = cities.get(ua_name, "UA", values.get("ukrainian_region") or None)
-        partner_id = cities.get(partner_name, country, values.get("partner_region") or None)
+        ua_id = places.ukrainian_city(
+            ua_name,
+            region=values.get("ukrainian_region") or None,
+            new_city=new_city,
+            column=label("ukrainian_city"),
+        )
+        partner_id = places.cities.get(partner_name, country, values.get("partner_region") or None)
         if (ua_id, partner_id) in seen:
             raise RowRejected(label("partner_city"), f"duplicate of row {seen[ua_id, partner_id]}")
         seen[ua_id, partner_id] = number
@@ -1277,6 +1530,7 @@ def import_partnerships(
         fields=PARTNERSHIP_FIELDS,
         synonyms=PARTNERSHIP_SYNONYMS,
         required=("ukrainian_city", "partner_city", "partner_country"),
+        multiline=("note",),
         encoding=encoding,
         delimiter=delimiter,
         mapping=mapping,
@@ -1300,14 +1554,18 @@ def import_signatories(
     strict: bool = False,
     dry_run: bool = False,
     rejects_path: Path | None = None,
+    new_city: bool = False,
 ) -> ImportSummary:
-    """The letter's signatories, upserted on (name, Ukrainian city); the address is optional."""
+    """The letter's signatories, upserted on (name, Ukrainian city); the address is optional.
+
+    The city must be a known Ukrainian city, in any usual spelling (or new, with `new_city`).
+    """
     seen: dict[tuple[str, int], int] = {}
     check_email = EmailChecker()
 
     def handle(
         session: Session,
-        cities: _Cities,
+        places: _Places,
         values: dict[str, str],
         label: Callable[[str], str],
         number: int,
@@ -1321,7 +1579,9 @@ def import_signatories(
                 email = check_email(values["email"])
             except ValueError as exc:
                 raise RowRejected(label("email"), str(exc)) from None
-        city_id = cities.get(city_name, "UA", values.get("region") or None)
+        city_id = places.ukrainian_city(
+            city_name, region=values.get("region") or None, new_city=new_city, column=label("city")
+        )
         key = (name.casefold(), city_id)
         if key in seen:
             raise RowRejected(label("name"), f"duplicate of row {seen[key]}")
@@ -1385,7 +1645,7 @@ def import_suppressions(
     from mailer.audience import parse_reason, suppress
 
     check_email = EmailChecker()
-    with ExitStack() as stack:
+    with _database_errors(), ExitStack() as stack:
         table = stack.enter_context(Table(path, encoding=encoding, delimiter=delimiter))
         columns = resolve_columns(
             header=table.header,
@@ -1394,8 +1654,15 @@ def import_suppressions(
             synonyms=SUPPRESSION_SYNONYMS,
             mapping={},
             required=("email",),
+            attributes=False,
         )
-        summary = ImportSummary(file=table.display, kind="suppressions", encoding=table.encoding)
+        summary = ImportSummary(
+            file=table.display,
+            kind="suppressions",
+            encoding=table.encoding,
+            unknown=columns.unknown(synonyms=SUPPRESSION_SYNONYMS, kept=False),
+            missing=columns.missing,
+        )
         sink = _RejectSink(stack=stack, path=None, header=table.header)
         by_reason: dict[SuppressionReason, set[str]] = {}
         width = len(table.header)
@@ -1433,11 +1700,13 @@ def import_suppressions(
         sink.flush()
         summary.rejects = sink.rejects
         total = 0
-        with session_factory() as session, session.begin():
-            for row_reason, emails in by_reason.items():
-                total += len(emails)
-                summary.added += suppress(
-                    session, emails=sorted(emails), reason=row_reason, source=f"import:{path.name}"
-                )
+        session, close = _write_session(session_factory)
+        stack.callback(close)
+        for row_reason, emails in by_reason.items():
+            total += len(emails)
+            summary.added += suppress(
+                session, emails=sorted(emails), reason=row_reason, source=f"import:{path.name}"
+            )
+        session.commit()
         summary.unchanged = total - summary.added
         return summary

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import unicodedata
+import re
 from typing import Any
 
+from anyascii import anyascii
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -127,9 +128,12 @@ class City(Base):
 
 
 def city_key(name: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", name)
-    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-    return " ".join(stripped.casefold().replace("-", " ").split())
+    """The key a city is matched by: case, accents, punctuation and letters without a
+    decomposition ignored (Wrocław is Wroclaw, Łódź is Lodz, Gießen is Giessen, L'viv is Lviv),
+    so a file saved in Windows-1252 finds the city a UTF-8 file made. Migration 0002_tables
+    re-keys stored cities with this rule."""
+    text = re.sub(r"[^\w\s-]", "", anyascii(name).casefold())
+    return " ".join(text.replace("-", " ").replace("_", " ").split())[:200]
 
 
 class Contact(Base):

@@ -149,16 +149,42 @@ def test_quoted_delimiters_and_newlines(
         "email,name,address\r\n"
         'a@example.org,"Doe, Jane","Rathausplatz 1; Wien"\r\n'
         'b@example.org,Bob,"Line one\r\nLine two"\r\n'
-        'c@example.org,"Carla ""the mayor"" Rossi",Roma\r\n',
+        'c@example.org,"Carla ""the mayor"" Rossi",Roma\r\n'
+        'd@example.org,"Dora\nInjected: header",Roma\r\n',
     )
     result = run.ok("import", "contacts", str(path))
-    assert "q.csv:3: address: contains a control character (CR)" in result.output
-    assert "2 added, 0 updated, 0 unchanged, 1 rejected" in result.output
+    # A line break is kept in a free column (as LF), refused in a field that reaches headers.
+    assert "q.csv:5: name: contains a control character (LF)" in result.output
+    assert "3 added, 0 updated, 0 unchanged, 1 rejected" in result.output
     stored = contacts(session_factory)
     assert stored["a@example.org"].name == "Doe, Jane"
     assert stored["a@example.org"].attributes == {"address": "Rathausplatz 1; Wien"}
+    assert stored["b@example.org"].attributes == {"address": "Line one\nLine two"}
     # Row numbers stay spreadsheet rows even after a cell spanning two lines.
     assert stored["c@example.org"].name == 'Carla "the mayor" Rossi'
+
+
+@pytest.mark.parametrize("delimiter", [",", "\t"], ids=["csv", "tsv"])
+def test_cell_with_a_line_break_imports_as_one_value(
+    run: Cli, tmp_path: Path, session_factory: sessionmaker[Session], delimiter: str
+) -> None:
+    """Excel's Alt+Enter in a postal address, saved as CSV or TSV (issue 13, item 1)."""
+    rows = [
+        ["email", "name", "city", "country", "postal_address"],
+        ["a@example.org", "Anna Berg", "Malmö", "SE", "Stadshuset\nAugust Palms plats 1"],
+        ["b@example.org", "Bo Ek", "Lund", "SE", "Stortorget 7"],
+    ]
+    path = tmp_path / ("list.csv" if delimiter == "," else "list.tsv")
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh, delimiter=delimiter, lineterminator="\r\n").writerows(rows)
+    assert b'"Stadshuset\nAugust' in path.read_bytes()
+    result = run.ok("import", "contacts", str(path))
+    assert result.output.splitlines()[-1].endswith("2 added, 0 updated, 0 unchanged, 0 rejected")
+    stored = contacts(session_factory)
+    anna = stored["a@example.org"]
+    assert anna.attributes == {"postal_address": "Stadshuset\nAugust Palms plats 1"}
+    assert anna.city is not None and anna.city.name == "Malmö"
+    assert stored["b@example.org"].attributes == {"postal_address": "Stortorget 7"}
 
 
 def test_header_synonyms_attributes_country_language_tags(
