@@ -280,6 +280,8 @@ class Event(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     # The server (host:port) or transport that gave the answer.
     via: Mapped[str | None] = mapped_column(String(300))
+    # Who acted: `user@host pid N` (mailer/identity.py), so a team's shared log says who did it.
+    actor: Mapped[str | None] = mapped_column(String(300))
 
 
 class Suppression(Base):

@@ -124,3 +124,19 @@ def test_broken_toml_is_one_error_line(workspace: Path) -> None:
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and "mailer.toml" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_the_actor_names_this_user_host_and_process() -> None:
+    import getpass
+    import os
+    import socket
+
+    from mailer.identity import Actor
+
+    actor = Actor.current()
+    assert (actor.user, actor.host, actor.pid) == (
+        getpass.getuser(),
+        socket.gethostname(),
+        os.getpid(),
+    )
+    assert actor.label == f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
