@@ -149,6 +149,7 @@ class SmtpTestServer:
         auth: tuple[str, str] | None = None,
         delay: float = 0.0,
         pipelining: bool = False,
+        smtputf8: bool = False,
     ) -> None:
         assert tls in ("none", "implicit", "starttls")
         self.received: list[Received] = []
@@ -160,7 +161,13 @@ class SmtpTestServer:
         self.pipelining = pipelining
         self.ehlo_replies: list[list[str]] = []
         self.auth_attempts = 0
-        kwargs: dict[str, Any] = {"hostname": "127.0.0.1", "port": 0, "ready_timeout": 10}
+        kwargs: dict[str, Any] = {
+            "hostname": "127.0.0.1",
+            "port": 0,
+            "ready_timeout": 10,
+            # Offers SMTPUTF8 (RFC 6531) only when asked: many real servers do not.
+            "enable_SMTPUTF8": smtputf8,
+        }
         if tls == "implicit":
             kwargs["ssl_context"] = server_context
         elif tls == "starttls":

@@ -206,7 +206,7 @@ def test_preview_shows_the_first_recipient_readably(run: Cli, world: dict[str, i
     out = run.ok("preview", "c").output
     assert out.startswith("[language pl; ")
     assert "To: Zoë Łukasiewicz-Müller <prezydent@krakow.example.org>" in out
-    assert "Reply-To: mayor@lviv.example.org" in out
+    assert "Reply-To: Andriy Sadovyi <mayor@lviv.example.org>" in out
     assert "From: Campaign Office <office@example.org>" in out
     assert "Subject: " in out and "=?utf-8?" not in out
     assert "Kraków" in out and "Andriy Sadovyi" in out
