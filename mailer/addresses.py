@@ -86,10 +86,13 @@ def encode_domain(domain: str) -> str:
 def normalise(address: str) -> str:
     """The form an address is stored and looked up in (never raises: an invalid address is
     only trimmed and lower-cased, so it matches nothing valid)."""
+    lowered = address.strip().lower()
+    if lowered.isascii() and "xn--" not in lowered:
+        return lowered  # the common case: nothing to map
     address = address.strip()
     local, at, domain = address.rpartition("@")
     if not at:
-        return address.lower()
+        return lowered
     if domain.isascii() and "xn--" not in domain.lower():
         domain = domain.lower()
     else:

@@ -24,6 +24,7 @@ from mailer.audience import Audience
 from mailer.compose import Composer, RecipientLoader, composer_for, template_set_for
 from mailer.config import Workspace
 from mailer.errors import InvalidValueError, MailerError, NotFoundError, TemplateError
+from mailer.greetings import generic_greeting
 from mailer.message import clean_text
 from mailer.models import Campaign
 from mailer.render import (
@@ -462,6 +463,16 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
             blocking=False,
             message=f"contacts asking for {rendered.requested_language!r} get the "
             f"{rendered.language!r} variant (the template has no {rendered.requested_language})",
+            example=email,
+        )
+    if rendered.generic_greeting:
+        generic = generic_greeting(rendered.language) or ""
+        found.add(
+            "generic_greeting",
+            rendered.language,
+            blocking=False,
+            message=f"letters with the generic greeting {generic!r} (no name, office or form "
+            f"of address known; {rendered.language} variant)",
             example=email,
         )
     if not rendered.subject:

@@ -30,6 +30,7 @@ from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mailer.errors import NotFoundError, TemplateError
+from mailer.greetings import Greeting, greeting_for
 
 FALLBACK_LANGUAGE = "en"
 TEXT_SUFFIX = ".txt.j2"
@@ -111,6 +112,8 @@ class Rendered:
     headers: dict[str, str]
     text: str
     html: str | None
+    # The letter greets with its language's generic greeting (nothing known to be personal).
+    generic_greeting: bool = False
 
 
 # --------------------------------------------------------------------------- errors
@@ -198,6 +201,8 @@ class _Variant:
     html: jinja2.Template | None
     # Whether the HTML variant has header lines to cut off at the separator, like the text one.
     html_split: bool = False
+    # Whether the variant prints `greeting` (only then does a generic one count).
+    uses_greeting: bool = False
 
 
 class _Loader(jinja2.BaseLoader):
@@ -232,7 +237,15 @@ def _locale(language: str) -> Locale:
 # (which otherwise double the cost of a letter). Everything else goes through the full sandbox.
 _VIEW_FIELDS: dict[type, frozenset[str]] = {
     cls: frozenset(cls.__dataclass_fields__)
-    for cls in (CityView, SignatoryView, PartnershipView, ContactView, CampaignView, Recipient)
+    for cls in (
+        CityView,
+        SignatoryView,
+        PartnershipView,
+        ContactView,
+        CampaignView,
+        Recipient,
+        Greeting,
+    )
 }
 
 
@@ -710,6 +723,8 @@ class TemplateSet:
                 html_file=html_file,
                 html=html,
                 html_split=html_split,
+                uses_greeting=_uses_name(text, "greeting")
+                or (html is not None and _uses_name(html, "greeting")),
             )
             self._by_key[language.lower().replace("_", "-")] = language
 
@@ -822,8 +837,19 @@ class TemplateSet:
         variant = self._variants[language]
         _reset_budget()  # per letter: its text and HTML versions share the budget
         partner = recipient.partnerships[0] if recipient.partnerships else None
+        contact = recipient.contact
+        greeting = greeting_for(
+            language=language,
+            contact_language=contact.language,
+            salutation=contact.salutation,
+            title=contact.title,
+            name=contact.name,
+            attributes=contact.attributes,
+            tags=contact.tags,
+        )
         context = {
-            "contact": recipient.contact,
+            "contact": contact,
+            "greeting": greeting,
             "city": recipient.city,
             "partnerships": recipient.partnerships,
             "partner": partner,
@@ -866,6 +892,9 @@ class TemplateSet:
             headers={},
             text=body.replace("\r\n", "\n").replace("\r", "\n"),
             html=html,
+            generic_greeting=variant.uses_greeting
+            and isinstance(greeting, Greeting)
+            and greeting.generic,
         )
 
     def _run(self, template: jinja2.Template, context: dict[str, Any], file: str) -> str:
@@ -929,6 +958,11 @@ def _render_template(template: jinja2.Template, context: dict[str, Any]) -> str:
     except Exception:
         # Rewrites the traceback to template lines (as Template.render does), then raises.
         env.handle_exception()
+
+
+def _uses_name(template: jinja2.Template, name: str) -> bool:
+    tree: nodes.Template = template._mailer_ast  # type: ignore[attr-defined]
+    return any(node.name == name for node in tree.find_all(nodes.Name))
 
 
 def _has_header_section(source: str) -> bool:

@@ -98,6 +98,7 @@ def add_world(factory: sessionmaker[Session]) -> dict[str, int]:
                 "prezydent@krakow.example.org",
                 name="Zoë Łukasiewicz-Müller",
                 title="Prezydent Miasta",
+                salutation="Pani",
                 language="pl",
                 city_id=krakow.id,
                 attributes={"population": "800000"},
