@@ -324,7 +324,7 @@ def test_check_on_postgresql(pg_url: str, tmp_path: Path) -> None:
                 templates_dir=workspace.templates_dir,
                 settings=workspace,
             )
-        assert parse(composed.data)["Reply-To"] == "mayor@lviv.example.org"
+        assert parse(composed.data)["Reply-To"] == "Andriy Sadovyi <mayor@lviv.example.org>"
     finally:
         engine.dispose()
 

@@ -199,7 +199,7 @@ def test_send_asks_for_smtputf8_only_for_the_letters_that_need_it(
     office: Cli, engine: Engine
 ) -> None:
     office.ok("campaign", "create", "c", "--template", "appeal", "--from", "office@example.org")
-    with SmtpTestServer(smtputf8=True) as server:
+    with SmtpTestServer() as server:
         result = office("send", "c", "--smtp", server.url(), "--yes")
         assert result.exit_code == 0, result.output
         delivered = {r.rcpt_tos[0]: r for r in server.accepted()}
@@ -217,7 +217,7 @@ def test_send_fails_only_those_letters_with_a_clear_reason_when_the_server_lacks
     office: Cli, engine: Engine
 ) -> None:
     office.ok("campaign", "create", "c", "--template", "appeal", "--from", "office@example.org")
-    with SmtpTestServer() as server:
+    with SmtpTestServer(smtputf8=False) as server:
         result = office("send", "c", "--smtp", server.url(), "--yes")
         assert "Traceback" not in result.output
         assert result.exit_code == 3, result.output
