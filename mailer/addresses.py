@@ -21,7 +21,7 @@ import functools
 import re
 import unicodedata
 from typing import NamedTuple
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import idna
 
@@ -329,6 +329,33 @@ def mailto_url(address: str, *, query: str = "") -> str:
     local, _, domain = address.strip().rpartition("@")
     url = f"mailto:{quote(local, safe=_MAILTO_SAFE)}@{encode_domain(domain)}"
     return f"{url}?{query}" if query else url
+
+
+def ascii_url(url: str) -> str:
+    """An http(s) URL fit for a header: the host as A-labels, other non-ASCII percent-encoded
+    (UTF-8). `InvalidValueError` for a host that is no valid international domain name."""
+    if url.isascii():
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = parts.netloc
+    if host and not host.isascii():
+        userinfo = netloc.rpartition("@")[0]
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:
+            raise InvalidValueError(f"URL {url!r}: the port is not a number") from None
+        netloc = (f"{userinfo}@" if userinfo else "") + encode_domain(host) + port
+    safe = "/?&=#%:@!$'()*+,;~-._"
+    return urlunsplit(
+        (
+            parts.scheme,
+            quote(netloc, safe=safe),
+            quote(parts.path, safe=safe),
+            quote(parts.query, safe=safe + "{}"),
+            quote(parts.fragment, safe=safe),
+        )
+    )
 
 
 # RFC 6068 `some-delims` and unreserved characters may stay as they are in a mailto local part.

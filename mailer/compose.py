@@ -34,6 +34,7 @@ from mailer.addresses import (
     REPLY_TO_SIGNATORY,
     Mailbox,
     address_problem,
+    ascii_url,
     encode_domain,
     mailto_url,
     parse_mailbox,
@@ -330,7 +331,13 @@ class Composer:
                 f"mailer.toml [campaign] unsubscribe_url {value!r}: must be an https:// URL "
                 "containing {token} (e.g. https://example.org/unsubscribe?t={token})"
             )
-        return value, key
+        try:
+            # Headers are ASCII: an international host goes as A-labels (IDNA 2008).
+            return ascii_url(value), key
+        except InvalidValueError as exc:
+            raise InvalidValueError(
+                f"mailer.toml [campaign] unsubscribe_url {value!r}: {exc}"
+            ) from None
 
     def token(self, email: str) -> str:
         return unsubscribe.make_token(key=self._secret, slug=self.slug, email=email)

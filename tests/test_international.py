@@ -129,6 +129,16 @@ def test_a_sender_reply_to_and_unsubscribe_address_with_an_international_domain(
     assert senders == {SENDER_WIRE}
 
 
+def test_an_unsubscribe_url_on_an_international_host_goes_as_a_labels(office: Cli) -> None:
+    with_setting(office, "campaign", 'unsubscribe_url = "https://städte.de/abmelden?t={token}"')
+    office.ok("campaign", "create", "c", "--template", "appeal", "--from", SENDER)
+    data = raw_preview(office, "c", PLAIN)
+    assert header_block(data).isascii()
+    unsubscribe = parse(data)["List-Unsubscribe"]
+    assert ", <https://xn--stdte-hra.de/abmelden?t=" in unsubscribe
+    assert parse(data)["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
 def test_the_default_unsubscribe_mailto_is_the_senders_a_label_address(office: Cli) -> None:
     office.ok("campaign", "create", "c", "--template", "appeal", "--from", SENDER)
     message = parse(raw_preview(office, "c", PLAIN))
