@@ -1,6 +1,7 @@
 """Campaigns: create, get, list, freeze the templates of, and summarise campaigns.
 
-Composing a campaign's letters is compose.py's job, checking them check.py's.
+Composing a campaign's letters is compose.py's job, checking them check.py's; neither imports
+this module (the Reply-To rule and the mailbox check live in addresses.py, below both).
 """
 
 from __future__ import annotations

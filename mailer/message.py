@@ -7,8 +7,10 @@ encoding right.
 
 Header safety: display names and subjects have every run of whitespace (CR, LF, tabs, U+2028...)
 and control character collapsed to one space, so contact data can never start a header line of its
-own. Addresses are never rewritten: one with a line break, a space or brackets is refused
-(`InvalidValueError`).
+own. Addresses go through addresses.wire_address: a domain is written as A-labels (IDNA 2008),
+a non-ASCII local part marks the message as needing SMTPUTF8, and an address with a line break,
+a space or brackets is refused (`InvalidValueError`); every header but such an address is ASCII.
+Imports only `addresses`, `errors` and `render` (for the Rendered type).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ then the body) and optionally `LANG.html.j2` (an HTML alternative, body only). O
 `Subject:` is allowed: every other header is the message builder's job, so a template can never
 add one (nor can contact data reach the header section, because the subject line is compiled on
 its own and every line break in its output becomes a space).
+
+The sandbox also bounds size: a letter is at most MAX_LETTER_CHARS, counted while it renders
+(see "size limits"). The `greeting` in the context comes from greetings.py.
 """
 
 from __future__ import annotations
