@@ -1,6 +1,7 @@
 """Campaigns: create, get, list, freeze the templates of, and summarise campaigns.
 
-Composing a campaign's letters is compose.py's job, checking them check.py's.
+Composing a campaign's letters is compose.py's job, checking them check.py's; neither imports
+this module (the Reply-To rule and the mailbox check live in addresses.py, below both).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
 from mailer import compose
-from mailer.addresses import check_mailbox, reply_to_rule
+from mailer.addresses import parse_mailbox, reply_to_rule
 from mailer.audience import Audience
 from mailer.errors import ConflictError, InvalidValueError, NotFoundError, TemplateError
 from mailer.message import clean_text
@@ -49,7 +50,7 @@ def create_campaign(
             f"campaign {slug!r} exists already; pick another slug "
             f"(`mailer campaign show {slug}` shows the existing one)"
         )
-    check_mailbox(from_address, "--from")
+    parse_mailbox(from_address, what="--from")
     reply_to = reply_to_rule(reply_to)
     if not LANGUAGE_RE.match(default_language):
         raise InvalidValueError(

@@ -19,11 +19,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer.addresses import address_problem, split_mailbox
+from mailer.addresses import address_problem, display, needs_smtputf8, normalise
 from mailer.audience import Audience
 from mailer.compose import Composer, RecipientLoader, composer_for, template_set_for
 from mailer.config import Workspace
 from mailer.errors import InvalidValueError, MailerError, NotFoundError, TemplateError
+from mailer.greetings import generic_greeting
 from mailer.message import clean_text
 from mailer.models import Campaign
 from mailer.render import (
@@ -138,7 +139,7 @@ def _check_slice(
             if recipient is None:  # deleted since the audience was resolved
                 continue
             email = recipient.contact.email
-            part.emails.append(email.strip().lower())
+            part.emails.append(normalise(email))
             problem = address_problem(email.strip())
             if problem:
                 found.add(
@@ -146,6 +147,15 @@ def _check_slice(
                     problem,
                     blocking=False,
                     message=f"invalid addresses, skipped when sending: {problem}",
+                    example=email,
+                )
+            elif not email.isascii() and needs_smtputf8(email):
+                found.add(
+                    "smtputf8",
+                    "",
+                    blocking=False,
+                    message="addresses with a non-ASCII local part need SMTPUTF8 (RFC 6531); "
+                    "sent only through a server that offers it, failed otherwise",
                     example=email,
                 )
             name = recipient.contact.name
@@ -314,6 +324,8 @@ def check_campaign(
         composer = composer_for(campaign=campaign, template_set=template_set, settings=settings)
     except (TemplateError, NotFoundError, InvalidValueError) as exc:
         found.add("template_error", str(exc), blocking=True, message=str(exc), example=None)
+    if composer is not None:
+        _check_sender(composer, settings, found)
 
     if workers is None:
         workers = (
@@ -374,6 +386,28 @@ def check_campaign(
     return report
 
 
+def _check_sender(composer: Composer, settings: Workspace, found: _Findings) -> None:
+    """A From or fixed Reply-To with a non-ASCII local part puts every letter on SMTPUTF8."""
+    known = settings.setting("smtp", "smtputf8") is True
+    for header, mailbox in (("From", composer.sender), ("Reply-To", composer.fixed_reply_to)):
+        if mailbox is None or not needs_smtputf8(mailbox.address):
+            continue
+        address = display(mailbox.address)
+        if known:
+            message = (
+                f"the {header} address {address} has a non-ASCII local part: every letter "
+                "needs SMTPUTF8 (RFC 6531); [smtp] smtputf8 = true in mailer.toml says the "
+                "server offers it"
+            )
+        else:
+            message = (
+                f"the {header} address {address} has a non-ASCII local part: every letter "
+                "would need SMTPUTF8 (RFC 6531), which many servers do not offer; use an "
+                "ASCII address, or set [smtp] smtputf8 = true in mailer.toml if yours does"
+            )
+        found.add(f"smtputf8_{header}", "", blocking=not known, message=message, example=None)
+
+
 def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None:
     found = part.found
     email = recipient.contact.email
@@ -395,14 +429,23 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
     part.rendered += 1
     part.languages[rendered.language] += 1
     reply_to = composer.reply_to(recipient)
-    if reply_to:
-        problem = address_problem(split_mailbox(reply_to)[1])
+    if reply_to is not None and reply_to is not composer.fixed_reply_to:
+        problem = address_problem(reply_to.address)
         if problem:
             found.add(
                 "reply_to",
-                reply_to,
+                reply_to.address,
                 blocking=True,
-                message=f"Reply-To {reply_to!r} is not a valid address: {problem}",
+                message=f"Reply-To {reply_to.address!r} is not a valid address: {problem}",
+                example=email,
+            )
+        elif needs_smtputf8(reply_to.address):
+            found.add(
+                "smtputf8_reply_to",
+                "",
+                blocking=False,
+                message="letters whose Reply-To (the signatory) has a non-ASCII local part "
+                "need SMTPUTF8 (RFC 6531); sent only through a server that offers it",
                 example=email,
             )
     if rendered.language not in part.built and not address_problem(email.strip()):
@@ -420,6 +463,16 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
             blocking=False,
             message=f"contacts asking for {rendered.requested_language!r} get the "
             f"{rendered.language!r} variant (the template has no {rendered.requested_language})",
+            example=email,
+        )
+    if rendered.generic_greeting:
+        generic = generic_greeting(rendered.language) or ""
+        found.add(
+            "generic_greeting",
+            rendered.language,
+            blocking=False,
+            message=f"letters with the generic greeting {generic!r} (no name, office or form "
+            f"of address known; {rendered.language} variant)",
             example=email,
         )
     if not rendered.subject:

@@ -18,10 +18,12 @@ Unsubscribe defaults, documented here because every message carries them:
 from __future__ import annotations
 
 import datetime as dt
+import re
 import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import unquote
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
@@ -30,9 +32,12 @@ from mailer import audience as audience_mod
 from mailer import unsubscribe
 from mailer.addresses import (
     REPLY_TO_SIGNATORY,
+    Mailbox,
     address_problem,
-    check_mailbox,
-    split_mailbox,
+    ascii_url,
+    encode_domain,
+    mailto_url,
+    parse_mailbox,
 )
 from mailer.audience import Audience
 from mailer.config import Workspace
@@ -51,6 +56,8 @@ from mailer.render import (
     load_template_set,
     normalise_sources,
 )
+
+_URL_UNSAFE = re.compile(r"[\s<>\"]")
 
 
 def template_set_for(campaign: Campaign, *, templates_dir: Path) -> TemplateSet:
@@ -259,10 +266,6 @@ class Composed(NamedTuple):
     fell_back: bool
 
 
-def _domain(address: str) -> str:
-    return split_mailbox(address)[1].rpartition("@")[2].lower()
-
-
 class Composer:
     """Renders and builds one campaign's messages; everything constant is worked out once."""
 
@@ -279,11 +282,17 @@ class Composer:
         self.view = CampaignView(
             slug=campaign.slug, title=campaign.title, default_language=campaign.default_language
         )
-        self.sender = campaign.from_address
-        check_mailbox(self.sender, f"campaign {campaign.slug!r}: From")
-        self.domain = _domain(self.sender)
+        self.sender = parse_mailbox(campaign.from_address, what=f"campaign {campaign.slug!r}: From")
+        # The Message-ID's and List-Id's domain: the sender's, as A-labels (headers are ASCII).
+        self.domain = encode_domain(self.sender.address.rpartition("@")[2])
         self.list_id = f"<{campaign.slug}.{self.domain}>"
         self.reply_rule = campaign.reply_to
+        # A fixed Reply-To (the rule is None, `signatory` or one mailbox).
+        self.fixed_reply_to = (
+            parse_mailbox(campaign.reply_to, what=f"campaign {campaign.slug!r}: Reply-To")
+            if campaign.reply_to not in (None, REPLY_TO_SIGNATORY)
+            else None
+        )
         self.today = today or dt.datetime.now(dt.UTC).date()
         self.unsubscribe_mailto = self._mailto(settings)
         self._url_template, self._secret = self._url(settings)
@@ -291,19 +300,24 @@ class Composer:
     def _mailto(self, settings: Workspace) -> str:
         configured = settings.setting("campaign", "unsubscribe_mailto")
         if configured is None or str(configured).strip() == "":
-            address = split_mailbox(self.sender)[1]
-            return f"mailto:{address}?subject=unsubscribe"
+            return mailto_url(self.sender.address, query="subject=unsubscribe")
         value = str(configured).strip()
         if value.lower().startswith("mailto:"):
-            address = value[len("mailto:") :].split("?", 1)[0]
+            address, _, query = value[len("mailto:") :].partition("?")
+            address = unquote(address)
         else:
-            address, value = value, f"mailto:{value}?subject=unsubscribe"
+            address, query = value, "subject=unsubscribe"
         problem = address_problem(address)
-        if problem:
-            raise InvalidValueError(
-                f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}"
-            )
-        return value
+        if problem is None and _URL_UNSAFE.search(query):
+            problem = "the part after ? has spaces or brackets"
+        if problem is None:
+            try:
+                return mailto_url(address, query=query)
+            except InvalidValueError as exc:
+                problem = str(exc)
+        raise InvalidValueError(
+            f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}"
+        )
 
     def _url(self, settings: Workspace) -> tuple[str | None, bytes]:
         configured = settings.setting("campaign", "unsubscribe_url")
@@ -317,7 +331,13 @@ class Composer:
                 f"mailer.toml [campaign] unsubscribe_url {value!r}: must be an https:// URL "
                 "containing {token} (e.g. https://example.org/unsubscribe?t={token})"
             )
-        return value, key
+        try:
+            # Headers are ASCII: an international host goes as A-labels (IDNA 2008).
+            return ascii_url(value), key
+        except InvalidValueError as exc:
+            raise InvalidValueError(
+                f"mailer.toml [campaign] unsubscribe_url {value!r}: {exc}"
+            ) from None
 
     def token(self, email: str) -> str:
         return unsubscribe.make_token(key=self._secret, slug=self.slug, email=email)
@@ -339,16 +359,15 @@ class Composer:
             today=self.today,
         )
 
-    def reply_to(self, recipient: Recipient) -> str | None:
-        if self.reply_rule is None:
-            return None
-        if self.reply_rule == REPLY_TO_SIGNATORY:
-            partner = recipient.partnerships[0] if recipient.partnerships else None
-            signatory = partner.signatory if partner is not None else None
-            if signatory is not None and signatory.email:
-                return signatory.email
-            return None
-        return self.reply_rule
+    def reply_to(self, recipient: Recipient) -> Mailbox | None:
+        """The letter's Reply-To: the fixed one, or the signing mayor by name and address."""
+        if self.reply_rule != REPLY_TO_SIGNATORY:
+            return self.fixed_reply_to
+        partner = recipient.partnerships[0] if recipient.partnerships else None
+        signatory = partner.signatory if partner is not None else None
+        if signatory is not None and signatory.email:
+            return Mailbox(name=signatory.name, address=signatory.email)
+        return None
 
     def compose(
         self,

@@ -149,6 +149,7 @@ class SmtpTestServer:
         auth: tuple[str, str] | None = None,
         delay: float = 0.0,
         pipelining: bool = False,
+        smtputf8: bool = True,
     ) -> None:
         assert tls in ("none", "implicit", "starttls")
         self.received: list[Received] = []
@@ -160,7 +161,14 @@ class SmtpTestServer:
         self.pipelining = pipelining
         self.ehlo_replies: list[list[str]] = []
         self.auth_attempts = 0
-        kwargs: dict[str, Any] = {"hostname": "127.0.0.1", "port": 0, "ready_timeout": 10}
+        kwargs: dict[str, Any] = {
+            "hostname": "127.0.0.1",
+            "port": 0,
+            "ready_timeout": 10,
+            # aiosmtpd's Controller offers SMTPUTF8 (RFC 6531) unless told not to; many real
+            # servers do not, which `smtputf8=False` plays.
+            "enable_SMTPUTF8": smtputf8,
+        }
         if tls == "implicit":
             kwargs["ssl_context"] = server_context
         elif tls == "starttls":

@@ -98,6 +98,7 @@ def add_world(factory: sessionmaker[Session]) -> dict[str, int]:
                 "prezydent@krakow.example.org",
                 name="Zoë Łukasiewicz-Müller",
                 title="Prezydent Miasta",
+                salutation="Pani",
                 language="pl",
                 city_id=krakow.id,
                 attributes={"population": "800000"},
@@ -448,7 +449,8 @@ def test_compose_builds_the_whole_message(
     # Deterministic Message-ID: the same campaign and contact give the same id.
     assert comp.compose(nue).message_id == composed.message_id
     krakow = comp.compose(recipients[world["krakow"]])
-    assert parse(krakow.data)["Reply-To"] == "mayor@lviv.example.org"
+    # The signing mayor by name: the reader sees who will read the answer.
+    assert parse(krakow.data)["Reply-To"] == "Andriy Sadovyi <mayor@lviv.example.org>"
     assert krakow.message_id != composed.message_id
     fallback = comp.compose(recipients[world["nocity"]])
     assert (fallback.language, fallback.fell_back) == ("en", True)

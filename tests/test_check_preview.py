@@ -45,7 +45,12 @@ def test_check_on_the_starter_appeal_is_clean(run: Cli, world: dict[str, int]) -
         "contacts asking for 'sv' get the 'en' variant (the template has no sv): 1" in result.output
     )
     assert "e.g. info@example.com" in result.output
-    assert "OK: nothing blocks sending (1 warning)." in result.output
+    # Nothing is known about info@: the one letter greeting nobody in particular.
+    assert (
+        "letters with the generic greeting 'Dear colleagues,' (no name, office or form of "
+        "address known; en variant): 1"
+    ) in result.output
+    assert "OK: nothing blocks sending (2 warnings)." in result.output
 
 
 def test_a_field_no_contact_has_blocks_sending(run: Cli, world: dict[str, int]) -> None:
@@ -206,7 +211,7 @@ def test_preview_shows_the_first_recipient_readably(run: Cli, world: dict[str, i
     out = run.ok("preview", "c").output
     assert out.startswith("[language pl; ")
     assert "To: Zoë Łukasiewicz-Müller <prezydent@krakow.example.org>" in out
-    assert "Reply-To: mayor@lviv.example.org" in out
+    assert "Reply-To: Andriy Sadovyi <mayor@lviv.example.org>" in out
     assert "From: Campaign Office <office@example.org>" in out
     assert "Subject: " in out and "=?utf-8?" not in out
     assert "Kraków" in out and "Andriy Sadovyi" in out
@@ -319,7 +324,7 @@ def test_check_on_postgresql(pg_url: str, tmp_path: Path) -> None:
                 templates_dir=workspace.templates_dir,
                 settings=workspace,
             )
-        assert parse(composed.data)["Reply-To"] == "mayor@lviv.example.org"
+        assert parse(composed.data)["Reply-To"] == "Andriy Sadovyi <mayor@lviv.example.org>"
     finally:
         engine.dispose()
 
