@@ -26,6 +26,7 @@ from mailer.audience import (
     suppression_for,
 )
 from mailer.errors import InvalidValueError, NotFoundError
+from mailer.localtime import format_iso, format_local, local_zone
 from mailer.models import (
     Campaign,
     City,
@@ -107,8 +108,9 @@ class CampaignSummary:
     def not_sent_yet(self) -> bool:
         return self.total == 0
 
-    def next_steps(self) -> list[str]:
-        """What the people running the campaign should do now, in plain words."""
+    def next_steps(self, *, zone: dt.tzinfo | None = None) -> list[str]:
+        """What the people running the campaign should do now, in plain words (times in
+        `zone`, by default the local one)."""
         slug, c = self.campaign, self.counts
         if self.held:
             return [
@@ -123,7 +125,11 @@ class CampaignSummary:
         if c["queued"]:
             steps.append(f"{c['queued']:,} waiting: `mailer send {slug} --smtp URL` sends them")
         if c["retry"]:
-            due = f", due from {_human_time(self.next_retry_at)}" if self.next_retry_at else ""
+            due = (
+                f", due from {format_local(self.next_retry_at, zone=zone)}"
+                if self.next_retry_at
+                else ""
+            )
             steps.append(
                 f"{c['retry']:,} refused for now by the server: the next "
                 f"`mailer send {slug}` tries them again{due}"
@@ -161,16 +167,17 @@ class CampaignSummary:
                 "pause_reason": self.pause_reason,
                 "title": self.title,
                 "progress": self.progress,
-                "started_at": _iso(self.started_at),
-                "ended_at": _iso(self.ended_at),
+                "started_at": format_iso(self.started_at),
+                "ended_at": format_iso(self.ended_at),
                 "rate_per_minute": self.rate_per_minute,
                 "top_failures": [
                     {"smtp_code": f.smtp_code, "reply": f.reply, "count": f.count}
                     for f in self.top_failures
                 ],
                 "note": "not sent yet" if self.not_sent_yet else None,
-                "next_retry_at": _iso(self.next_retry_at),
-                "next_steps": self.next_steps(),
+                "next_retry_at": format_iso(self.next_retry_at),
+                # Words for people, but JSON: its times are UTC like every other in it.
+                "next_steps": self.next_steps(zone=dt.UTC),
             }
         )
         return data
@@ -296,40 +303,43 @@ def failure_reasons(
     return [FailureReason(smtp_code=code, reply=reply, count=n) for (code, reply), n in ordered]
 
 
-def format_status_text(summaries: Sequence[CampaignSummary]) -> str:
+def format_status_text(
+    summaries: Sequence[CampaignSummary], *, zone: dt.tzinfo | None = None
+) -> str:
     """Plain aligned text: what `status` prints when the output is not a terminal."""
     if not summaries:
         return "No campaigns yet. Create one with `mailer campaign create SLUG ...`.\n"
+    zone = zone or local_zone()
     lines: list[str] = []
     for s in summaries:
-        lines.extend(_status_block(s))
+        lines.extend(_status_block(s, zone=zone))
         lines.append("")
     return "\n".join(lines)
 
 
-def _status_block(s: CampaignSummary) -> list[str]:
+def _status_block(s: CampaignSummary, *, zone: dt.tzinfo) -> list[str]:
     title = f" — {s.title}" if s.title else ""
     lines = [f"{s.campaign}{title}  [{s.status}]"]
     if s.pause_reason:
         lines.append(f"  PAUSED: {s.pause_reason}")
     if s.not_sent_yet:
         lines.append("  not sent yet: no messages queued")
-        lines.extend(f"  next: {step}" for step in s.next_steps())
+        lines.extend(f"  next: {step}" for step in s.next_steps(zone=zone))
         return lines
     width = max(len(state) for state in STATES)
     for state in STATES:
         lines.append(f"  {state:<{width}}  {s.counts[state]:>9,}")
     lines.append(f"  {'total':<{width}}  {s.total:>9,}")
     lines.append(f"  progress  {s.progress:.1f}% ({s.finished:,} of {s.total:,} finished)")
-    lines.append(f"  started   {_human_time(s.started_at)}")
-    lines.append(f"  ended     {_human_time(s.ended_at)}")
+    lines.append(f"  started   {format_local(s.started_at, zone=zone)}")
+    lines.append(f"  ended     {format_local(s.ended_at, zone=zone)}")
     lines.append(f"  rate      {s.rate_per_minute:g}/min sent in the last 10 minutes")
     lines.append(f"  outcomes  {format_outcomes(s.outcomes)}")
     if s.top_failures:
         lines.append("  top failure reasons:")
         for reason in s.top_failures:
             lines.append(f"    {reason.count:>7,} × {_clip(reason.label(), 90)}")
-    lines.extend(f"  next: {step}" for step in s.next_steps())
+    lines.extend(f"  next: {step}" for step in s.next_steps(zone=zone))
     return lines
 
 
@@ -424,10 +434,13 @@ _RELATIVE = re.compile(
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
+def parse_since(
+    value: str, *, now: dt.datetime | None = None, zone: dt.tzinfo | None = None
+) -> dt.datetime:
     """`2026-03-14`, `2026-03-14T09:30`, `...+02:00`, or relative: `30m`, `2h`, `3d`, `1w`.
 
-    A date or time without a zone is UTC, like every time mailer prints.
+    A date or time without a zone is in `zone` (by default the local one), the zone every time
+    mailer shows is in.
     """
     text = value.strip()
     match = _RELATIVE.match(text.lower())
@@ -443,7 +456,7 @@ def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
             "2026-03-14T09:30, or a relative age like 30m, 2h, 3d, 1w"
         ) from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
+        parsed = parsed.replace(tzinfo=zone or local_zone())
     return parsed.astimezone(dt.UTC)
 
 
@@ -630,9 +643,17 @@ def write_table(
     max_width: int = 40,
     sample: int = 500,
     empty: str = "(no matching rows)\n",
+    zone: dt.tzinfo | None = None,
 ) -> int:
     """Plain aligned columns. Widths come from the first `sample` rows, so output streams.
-    With no rows at all, only `empty` is written."""
+    With no rows at all, only `empty` is written. Times are for people: local, with the zone."""
+    zone = zone or local_zone()
+
+    def cell(value: Any) -> str:
+        if isinstance(value, dt.datetime):
+            return format_local(value, zone=zone)
+        return _plain(value)
+
     iterator = iter(rows)
     head: list[Row] = []
     for row in iterator:
@@ -642,9 +663,7 @@ def write_table(
     if not head:
         out.write(empty)
         return 0
-    widths = {
-        c: min(max_width, max(len(c), *(len(_plain(r.get(c))) for r in head))) for c in columns
-    }
+    widths = {c: min(max_width, max(len(c), *(len(cell(r.get(c))) for r in head))) for c in columns}
 
     def line(values: Iterable[str]) -> str:
         cells = [_clip(v, widths[c]).ljust(widths[c]) for c, v in zip(columns, values, strict=True)]
@@ -654,7 +673,7 @@ def write_table(
     out.write(line("-" * widths[c] for c in columns))
     n = 0
     for row in _chain(head, iterator):
-        out.write(line(_plain(row.get(c)) for c in columns))
+        out.write(line(cell(row.get(c)) for c in columns))
         n += 1
     return n
 
@@ -832,7 +851,12 @@ def contact_history(session: Session, email: str) -> ContactHistory:
     )
 
 
-def format_contact_history(history: ContactHistory) -> str:
+def format_contact_history(history: ContactHistory, *, zone: dt.tzinfo | None = None) -> str:
+    zone = zone or local_zone()
+
+    def when(value: dt.datetime | None) -> str:
+        return format_local(value, zone=zone)
+
     lines: list[str] = []
     if not history.imported:
         lines.append(f"{history.email} is not an imported contact, but it is suppressed:")
@@ -852,11 +876,11 @@ def format_contact_history(history: ContactHistory) -> str:
         for key, value in sorted(history.attributes.items()):
             if value not in (None, ""):
                 lines.append(f"  {key:<13} {_plain(value)}")
-        lines.append(f"  {'imported':<13} {_human_time(history.created_at)}")
+        lines.append(f"  {'imported':<13} {when(history.created_at)}")
     if history.suppression:
         s = history.suppression
         source = f" (source: {s.source})" if s.source else ""
-        lines.append(f"  SUPPRESSED    {s.reason} since {_human_time(s.at)}{source}: never sent to")
+        lines.append(f"  SUPPRESSED    {s.reason} since {when(s.at)}{source}: never sent to")
     elif history.imported:
         lines.append("  suppressed    no")
     if not history.imported:
@@ -869,19 +893,17 @@ def format_contact_history(history: ContactHistory) -> str:
         lines.append("Campaigns:")
         for m in history.messages:
             answer = " ".join(p for p in (str(m.smtp_code or ""), _one_line(m.smtp_reply)) if p)
-            when = (
-                f"sent {_human_time(m.sent_at)}"
-                if m.sent_at
-                else f"queued {_human_time(m.queued_at)}"
+            sent_or_queued = (
+                f"sent {when(m.sent_at)}" if m.sent_at else f"queued {when(m.queued_at)}"
             )
             came_back = [
-                f"replied {_human_time(m.replied_at)}" if m.replied_at else "",
-                f"bounced {_human_time(m.bounced_at)}" if m.bounced_at else "",
+                f"replied {when(m.replied_at)}" if m.replied_at else "",
+                f"bounced {when(m.bounced_at)}" if m.bounced_at else "",
                 f"away until {m.away_until.isoformat()}" if m.away_until else "",
             ]
             outcome = ", ".join(p for p in came_back if p)
             lines.append(
-                f"  {m.campaign}: {m.status}, {m.attempts} attempt(s), {when}"
+                f"  {m.campaign}: {m.status}, {m.attempts} attempt(s), {sent_or_queued}"
                 + (f", {outcome}" if outcome else "")
                 + (f" — {answer}" if answer else "")
             )
@@ -889,7 +911,7 @@ def format_contact_history(history: ContactHistory) -> str:
         lines.append("")
         lines.append("Replies:")
         for r in history.replies:
-            lines.append(f"  {_human_time(r.at)}  {r.campaign or '-'}  {r.subject}")
+            lines.append(f"  {when(r.at)}  {r.campaign or '-'}  {r.subject}")
             lines.extend(f"    | {line}" for line in r.excerpt.splitlines())
     lines.append("")
     if not history.events:
@@ -897,7 +919,7 @@ def format_contact_history(history: ContactHistory) -> str:
     else:
         lines.append("Events (oldest first):")
         for e in history.events:
-            parts = [_human_time(e.at), e.campaign or "-", e.kind]
+            parts = [when(e.at), e.campaign or "-", e.kind]
             if e.smtp_code is not None:
                 parts.append(str(e.smtp_code))
             if e.detail:
@@ -996,22 +1018,6 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is not dt.UTC:
-        value = value.astimezone(dt.UTC)
-    return value.isoformat()[:-6] + "Z"  # drop "+00:00"
-
-
-def _human_time(value: dt.datetime | None) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "-"
-
-
-def _short_time(value: dt.datetime | None) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M") if value else "-"
-
-
 def _one_line(text: str | None) -> str:
     return " ".join((text or "").split())
 
@@ -1024,7 +1030,7 @@ def _plain(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, dt.datetime):
-        return _iso(value) or ""
+        return format_iso(value) or ""
     if isinstance(value, str):
         return value
     if isinstance(value, (list, dict)):
@@ -1034,15 +1040,18 @@ def _plain(value: Any) -> str:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dt.datetime):
-        return _iso(value)
+        return format_iso(value)
     return value
 
 
-def status_renderables(summaries: Sequence[CampaignSummary]) -> list[Any]:
+def status_renderables(
+    summaries: Sequence[CampaignSummary], *, zone: dt.tzinfo | None = None
+) -> list[Any]:
     """Rich tables for a terminal: one overview row per campaign, then its failure reasons."""
     from rich.table import Table
     from rich.text import Text
 
+    zone = zone or local_zone()
     if not summaries:
         return ["No campaigns yet. Create one with `mailer campaign create SLUG ...`."]
     table = Table(title="Campaigns", title_justify="left")
@@ -1050,7 +1059,7 @@ def status_renderables(summaries: Sequence[CampaignSummary]) -> list[Any]:
     table.add_column("status")
     for state in STATES:
         table.add_column(state, justify="right")
-    for label in ("total", "progress", "started (UTC)", "ended (UTC)", "rate/min"):
+    for label in ("total", "progress", "started", "ended", "rate/min"):
         table.add_column(label, justify="right")
     for s in summaries:
         if s.not_sent_yet:
@@ -1064,14 +1073,14 @@ def status_renderables(summaries: Sequence[CampaignSummary]) -> list[Any]:
             *(f"{s.counts[state]:,}" for state in STATES),
             f"{s.total:,}",
             f"{s.progress:.1f}%",
-            _short_time(s.started_at),
-            _short_time(s.ended_at),
+            format_local(s.started_at, zone=zone),
+            format_local(s.ended_at, zone=zone),
             f"{s.rate_per_minute:g}",
         )
     out: list[Any] = [table]
     for s in summaries:
         out.append(Text(f"{s.campaign}, next:"))
-        out.extend(Text(f"  • {step}") for step in s.next_steps())
+        out.extend(Text(f"  • {step}") for step in s.next_steps(zone=zone))
         if s.top_failures:
             reasons = Table(title=Text(f"{s.campaign}: top failure reasons"), title_justify="left")
             reasons.add_column("count", justify="right")
