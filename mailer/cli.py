@@ -1249,8 +1249,9 @@ def contacts_show(email: str, fmt: str) -> None:
 def status(slug: str | None, fmt: str) -> None:
     """Progress of each campaign, per message state.
 
-    Messages per state, progress, start and end, the recent send rate, and the top failure
-    reasons (SMTP code and reply, counted). Without SLUG, every campaign. The JSON keys are campaign, status, total and one per
+    Messages per state, progress, start and end (in your local time), the recent send rate
+    over the span actually sent with the configured limit, and the top failure reasons (SMTP
+    code and reply, counted). Without SLUG, every campaign. The JSON keys are campaign, status, total and one per
     state (queued, sending, sent, retry, failed, skipped, uncertain).
 
     \b
@@ -1262,8 +1263,14 @@ def status(slug: str | None, fmt: str) -> None:
 
     from mailer import review
 
+    workspace = state().workspace()
     with db.session_factory(state().engine())() as session:
-        summaries = review.campaign_status(session, slug)
+        summaries = review.campaign_status(
+            session,
+            slug,
+            default_rate=review.configured_rate(workspace.setting("smtp", "rate")),
+            default_daily_cap=review.configured_cap(workspace.setting("smtp", "daily_cap")),
+        )
     if fmt == "json":
         click.echo(json.dumps([s.to_json() for s in summaries], indent=2, ensure_ascii=False))
     elif sys.stdout.isatty():

@@ -26,7 +26,7 @@ from mailer.audience import (
     suppression_for,
 )
 from mailer.errors import InvalidValueError, NotFoundError
-from mailer.localtime import format_iso, format_local, local_zone
+from mailer.localtime import format_duration, format_iso, format_local, local_zone
 from mailer.models import (
     Campaign,
     City,
@@ -71,6 +71,114 @@ class FailureReason:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SendRate:
+    """How fast letters went out lately: the `sent` events of the RATE_WINDOW that ends at the
+    latest one, over the span they actually took (74 letters in 1 s are 74 a second, not "7.4 a
+    minute" averaged over ten minutes), and the configured limits beside it."""
+
+    letters: int = 0
+    first_at: dt.datetime | None = None
+    last_at: dt.datetime | None = None
+    # The latest letter went out within RATE_WINDOW of now: sending is going on.
+    current: bool = False
+    # The configured limit as written ("300/min"), the daily cap, and where they were set:
+    # "campaign" (its settings) or "mailer.toml" ([smtp] rate / daily_cap).
+    limit: str | None = None
+    limit_source: str | None = None
+    daily_cap: int | None = None
+    daily_cap_source: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        if self.first_at is None or self.last_at is None:
+            return 0.0
+        return (self.last_at - self.first_at).total_seconds()
+
+    @property
+    def per_second(self) -> float | None:
+        """Letters over the seconds they took (at least one: the clock's grain); None for fewer
+        than two letters, which have no span."""
+        if self.letters < 2:
+            return None
+        return self.letters / max(self.seconds, 1.0)
+
+    @property
+    def per_minute(self) -> float | None:
+        per_second = self.per_second
+        return None if per_second is None else per_second * 60
+
+    def to_json(self) -> dict[str, Any]:
+        per_minute = self.per_minute
+        return {
+            "letters": self.letters,
+            "first_at": format_iso(self.first_at),
+            "last_at": format_iso(self.last_at),
+            "seconds": round(self.seconds, 3),
+            "per_minute": round(per_minute, 1) if per_minute is not None else None,
+            "current": self.current,
+        }
+
+
+def _speed(per_second: float) -> str:
+    if per_second >= 1:
+        return f"{per_second:,.0f} a second" if per_second >= 10 else f"{per_second:.1f} a second"
+    per_minute = per_second * 60
+    if per_minute >= 1:
+        return f"{per_minute:,.1f} a minute"
+    return f"{per_minute * 60:,.1f} an hour"
+
+
+def format_rate(rate: SendRate, *, zone: dt.tzinfo | None = None) -> str:
+    """The recent rate in words, then the configured limit: one line for `status` and the
+    report."""
+    if rate.letters == 0 or rate.last_at is None:
+        words = "nothing sent yet"
+    else:
+        last = format_local(rate.last_at, zone=zone)
+        per_second = rate.per_second
+        if per_second is None:
+            stretch = f"1 letter in the last {_window_words()}, at {last}"
+            if not rate.current:
+                stretch = f"1 letter, at {last}"
+        else:
+            stretch = (
+                f"{rate.letters:,} letters in {format_duration(rate.seconds)} "
+                f"({_speed(per_second)}), the last at {last}"
+            )
+        words = (
+            stretch
+            if rate.current
+            else f"nothing sent in the last {_window_words()}; before that {stretch}"
+        )
+    return words + "; " + _limit_words(rate)
+
+
+def _short_rate(rate: SendRate) -> str:
+    """The rate for a table cell: `74 a second`, or `-` when nothing is going out now."""
+    per_second = rate.per_second
+    if not rate.current or per_second is None:
+        return "-"
+    return _speed(per_second)
+
+
+def _window_words() -> str:
+    return f"{int(RATE_WINDOW.total_seconds() // 60)} minutes"
+
+
+def _limit_words(rate: SendRate) -> str:
+    cap = f"{rate.daily_cap:,} a day" if rate.daily_cap is not None else None
+    if rate.limit is None and cap is None:
+        return "no rate limit set"
+    if rate.limit is None:
+        return f"no rate limit set, at most {cap} ({rate.daily_cap_source})"
+    if cap is None:
+        return f"limit {rate.limit} ({rate.limit_source})"
+    if rate.limit_source == rate.daily_cap_source:
+        return f"limit {rate.limit} and {cap} ({rate.limit_source})"
+    return f"limit {rate.limit} ({rate.limit_source}) and {cap} ({rate.daily_cap_source})"
+
+
+@dataclass(frozen=True, kw_only=True)
 class CampaignSummary:
     """One campaign's state, as `mailer status` shows it."""
 
@@ -80,7 +188,7 @@ class CampaignSummary:
     counts: dict[str, int]
     started_at: dt.datetime | None
     ended_at: dt.datetime | None
-    rate_per_minute: float
+    rate: SendRate = field(default_factory=SendRate)
     top_failures: list[FailureReason] = field(default_factory=list)
     # The earliest time a `retry` message is due again.
     next_retry_at: dt.datetime | None = None
@@ -93,6 +201,11 @@ class CampaignSummary:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def rate_per_minute(self) -> float | None:
+        """The rate now: 0 when nothing went out in the last RATE_WINDOW, None for one letter."""
+        return self.rate.per_minute if self.rate.current else 0.0
 
     @property
     def finished(self) -> int:
@@ -169,7 +282,12 @@ class CampaignSummary:
                 "progress": self.progress,
                 "started_at": format_iso(self.started_at),
                 "ended_at": format_iso(self.ended_at),
-                "rate_per_minute": self.rate_per_minute,
+                "rate_per_minute": (
+                    round(self.rate_per_minute, 1) if self.rate_per_minute is not None else None
+                ),
+                "recent_rate": self.rate.to_json(),
+                "rate_limit": self.rate.limit,
+                "daily_cap": self.rate.daily_cap,
                 "top_failures": [
                     {"smtp_code": f.smtp_code, "reply": f.reply, "count": f.count}
                     for f in self.top_failures
@@ -184,9 +302,17 @@ class CampaignSummary:
 
 
 def campaign_status(
-    session: Session, slug: str | None = None, *, now: dt.datetime | None = None
+    session: Session,
+    slug: str | None = None,
+    *,
+    now: dt.datetime | None = None,
+    default_rate: str | None = None,
+    default_daily_cap: int | None = None,
 ) -> list[CampaignSummary]:
-    """Every campaign (or the one named), oldest first."""
+    """Every campaign (or the one named), oldest first.
+
+    `default_rate` and `default_daily_cap` are the workspace's ([smtp] rate and daily_cap in
+    mailer.toml): the limits shown for a campaign whose own settings name none."""
     if slug is not None:
         # Imported here: campaigns brings the template machinery, which reading needs not.
         from mailer.campaigns import get_campaign
@@ -194,10 +320,72 @@ def campaign_status(
         campaigns = [get_campaign(session, slug)]
     else:
         campaigns = list(session.scalars(select(Campaign).order_by(Campaign.id)))
-    return [_summary(session, c, now=now or utcnow()) for c in campaigns]
+    defaults = _Limits(rate=default_rate, daily_cap=default_daily_cap)
+    return [_summary(session, c, now=now or utcnow(), defaults=defaults) for c in campaigns]
 
 
-def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> CampaignSummary:
+def configured_rate(value: object) -> str | None:
+    """A rate as mailer.toml or a campaign's settings hold it ("300/min"), or None."""
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def configured_cap(value: object) -> int | None:
+    """A daily cap as mailer.toml or a campaign's settings hold it, or None (bool is no cap)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Limits:
+    rate: str | None
+    daily_cap: int | None
+
+
+def send_rate(
+    session: Session,
+    *,
+    campaign: Campaign,
+    now: dt.datetime,
+    default_rate: str | None = None,
+    default_daily_cap: int | None = None,
+) -> SendRate:
+    """The campaign's recent rate (see SendRate) and its configured limits."""
+    sent = (Event.campaign_id == campaign.id, Event.kind == EventKind.SENT.value)
+    # Newest first along the (campaign_id, at) index: stops at the first `sent` it meets.
+    last = _aware(
+        session.scalar(
+            select(Event.at).where(*sent, Event.at <= now).order_by(Event.at.desc()).limit(1)
+        )
+    )
+    letters, first = 0, None
+    if last is not None:
+        count, earliest = session.execute(
+            select(func.count(), func.min(Event.at)).where(
+                *sent, Event.at > last - RATE_WINDOW, Event.at <= last
+            )
+        ).one()
+        letters, first = int(count or 0), _aware(earliest)
+    settings = campaign.settings if isinstance(campaign.settings, dict) else {}
+    rate, rate_source = configured_rate(settings.get("rate")), "campaign"
+    if rate is None and default_rate:
+        rate, rate_source = default_rate, "mailer.toml"
+    cap, cap_source = configured_cap(settings.get("daily_cap")), "campaign"
+    if cap is None and default_daily_cap is not None:
+        cap, cap_source = default_daily_cap, "mailer.toml"
+    return SendRate(
+        letters=letters,
+        first_at=first,
+        last_at=last,
+        current=last is not None and last > now - RATE_WINDOW,
+        limit=rate,
+        limit_source=rate_source if rate is not None else None,
+        daily_cap=cap,
+        daily_cap_source=cap_source if cap is not None else None,
+    )
+
+
+def _summary(
+    session: Session, campaign: Campaign, *, now: dt.datetime, defaults: _Limits
+) -> CampaignSummary:
     counts: dict[str, int] = dict.fromkeys(STATES, 0)
     rows = session.execute(
         select(Message.status, func.count())
@@ -217,15 +405,13 @@ def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> Campa
     if ended is None and total > 0 and not any(counts[s] for s in OPEN_STATES):
         ended = last
 
-    recent = session.scalar(
-        select(func.count()).where(
-            Event.campaign_id == campaign.id,
-            Event.kind == EventKind.SENT.value,
-            Event.at > now - RATE_WINDOW,
-            Event.at <= now,
-        )
+    rate = send_rate(
+        session,
+        campaign=campaign,
+        now=now,
+        default_rate=defaults.rate,
+        default_daily_cap=defaults.daily_cap,
     )
-    rate = round(int(recent or 0) / (RATE_WINDOW.total_seconds() / 60), 1)
     next_retry = None
     if counts[MessageStatus.RETRY.value]:
         next_retry = session.scalar(
@@ -245,7 +431,7 @@ def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> Campa
         counts=counts,
         started_at=started,
         ended_at=ended,
-        rate_per_minute=rate,
+        rate=rate,
         top_failures=failure_reasons(session, campaign_id=campaign.id, limit=5),
     )
 
@@ -333,7 +519,7 @@ def _status_block(s: CampaignSummary, *, zone: dt.tzinfo) -> list[str]:
     lines.append(f"  progress  {s.progress:.1f}% ({s.finished:,} of {s.total:,} finished)")
     lines.append(f"  started   {format_local(s.started_at, zone=zone)}")
     lines.append(f"  ended     {format_local(s.ended_at, zone=zone)}")
-    lines.append(f"  rate      {s.rate_per_minute:g}/min sent in the last 10 minutes")
+    lines.append(f"  rate      {format_rate(s.rate, zone=zone)}")
     lines.append(f"  outcomes  {format_outcomes(s.outcomes)}")
     if s.top_failures:
         lines.append("  top failure reasons:")
@@ -1059,7 +1245,7 @@ def status_renderables(
     table.add_column("status")
     for state in STATES:
         table.add_column(state, justify="right")
-    for label in ("total", "progress", "started", "ended", "rate/min"):
+    for label in ("total", "progress", "started", "ended", "recent rate"):
         table.add_column(label, justify="right")
     for s in summaries:
         if s.not_sent_yet:
@@ -1075,11 +1261,12 @@ def status_renderables(
             f"{s.progress:.1f}%",
             format_local(s.started_at, zone=zone),
             format_local(s.ended_at, zone=zone),
-            f"{s.rate_per_minute:g}",
+            _short_rate(s.rate),
         )
     out: list[Any] = [table]
     for s in summaries:
         out.append(Text(f"{s.campaign}, next:"))
+        out.append(Text(f"  rate: {format_rate(s.rate, zone=zone)}"))
         out.extend(Text(f"  • {step}") for step in s.next_steps(zone=zone))
         if s.top_failures:
             reasons = Table(title=Text(f"{s.campaign}: top failure reasons"), title_justify="left")
