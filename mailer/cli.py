@@ -1371,30 +1371,35 @@ def log_command(
 @click.option(
     "--output",
     "-o",
-    required=True,
     # Not dir_okay=False: the library names a folder given here in its one `Error:` line.
     type=click.Path(path_type=Path),
     metavar="FILE.html",
-    help="Where to write the report (one self-contained HTML file).",
+    help="Where to write the report (one self-contained HTML file). Default: SLUG-report.html "
+    "in the current folder.",
 )
-def report(slug: str, output: Path) -> None:
+def report(slug: str, output: Path | None) -> None:
     """Write a one-file HTML report anyone can open.
 
-    Totals, a chart of sends over time, results by country and language, failures grouped
-    by reason, and the failed and uncertain recipients with the server's answers. The file
-    needs nothing else (no internet, no scripts): mail it, open it in any browser.
+    Totals and the recent rate; what came back (replies with their first lines, bounces by
+    reason, unsubscribes, reply rate by country and language); who to follow up; who is
+    waiting, refused or skipped and why; who was contacted (city, partner city, when); a chart
+    of sends over time; and one sample letter per language. Times are in your local time zone.
+    The file needs nothing else (no internet, no scripts): mail it, open it in any browser.
 
     \b
     Example:
-      mailer report appeal-2022 --output appeal-2022.html
+      mailer report appeal-2022
+      mailer report appeal-2022 --output ~/reports/appeal-2022.html
     """
     from mailer.report import write_report
 
+    target = output if output is not None else Path(f"{slug}-report.html")
+    workspace = state().workspace()
     with db.session_factory(state().engine())() as session:
-        data = write_report(session, slug=slug, output=output)
+        data = write_report(session, slug=slug, output=target, workspace=workspace)
     s = data.summary
     click.echo(
-        f"Wrote {output}: {s.total:,} recipients, {s.counts['sent']:,} sent, "
+        f"Wrote {target}: {s.total:,} recipients, {s.counts['sent']:,} sent, "
         f"{s.counts['failed']:,} failed, {s.counts['uncertain']:,} uncertain."
     )
 

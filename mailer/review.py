@@ -35,6 +35,8 @@ from mailer.models import (
     EventKind,
     Message,
     MessageStatus,
+    Partnership,
+    Suppression,
     city_key,
     utcnow,
 )
@@ -489,6 +491,257 @@ def failure_reasons(
     return [FailureReason(smtp_code=code, reply=reply, count=n) for (code, reply), n in ordered]
 
 
+_QUOTED_ADDRESS = re.compile(r"^invalid address (['\"]).*?\1: ")
+
+
+def skip_reasons(
+    session: Session, *, campaign_id: int, limit: int | None = None
+) -> list[FailureReason]:
+    """Skipped letters grouped by why (the detail of their latest `skipped` event: suppressed
+    and its reason, an unusable address, a cancelled campaign...), most first."""
+    latest = (
+        select(func.max(Event.id))
+        .where(
+            Event.message_id == Message.id,
+            Event.kind == EventKind.SKIPPED.value,
+        )
+        .correlate(Message)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(Event.detail, func.count())
+        .select_from(Message)
+        .outerjoin(Event, Event.id == latest)
+        .where(Message.campaign_id == campaign_id, Message.status == MessageStatus.SKIPPED.value)
+        .group_by(Event.detail)
+    )
+    merged: dict[str, int] = {}
+    for detail, n in rows:
+        # Each invalid address is its own text; the reason after it is what groups them.
+        key = _QUOTED_ADDRESS.sub("invalid address: ", _one_line(detail)) or "not sent on purpose"
+        merged[key] = merged.get(key, 0) + int(n)
+    ordered = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))
+    if limit is not None:
+        ordered = ordered[:limit]
+    return [FailureReason(smtp_code=None, reply=reply, count=n) for reply, n in ordered]
+
+
+# RFC 3463 enhanced status codes: the details a bounce names most, then each subject's meaning.
+DSN_MEANINGS = {
+    "5.1.1": "no such mailbox",
+    "5.1.2": "no such domain",
+    "5.1.3": "badly formed address",
+    "5.1.6": "mailbox has moved",
+    "5.1.10": "the domain accepts no mail",
+    "5.2.1": "mailbox disabled",
+    "5.2.2": "mailbox full",
+    "5.2.3": "letter too large for the mailbox",
+    "5.4.4": "no route to the recipient's server",
+    "5.7.1": "refused by the recipient's policy (blocked or not allowed)",
+    "5.7.26": "refused: the sender's domain failed authentication (SPF/DKIM/DMARC)",
+}
+DSN_SUBJECTS = {
+    "0": "other or unknown problem",
+    "1": "address problem",
+    "2": "mailbox problem",
+    "3": "mail system problem",
+    "4": "network or routing problem",
+    "5": "mail delivery protocol problem",
+    "6": "content problem",
+    "7": "security or policy refusal",
+}
+_DSN_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+
+
+def dsn_meaning(status: str | None) -> str:
+    """`5.1.1` -> "no such mailbox"; an unknown detail falls back on its subject (5.1.x:
+    "address problem")."""
+    if not status:
+        return "no delivery status given"
+    if status in DSN_MEANINGS:
+        return DSN_MEANINGS[status]
+    parts = status.split(".")
+    return DSN_SUBJECTS.get(parts[1], "unknown status") if len(parts) == 3 else "unknown status"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BounceReason:
+    """Bounced letters with one delivery status (RFC 3463, e.g. 5.1.1) and SMTP code."""
+
+    status: str | None
+    smtp_code: int | None
+    count: int
+    # One server answer of the group, as the bounce gave it.
+    example: str
+
+    @property
+    def meaning(self) -> str:
+        return dsn_meaning(self.status)
+
+
+def bounce_reasons(session: Session, *, campaign_id: int) -> list[BounceReason]:
+    """The campaign's bounced letters grouped by delivery status and SMTP code, most first."""
+    rows = session.execute(
+        select(Message.smtp_code, Message.smtp_reply, func.count())
+        .where(Message.campaign_id == campaign_id, Message.bounced_at.is_not(None))
+        .group_by(Message.smtp_code, Message.smtp_reply)
+    )
+    groups: dict[tuple[str | None, int | None], tuple[int, str]] = {}
+    for code, reply, n in rows:
+        text = _one_line(reply)
+        found = _DSN_STATUS.search(text)
+        key = (".".join(found.groups()) if found else None, code)
+        count, example = groups.get(key, (0, text))
+        groups[key] = (count + int(n), example)
+    ordered = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0][0] or "", kv[0][1] or 0))
+    return [
+        BounceReason(status=status, smtp_code=code, count=n, example=example)
+        for (status, code), (n, example) in ordered
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutcomeRow:
+    """One answer that came back (a reply, an unsubscribe...), with whom it came from."""
+
+    at: dt.datetime
+    kind: str
+    email: str | None
+    name: str | None
+    city: str | None
+    country: str | None
+    subject: str
+    excerpt: str
+
+
+def outcome_rows(
+    session: Session, *, campaign_id: int, kinds: Sequence[EventKind], limit: int
+) -> tuple[list[OutcomeRow], int]:
+    """The first `limit` events of these kinds (oldest first), and how many there are."""
+    wanted = (Event.campaign_id == campaign_id, Event.kind.in_([k.value for k in kinds]))
+    total = int(session.scalar(select(func.count()).select_from(Event).where(*wanted)) or 0)
+    rows = session.connection().execute(
+        select(
+            Event.at, Event.kind, Event.detail, Contact.email, Contact.name, City.name, City.country
+        )
+        .outerjoin(Contact, Contact.id == Event.contact_id)
+        .outerjoin(City, City.id == Contact.city_id)
+        .where(*wanted)
+        .order_by(Event.at, Event.id)
+        .limit(limit)
+    )
+    out = []
+    for at, kind, detail, email, name, city, country in rows:
+        if kind == EventKind.REPLIED.value:
+            subject, excerpt = split_reply_detail(detail)
+        else:
+            subject, excerpt = "", detail or ""
+        out.append(
+            OutcomeRow(
+                at=_aware(at) or at,
+                kind=kind,
+                email=email,
+                name=name,
+                city=city,
+                country=country,
+                subject=subject,
+                excerpt=excerpt,
+            )
+        )
+    return out, total
+
+
+@dataclass(frozen=True, kw_only=True)
+class LetterDetail:
+    """What a log row does not carry, for the few rows a report shows: the Ukrainian partner
+    cities of the recipient's city, and the letter's due time, return date and skip reason."""
+
+    partners: tuple[str, ...] = ()
+    next_attempt_at: dt.datetime | None = None
+    away_until: dt.date | None = None
+    auto_replied: bool = False
+    skip_reason: str | None = None
+
+
+def letter_details(
+    session: Session, *, campaign_id: int, contact_ids: Sequence[int]
+) -> dict[int, LetterDetail]:
+    """LetterDetail per contact id, a few queries for a whole list (meant for hundreds)."""
+    found: dict[int, dict[str, Any]] = {}
+    city_of: dict[int, int] = {}
+    conn = session.connection()
+    ids = list(dict.fromkeys(contact_ids))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        for cid, due, away, city_id in conn.execute(
+            select(Message.contact_id, Message.next_attempt_at, Message.away_until, Contact.city_id)
+            .join(Contact, Contact.id == Message.contact_id)
+            .where(Message.campaign_id == campaign_id, Message.contact_id.in_(chunk))
+        ):
+            found[cid] = {"next_attempt_at": _aware(due), "away_until": away}
+            if city_id is not None:
+                city_of[cid] = city_id
+        for event_contact, kind, detail in conn.execute(
+            select(Event.contact_id, Event.kind, Event.detail)
+            .where(
+                Event.campaign_id == campaign_id,
+                Event.contact_id.in_(chunk),
+                Event.kind.in_([EventKind.SKIPPED.value, EventKind.AUTO_REPLIED.value]),
+            )
+            .order_by(Event.id)
+        ):
+            if event_contact is None:
+                continue
+            item = found.setdefault(event_contact, {})
+            if kind == EventKind.SKIPPED.value:
+                item["skip_reason"] = _one_line(detail) or None
+            else:
+                item["auto_replied"] = True
+    partners: dict[int, list[str]] = {}
+    cities = sorted(set(city_of.values()))
+    for start in range(0, len(cities), 500):
+        for partner_city, name in conn.execute(
+            select(Partnership.partner_city_id, City.name)
+            .join(City, City.id == Partnership.ukrainian_city_id)
+            .where(Partnership.partner_city_id.in_(cities[start : start + 500]))
+            .order_by(Partnership.id)
+        ):
+            partners.setdefault(partner_city, []).append(name)
+    return {
+        cid: LetterDetail(
+            partners=tuple(partners.get(city_of.get(cid, -1), ())),
+            **found.get(cid, {}),
+        )
+        for cid in ids
+    }
+
+
+def why_not_sent(row: Row, detail: LetterDetail) -> str:
+    """Why a letter (a `log_rows` row) is not sent, in words: the server's answer, the bounce,
+    the skip reason, or what it waits for."""
+    status = row["status"]
+    reply = _one_line(row["smtp_reply"])
+    if status == MessageStatus.FAILED.value and row["bounced_at"] is not None:
+        return f"bounced: {reply}" if reply else "bounced"
+    if status in PROBLEM_STATES:
+        answer = " ".join(p for p in (str(row["smtp_code"] or ""), reply) if p)
+        return answer or "no answer from the server"
+    if status == MessageStatus.SKIPPED.value:
+        return detail.skip_reason or "not sent on purpose"
+    if status == MessageStatus.QUEUED.value:
+        return "waiting for `mailer send`"
+    if status == MessageStatus.SENDING.value:
+        return "being sent now; if no `mailer send` is running, the next one settles it"
+    return reply
+
+
+def follow_up_note(detail: LetterDetail) -> str:
+    """What a letter to follow up has had back: an automatic answer and its return date."""
+    if detail.away_until is not None:
+        return f"auto-reply: back on {detail.away_until.isoformat()}"
+    return "auto-reply" if detail.auto_replied else ""
+
+
 def format_status_text(
     summaries: Sequence[CampaignSummary], *, zone: dt.tzinfo | None = None
 ) -> str:
@@ -597,6 +850,9 @@ class LogFilter:
     city: str | None = None
     country: str | None = None
     since: dt.datetime | None = None
+    # Letters to follow up: sent, no human reply (an auto-reply is none), not bounced, and the
+    # address not suppressed since (unsubscribed, complaint, bounce, do-not-contact).
+    awaiting_reply: bool = False
 
 
 def parse_statuses(values: Iterable[str]) -> tuple[str, ...]:
@@ -656,6 +912,13 @@ def _filter_conditions(flt: LogFilter) -> list[ColumnElement[bool]]:
         conditions.append(City.name_key == city_key(flt.city))
     if flt.country:
         conditions.append(City.country == flt.country.strip().upper())
+    if flt.awaiting_reply:
+        conditions += [
+            Message.status == MessageStatus.SENT.value,
+            Message.replied_at.is_(None),
+            Message.bounced_at.is_(None),
+            ~exists().where(Suppression.email == Contact.email),
+        ]
     return conditions
 
 
@@ -682,11 +945,7 @@ def log_rows(
     from mailer.campaigns import get_campaign
 
     campaign = get_campaign(session, slug)
-    conditions = [Message.campaign_id == campaign.id, *_filter_conditions(flt)]
-    if flt.since is not None:
-        conditions.append(
-            exists().where(and_(Event.message_id == Message.id, Event.at >= flt.since))
-        )
+    conditions = _log_conditions(campaign_id=campaign.id, flt=flt)
     # Plain columns, not ORM objects: nothing piles up in the session's identity map.
     selected = (
         Message.contact_id,
@@ -726,6 +985,29 @@ def log_rows(
         if len(page) < page_size:
             return
         last_id = page[-1][0]
+
+
+def _log_conditions(*, campaign_id: int, flt: LogFilter) -> list[ColumnElement[bool]]:
+    conditions = [Message.campaign_id == campaign_id, *_filter_conditions(flt)]
+    if flt.since is not None:
+        conditions.append(
+            exists().where(and_(Event.message_id == Message.id, Event.at >= flt.since))
+        )
+    return conditions
+
+
+def count_log_rows(session: Session, *, campaign_id: int, flt: LogFilter) -> int:
+    """How many rows `log_rows` would give for this filter (one COUNT, no rows read out)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Message)
+            .join(Contact, Contact.id == Message.contact_id)
+            .outerjoin(City, City.id == Contact.city_id)
+            .where(*_log_conditions(campaign_id=campaign_id, flt=flt))
+        )
+        or 0
+    )
 
 
 def event_rows(
