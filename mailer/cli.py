@@ -1301,7 +1301,8 @@ def status(slug: str | None, fmt: str) -> None:
 @click.option(
     "--since",
     metavar="WHEN",
-    help="Only activity since then: 2026-03-14, 2026-03-14T09:30, or an age: 30m, 2h, 3d, 1w.",
+    help="Only activity since then: 2026-03-14, 2026-03-14T09:30 (your local time, or with an "
+    "offset: +01:00), or an age: 30m, 2h, 3d, 1w.",
 )
 @click.option(
     "--events", is_flag=True, help="One line per send-log event instead of per recipient."

@@ -2,6 +2,8 @@
 
 Everything here only reads. The outbox (`messages`) holds each recipient's current state, the
 `events` table the append-only history; both are read in pages so a log of any size streams.
+Times for people are local with their zone, times in CSV/JSON ISO 8601 UTC (mailer/localtime.py).
+The report (report.py) reads through the functions here too, so its figures are the status's.
 """
 
 from __future__ import annotations

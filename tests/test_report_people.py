@@ -13,7 +13,7 @@ from conftest import Cli
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from test_report import _parse
-from test_review_data import T0, build_sample
+from test_review_data import SCRIPT_NAME, T0, build_sample
 
 from mailer import compose, outbox, report, review
 from mailer.config import find_workspace
@@ -382,3 +382,20 @@ def test_sending_windows_section_reads_the_campaign_settings(
     assert data.windows is not None and data.windows.windows == ("Mon-Fri 09:00-17:00",)
     windows = " ".join(_parse(text).text_by_id["windows"].split())
     assert "Mon-Fri 09:00-17:00" in windows and "each recipient's own time zone" in windows
+
+
+def test_sample_letters_and_lists_show_hostile_names_as_text(
+    outcomes: sessionmaker[Session], workspace: Path, tmp_path: Path
+) -> None:
+    with outcomes() as session, session.begin():
+        session.execute(
+            update(Contact).where(Contact.email == "bruno@example.org").values(name=SCRIPT_NAME)
+        )
+    data, text = _report(outcomes, workspace, tmp_path / "r.html")
+    fr = next(s for s in data.samples if s.language == "fr")
+    assert fr.email == "bruno@example.org" and fr.error is None
+    assert SCRIPT_NAME not in text
+    page = _parse(text)
+    assert page.tags.count("script") == 0
+    assert SCRIPT_NAME in page.text_by_id["sample-fr"]  # the reader sees the name, as text
+    assert SCRIPT_NAME in page.text_by_id["follow-up"]
