@@ -1249,8 +1249,9 @@ def contacts_show(email: str, fmt: str) -> None:
 def status(slug: str | None, fmt: str) -> None:
     """Progress of each campaign, per message state.
 
-    Messages per state, progress, start and end, the recent send rate, and the top failure
-    reasons (SMTP code and reply, counted). Without SLUG, every campaign. The JSON keys are campaign, status, total and one per
+    Messages per state, progress, start and end (in your local time), the recent send rate
+    over the span actually sent with the configured limit, and the top failure reasons (SMTP
+    code and reply, counted). Without SLUG, every campaign. The JSON keys are campaign, status, total and one per
     state (queued, sending, sent, retry, failed, skipped, uncertain).
 
     \b
@@ -1262,8 +1263,14 @@ def status(slug: str | None, fmt: str) -> None:
 
     from mailer import review
 
+    workspace = state().workspace()
     with db.session_factory(state().engine())() as session:
-        summaries = review.campaign_status(session, slug)
+        summaries = review.campaign_status(
+            session,
+            slug,
+            default_rate=review.configured_rate(workspace.setting("smtp", "rate")),
+            default_daily_cap=review.configured_cap(workspace.setting("smtp", "daily_cap")),
+        )
     if fmt == "json":
         click.echo(json.dumps([s.to_json() for s in summaries], indent=2, ensure_ascii=False))
     elif sys.stdout.isatty():
@@ -1294,7 +1301,8 @@ def status(slug: str | None, fmt: str) -> None:
 @click.option(
     "--since",
     metavar="WHEN",
-    help="Only activity since then: 2026-03-14, 2026-03-14T09:30, or an age: 30m, 2h, 3d, 1w.",
+    help="Only activity since then: 2026-03-14, 2026-03-14T09:30 (your local time, or with an "
+    "offset: +01:00), or an age: 30m, 2h, 3d, 1w.",
 )
 @click.option(
     "--events", is_flag=True, help="One line per send-log event instead of per recipient."
@@ -1364,30 +1372,35 @@ def log_command(
 @click.option(
     "--output",
     "-o",
-    required=True,
     # Not dir_okay=False: the library names a folder given here in its one `Error:` line.
     type=click.Path(path_type=Path),
     metavar="FILE.html",
-    help="Where to write the report (one self-contained HTML file).",
+    help="Where to write the report (one self-contained HTML file). Default: SLUG-report.html "
+    "in the current folder.",
 )
-def report(slug: str, output: Path) -> None:
+def report(slug: str, output: Path | None) -> None:
     """Write a one-file HTML report anyone can open.
 
-    Totals, a chart of sends over time, results by country and language, failures grouped
-    by reason, and the failed and uncertain recipients with the server's answers. The file
-    needs nothing else (no internet, no scripts): mail it, open it in any browser.
+    Totals and the recent rate; what came back (replies with their first lines, bounces by
+    reason, unsubscribes, reply rate by country and language); who to follow up; who is
+    waiting, refused or skipped and why; who was contacted (city, partner city, when); a chart
+    of sends over time; and one sample letter per language. Times are in your local time zone.
+    The file needs nothing else (no internet, no scripts): mail it, open it in any browser.
 
     \b
     Example:
-      mailer report appeal-2022 --output appeal-2022.html
+      mailer report appeal-2022
+      mailer report appeal-2022 --output ~/reports/appeal-2022.html
     """
     from mailer.report import write_report
 
+    target = output if output is not None else Path(f"{slug}-report.html")
+    workspace = state().workspace()
     with db.session_factory(state().engine())() as session:
-        data = write_report(session, slug=slug, output=output)
+        data = write_report(session, slug=slug, output=target, workspace=workspace)
     s = data.summary
     click.echo(
-        f"Wrote {output}: {s.total:,} recipients, {s.counts['sent']:,} sent, "
+        f"Wrote {target}: {s.total:,} recipients, {s.counts['sent']:,} sent, "
         f"{s.counts['failed']:,} failed, {s.counts['uncertain']:,} uncertain."
     )
 

@@ -174,7 +174,7 @@ def _run(
 
     report_path = root / "report.html"
     with factory() as session:
-        write_report(session, slug=SLUG, output=report_path)
+        write_report(session, slug=SLUG, output=report_path, workspace=workspace)
 
     seconds = time.monotonic() - started
     out("")
