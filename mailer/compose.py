@@ -5,7 +5,9 @@ campaign's messages, `preview` composes one. The sender (engine, compose_worker)
 `preview` all compose through here, so what is checked and previewed is what is sent. Must not
 import `campaigns`, `check` or `engine` (they import this).
 
-Unsubscribe defaults, documented here because every message carries them:
+Unsubscribe defaults (every message carries them), read from mailer.toml on the laptop that
+creates the campaign and frozen in it (`campaigns.unsubscribe_mailto`/`unsubscribe_url`), like
+its templates:
 
 - `List-Unsubscribe` mailto: `[campaign] unsubscribe_mailto` in mailer.toml (an address or a
   `mailto:` URL); when unset, the campaign's own From address with `?subject=unsubscribe`. That
@@ -259,6 +261,37 @@ class Composed(NamedTuple):
     fell_back: bool
 
 
+def unsubscribe_settings(settings: Workspace, *, from_address: str) -> tuple[str, str | None]:
+    """The List-Unsubscribe mailto and the one-click URL template (None: no URL) that
+    `[campaign] unsubscribe_mailto` / `unsubscribe_url` in mailer.toml give, checked. A campaign
+    freezes both when it is created."""
+    configured = settings.setting("campaign", "unsubscribe_mailto")
+    if configured is None or str(configured).strip() == "":
+        address = split_mailbox(from_address)[1]
+        mailto = f"mailto:{address}?subject=unsubscribe"
+    else:
+        mailto = str(configured).strip()
+        if mailto.lower().startswith("mailto:"):
+            address = mailto[len("mailto:") :].split("?", 1)[0]
+        else:
+            address, mailto = mailto, f"mailto:{mailto}?subject=unsubscribe"
+        problem = address_problem(address)
+        if problem:
+            raise InvalidValueError(
+                f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}"
+            )
+    url = settings.setting("campaign", "unsubscribe_url")
+    if url is None or str(url).strip() == "":
+        return mailto, None
+    value = str(url).strip()
+    if not value.lower().startswith("https://") or "{token}" not in value:
+        raise InvalidValueError(
+            f"mailer.toml [campaign] unsubscribe_url {value!r}: must be an https:// URL "
+            "containing {token} (e.g. https://example.org/unsubscribe?t={token})"
+        )
+    return mailto, value
+
+
 def _domain(address: str) -> str:
     return split_mailbox(address)[1].rpartition("@")[2].lower()
 
@@ -285,39 +318,17 @@ class Composer:
         self.list_id = f"<{campaign.slug}.{self.domain}>"
         self.reply_rule = campaign.reply_to
         self.today = today or dt.datetime.now(dt.UTC).date()
-        self.unsubscribe_mailto = self._mailto(settings)
-        self._url_template, self._secret = self._url(settings)
-
-    def _mailto(self, settings: Workspace) -> str:
-        configured = settings.setting("campaign", "unsubscribe_mailto")
-        if configured is None or str(configured).strip() == "":
-            address = split_mailbox(self.sender)[1]
-            return f"mailto:{address}?subject=unsubscribe"
-        value = str(configured).strip()
-        if value.lower().startswith("mailto:"):
-            address = value[len("mailto:") :].split("?", 1)[0]
+        if campaign.unsubscribe_mailto is not None:
+            # Frozen at create (see campaigns.create_campaign): every sender's letters alike.
+            self.unsubscribe_mailto = campaign.unsubscribe_mailto
+            self._url_template = campaign.unsubscribe_url
         else:
-            address, value = value, f"mailto:{value}?subject=unsubscribe"
-        problem = address_problem(address)
-        if problem:
-            raise InvalidValueError(
-                f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}"
+            # A campaign made before migration 0005_team: the local mailer.toml, as it was.
+            self.unsubscribe_mailto, self._url_template = unsubscribe_settings(
+                settings, from_address=self.sender
             )
-        return value
-
-    def _url(self, settings: Workspace) -> tuple[str | None, bytes]:
-        configured = settings.setting("campaign", "unsubscribe_url")
         secret = settings.setting("campaign", "unsubscribe_secret")
-        key = unsubscribe.key_for(slug=self.slug, secret=str(secret) if secret else None)
-        if configured is None or str(configured).strip() == "":
-            return None, key
-        value = str(configured).strip()
-        if not value.lower().startswith("https://") or "{token}" not in value:
-            raise InvalidValueError(
-                f"mailer.toml [campaign] unsubscribe_url {value!r}: must be an https:// URL "
-                "containing {token} (e.g. https://example.org/unsubscribe?t={token})"
-            )
-        return value, key
+        self._secret = unsubscribe.key_for(slug=self.slug, secret=str(secret) if secret else None)
 
     def token(self, email: str) -> str:
         return unsubscribe.make_token(key=self._secret, slug=self.slug, email=email)
