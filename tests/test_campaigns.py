@@ -391,7 +391,9 @@ def test_the_letter_is_frozen_at_create_and_changed_only_by_update(
         frozen = compose.template_set_for(campaign, templates_dir=templates)
         assert frozen.sources == {"en.txt.j2": "Subject: Second\n\nTwo\n"}
         # A broken local edit is a difference, never a failure of the campaign.
-        assert "en.txt.j2 changed" in str(campaigns.template_drift(campaign, templates_dir=templates))
+        assert "en.txt.j2 changed" in str(
+            campaigns.template_drift(campaign, templates_dir=templates)
+        )
         # Freezing again (a resumed campaign) keeps the copy.
         campaigns.freeze_templates(session, campaign, templates_dir=templates)
         assert campaign.template_sources == {"en.txt.j2": "Subject: Second\n\nTwo\n"}

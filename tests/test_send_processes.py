@@ -117,8 +117,14 @@ def test_interrupt_pauses_cleanly(workspace: Path, engine: Engine, signum: signa
         argv = shlex.split(match.group(3))
         assert argv[:3] == ["mailer", "send", SLUG]
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from mailer.cli import main; main()", "-w", str(workspace)]
-            + argv[1:],
+            [
+                sys.executable,
+                "-c",
+                "from mailer.cli import main; main()",
+                "-w",
+                str(workspace),
+                *argv[1:],
+            ],  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

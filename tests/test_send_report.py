@@ -14,11 +14,11 @@ from mailer.send_report import (
     format_paused,
     format_progress,
     format_progress_detail,
-    log_filter,
-    progress_done,
     format_send_counts,
     format_send_plan,
     format_send_summary,
+    log_filter,
+    progress_done,
 )
 
 
