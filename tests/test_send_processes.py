@@ -124,7 +124,7 @@ def test_interrupt_pauses_cleanly(workspace: Path, engine: Engine, signum: signa
                 "-w",
                 str(workspace),
                 *argv[1:],
-            ],  # fmt: skip
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from mailer import db
 from mailer.cli import cli
-from mailer.models import Campaign, Contact, Event, Message, Suppression
+from mailer.models import Campaign, Event, Message, Suppression
 
 SLUG = "appeal"
 FROM = "Campaign Office <office@example.org>"
