@@ -115,6 +115,10 @@ class CampaignSummary:
                 f"paused by a bounce spike: see `mailer log {slug} --status failed` and check the "
                 "list; sending resumes only once you acknowledge it"
             ]
+        if self.status == "cancelled":
+            return [f"{self.pause_reason or 'cancelled'}: nothing more is sent for it"]
+        if self.status == "paused" and (self.pause_reason or "").startswith("paused by "):
+            return [f"{self.pause_reason}; `mailer campaign resume {slug}` lets it go on"]
         if self.not_sent_yet:
             return [
                 f"check it with `mailer check {slug}`, then send with `mailer send {slug} --smtp URL`"

@@ -9,6 +9,7 @@ with no terminal, an aiosmtpd server on 127.0.0.1.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import os
@@ -26,9 +27,10 @@ from smtp_server import SmtpTestServer, seed_campaign, server_context, write_ca
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from mailer import db
+from mailer import db, outbox
 from mailer.cli import cli
-from mailer.models import Campaign, Event, Message, Suppression
+from mailer.clock import utcnow
+from mailer.models import Campaign, Contact, Event, Message, Suppression
 
 SLUG = "appeal"
 FROM = "Campaign Office <office@example.org>"
@@ -172,6 +174,15 @@ def test_recipients_written_to_lately_are_counted_and_left_out_on_request(
     )
     assert "--skip-contacted-within 14d` leaves them out" in created.output
     assert "3 recipient(s) were written to in the last 14 days" in run.ok("check", "second").output
+    # What the claim can ask per batch (outbox.recently_contacted): the same three.
+    with Session(engine) as s:
+        second = s.scalars(select(Campaign).where(Campaign.slug == "second")).one()
+        ids = list(s.scalars(select(Contact.id).order_by(Contact.id)))
+        recent = outbox.recently_contacted(
+            s, campaign_id=second.id, contact_ids=ids, since=utcnow() - dt.timedelta(days=14)
+        )
+    assert sorted(recent) == ids[:3]
+    assert {slug for slug, _ in recent.values()} == {"first"}
     run.ok("campaign", "update", "second", "--skip-contacted-within", "14d")
     assert "send skips them" in run.ok("check", "second").output
     result = run.ok("send", "second", "--outbox", str(tmp_path / "two"), "--yes")
@@ -221,6 +232,7 @@ def test_cancel_skips_what_waits_and_send_refuses(
     assert len(skipped) == 3 and all(
         "cancelled by " in str(d) and "wrong list" in str(d) for d in skipped
     )
+    assert "cancelled by " in run.ok("status", SLUG).output
     again = run("send", SLUG, "--outbox", str(tmp_path / "out"), "--yes")
     assert again.exit_code == 1
     assert again.output.startswith(f"Error: campaign {SLUG} is cancelled (cancelled by ")
@@ -499,3 +511,48 @@ def test_a_read_only_database_still_shows_status_log_and_report(
     paused = call("campaign", "pause", SLUG)
     assert paused.exit_code == 1 and paused.output.startswith("Error: ")
     assert len(paused.output.strip().splitlines()) == 1
+
+
+def test_campaign_create_waits_for_a_writer_that_finishes_within_the_busy_timeout(
+    run: Cli, engine: Engine, holder: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 60_000)
+    assert holder.stdin is not None
+    stdin = holder.stdin
+
+    def release() -> None:
+        stdin.write("\n")
+        stdin.flush()
+
+    timer = threading.Timer(0.5, release)
+    timer.start()
+    try:
+        run.ok("campaign", "create", SLUG, "--template", "appeal", "--from", FROM)
+        run.ok("suppress", "add", "a@example.org", "--reason", "manual")
+    finally:
+        timer.join()
+    with Session(engine) as s:
+        assert s.scalar(select(func.count()).select_from(Campaign)) == 1
+
+
+def test_a_pause_by_a_person_is_in_status_and_stops_send(
+    run: Cli, workspace: Path, engine: Engine, tmp_path: Path
+) -> None:
+    seed_campaign(engine, workspace, count=2)
+    run.ok("campaign", "pause", SLUG, "--reason", "waiting for the translation")
+    shown = run.ok("status", SLUG).output
+    assert "waiting for the translation; `mailer campaign resume appeal` lets it go on" in shown
+    refused = run("send", SLUG, "--outbox", str(tmp_path / "out"), "--yes")
+    assert refused.exit_code == 1
+    assert "`mailer campaign resume appeal` lets it go on" in refused.output
+    assert statuses(engine) == {}
+    run.ok("campaign", "resume", SLUG)
+    with Session(engine) as s:
+        assert s.scalars(select(Campaign.status)).one() == "draft"
+    run.ok("send", SLUG, "--outbox", str(tmp_path / "out"), "--yes")
+    assert statuses(engine) == {"sent": 2}
+    not_paused = run("campaign", "resume", SLUG)
+    assert not_paused.exit_code == 1
+    assert "campaign appeal is not paused (it is done)" in not_paused.output
