@@ -556,3 +556,59 @@ def test_a_pause_by_a_person_is_in_status_and_stops_send(
     not_paused = run("campaign", "resume", SLUG)
     assert not_paused.exit_code == 1
     assert "campaign appeal is not paused (it is done)" in not_paused.output
+
+
+def on_a_terminal(workspace: Path, args: list[str], answers: list[tuple[str, str]]) -> str:
+    """`mailer` on a real terminal (a pty): waits for each prompt, types its answer; returns
+    all it printed."""
+    import pty
+    import select as selecting
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from mailer.cli import main; main()", "-w", str(workspace), *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "MAILER_SMTP_PASSWORD": "pw", "COLUMNS": "200", "TERM": "dumb"},
+    )
+    os.close(slave)
+    seen = b""
+    pending = list(answers)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = selecting.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        if pending and pending[0][0].encode() in seen.split(b"\n")[-1]:
+            os.write(master, pending.pop(0)[1].encode() + b"\r")
+        if proc.poll() is not None and not ready:
+            break
+    proc.wait(timeout=30)
+    os.close(master)
+    return seen.decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_the_confirmation_asks_for_a_rate_when_a_provider_has_none(
+    run: Cli, workspace: Path, engine: Engine
+) -> None:
+    seed_campaign(engine, workspace, count=2)
+    # A provider's address: nothing is sent to it (the answer to "Send now?" is no, and the
+    # server is contacted only after it), so no traffic leaves this machine.
+    shown = on_a_terminal(
+        workspace,
+        ["send", SLUG, "--smtp", "smtp://office@mail.example.org:587"],
+        [("Rate for this send", "fast"), ("Rate for this send", "120/min"), ("Send now?", "n")],
+    )
+    assert "note:      no sending rate is set for mail.example.org" in shown
+    assert "--rate 'fast': expected N/s, N/min or N/h" in shown
+    assert "Send now? [y/N]" in shown
+    assert "Aborted" in shown
+    assert statuses(engine) == {}
