@@ -250,6 +250,8 @@ def _check_parallel(
         "from_address": campaign.from_address,
         "reply_to": campaign.reply_to,
         "default_language": campaign.default_language,
+        "unsubscribe_mailto": campaign.unsubscribe_mailto,
+        "unsubscribe_url": campaign.unsubscribe_url,
     }
     jobs = [
         _SliceJob(
@@ -380,6 +382,7 @@ def check_campaign(
             "skipped when sending",
             example=email,
         )
+    _team_findings(found, session, campaign, settings=settings, templates_dir=templates_dir)
     report.findings = sorted(
         found.groups.values(), key=lambda f: (not f.blocking, f.kind, -f.count, f.message)
     )
@@ -406,6 +409,39 @@ def _check_sender(composer: Composer, settings: Workspace, found: _Findings) -> 
                 "ASCII address, or set [smtp] smtputf8 = true in mailer.toml if yours does"
             )
         found.add(f"smtputf8_{header}", "", blocking=not known, message=message, example=None)
+
+
+def _team_findings(
+    found: _Findings,
+    session: Session,
+    campaign: Campaign,
+    *,
+    settings: Workspace,
+    templates_dir: Path,
+) -> None:
+    """Warnings about the campaign rather than one letter (issues 14 and 16): the local
+    template folder differs from the frozen copy, the remembered server has no rate, and
+    recipients another campaign wrote to lately."""
+    from mailer import campaigns
+
+    drift = campaigns.template_drift(campaign, templates_dir=templates_dir)
+    if drift:
+        found.add("template_drift", "", blocking=False, message=drift, example=None)
+    defaults = campaigns.send_defaults(campaign, settings)
+    host = campaigns.unpaced_host(defaults.smtp_url, defaults.rate)
+    if host:
+        message = campaigns.format_no_rate(host).replace("SLUG", campaign.slug)
+        found.add("no_rate", "", blocking=False, message=message, example=None)
+    quiet = (campaign.settings or {}).get("quiet_days")
+    recent = campaigns.recently_contacted(
+        session,
+        campaign=campaign,
+        audience=Audience.from_json(campaign.audience),
+        days=int(quiet) if quiet else campaigns.quiet_days_setting(settings),
+    )
+    line = campaigns.format_recently_contacted(recent, slug=campaign.slug)
+    if line:
+        found.add("recently_contacted", "", blocking=False, message=line, example=None)
 
 
 def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None:

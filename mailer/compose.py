@@ -5,7 +5,9 @@ campaign's messages, `preview` composes one. The sender (engine, compose_worker)
 `preview` all compose through here, so what is checked and previewed is what is sent. Must not
 import `campaigns`, `check` or `engine` (they import this).
 
-Unsubscribe defaults, documented here because every message carries them:
+Unsubscribe defaults (every message carries them), read from mailer.toml on the laptop that
+creates the campaign and frozen in it (`campaigns.unsubscribe_mailto`/`unsubscribe_url`), like
+its templates:
 
 - `List-Unsubscribe` mailto: `[campaign] unsubscribe_mailto` in mailer.toml (an address or a
   `mailto:` URL); when unset, the campaign's own From address with `?subject=unsubscribe`. That
@@ -266,6 +268,53 @@ class Composed(NamedTuple):
     fell_back: bool
 
 
+def unsubscribe_settings(settings: Workspace, *, from_address: str) -> tuple[str, str | None]:
+    """The List-Unsubscribe mailto and the one-click URL template (None: no URL) that
+    `[campaign] unsubscribe_mailto` / `unsubscribe_url` in mailer.toml give, checked and in
+    their header form (A-labels, percent-encoding). A campaign freezes both when it is
+    created."""
+    sender = parse_mailbox(from_address, what="From")
+    return _mailto(settings, sender.address), _url(settings)
+
+
+def _mailto(settings: Workspace, sender_address: str) -> str:
+    configured = settings.setting("campaign", "unsubscribe_mailto")
+    if configured is None or str(configured).strip() == "":
+        return mailto_url(sender_address, query="subject=unsubscribe")
+    value = str(configured).strip()
+    if value.lower().startswith("mailto:"):
+        address, _, query = value[len("mailto:") :].partition("?")
+        address = unquote(address)
+    else:
+        address, query = value, "subject=unsubscribe"
+    problem = address_problem(address)
+    if problem is None and _URL_UNSAFE.search(query):
+        problem = "the part after ? has spaces or brackets"
+    if problem is None:
+        try:
+            return mailto_url(address, query=query)
+        except InvalidValueError as exc:
+            problem = str(exc)
+    raise InvalidValueError(f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}")
+
+
+def _url(settings: Workspace) -> str | None:
+    configured = settings.setting("campaign", "unsubscribe_url")
+    if configured is None or str(configured).strip() == "":
+        return None
+    value = str(configured).strip()
+    if not value.lower().startswith("https://") or "{token}" not in value:
+        raise InvalidValueError(
+            f"mailer.toml [campaign] unsubscribe_url {value!r}: must be an https:// URL "
+            "containing {token} (e.g. https://example.org/unsubscribe?t={token})"
+        )
+    try:
+        # Headers are ASCII: an international host goes as A-labels (IDNA 2008).
+        return ascii_url(value)
+    except InvalidValueError as exc:
+        raise InvalidValueError(f"mailer.toml [campaign] unsubscribe_url {value!r}: {exc}") from None
+
+
 class Composer:
     """Renders and builds one campaign's messages; everything constant is worked out once."""
 
@@ -294,50 +343,16 @@ class Composer:
             else None
         )
         self.today = today or dt.datetime.now(dt.UTC).date()
-        self.unsubscribe_mailto = self._mailto(settings)
-        self._url_template, self._secret = self._url(settings)
-
-    def _mailto(self, settings: Workspace) -> str:
-        configured = settings.setting("campaign", "unsubscribe_mailto")
-        if configured is None or str(configured).strip() == "":
-            return mailto_url(self.sender.address, query="subject=unsubscribe")
-        value = str(configured).strip()
-        if value.lower().startswith("mailto:"):
-            address, _, query = value[len("mailto:") :].partition("?")
-            address = unquote(address)
+        if campaign.unsubscribe_mailto is not None:
+            # Frozen at create (see campaigns.create_campaign): every sender's letters alike.
+            self.unsubscribe_mailto = campaign.unsubscribe_mailto
+            self._url_template = campaign.unsubscribe_url
         else:
-            address, query = value, "subject=unsubscribe"
-        problem = address_problem(address)
-        if problem is None and _URL_UNSAFE.search(query):
-            problem = "the part after ? has spaces or brackets"
-        if problem is None:
-            try:
-                return mailto_url(address, query=query)
-            except InvalidValueError as exc:
-                problem = str(exc)
-        raise InvalidValueError(
-            f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}"
-        )
-
-    def _url(self, settings: Workspace) -> tuple[str | None, bytes]:
-        configured = settings.setting("campaign", "unsubscribe_url")
+            # A campaign made before migration 0005_team: the local mailer.toml, as it was.
+            self.unsubscribe_mailto = _mailto(settings, self.sender.address)
+            self._url_template = _url(settings)
         secret = settings.setting("campaign", "unsubscribe_secret")
-        key = unsubscribe.key_for(slug=self.slug, secret=str(secret) if secret else None)
-        if configured is None or str(configured).strip() == "":
-            return None, key
-        value = str(configured).strip()
-        if not value.lower().startswith("https://") or "{token}" not in value:
-            raise InvalidValueError(
-                f"mailer.toml [campaign] unsubscribe_url {value!r}: must be an https:// URL "
-                "containing {token} (e.g. https://example.org/unsubscribe?t={token})"
-            )
-        try:
-            # Headers are ASCII: an international host goes as A-labels (IDNA 2008).
-            return ascii_url(value), key
-        except InvalidValueError as exc:
-            raise InvalidValueError(
-                f"mailer.toml [campaign] unsubscribe_url {value!r}: {exc}"
-            ) from None
+        self._secret = unsubscribe.key_for(slug=self.slug, secret=str(secret) if secret else None)
 
     def token(self, email: str) -> str:
         return unsubscribe.make_token(key=self._secret, slug=self.slug, email=email)

@@ -143,6 +143,7 @@ def _run(
             title=TITLE,
             default_language=str(workspace.setting("campaign", "default_language", "en")),
             templates_dir=workspace.templates_dir,
+            settings=workspace,
         )
 
     out("4. Check: render the letter for every recipient")

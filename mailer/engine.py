@@ -44,7 +44,6 @@ from mailer.compose_worker import Batch, BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace
 from mailer.errors import (
     DatabaseError,
-    Interrupted,
     InvalidValueError,
     MailerError,
     TransportError,
@@ -52,7 +51,7 @@ from mailer.errors import (
 from mailer.models import Campaign, MessageStatus
 from mailer.outbox import Claim
 from mailer.policy import RateLimiter, SendPolicy, StopReason, next_state
-from mailer.send_report import Progress, SendPlan, SendReport
+from mailer.send_report import Progress, SendPaused, SendPlan, SendReport
 from mailer.transport import DryRun, Outcome, OutcomeKind, Transport
 
 _T = TypeVar("_T")
@@ -494,6 +493,26 @@ class _Run:
             await asyncio.sleep(self.policy.record_interval)
             await inbox.put(_TICK)
 
+    # ----- the team's word: pause, resume and cancel reach every sender
+
+    async def watch_campaign(self) -> None:
+        """Every `policy.state_poll` seconds, the campaign's state in the database: paused or
+        cancelled by anyone (or held by a bounce spike) stops this run like Ctrl-C does --
+        what is on the wire finishes, the rest goes back to the queue."""
+        while not self.stop.is_set():
+            try:
+                state = await asyncio.to_thread(
+                    outbox.campaign_state, self.engine, campaign_id=self.campaign.id
+                )
+            except SQLAlchemyError:
+                # A read that failed says nothing about the campaign; the next poll asks again.
+                state = None
+            if state is not None and state.halt_reason is not None:
+                self.report.halted_by = state.halt_reason
+                self.halt(StopReason.HELD)
+                return
+            await asyncio.sleep(self.policy.state_poll)
+
     # ----- the whole
 
     async def run(self) -> None:
@@ -505,6 +524,7 @@ class _Run:
         results: asyncio.Queue[_Result | None] = asyncio.Queue()
         recorder = asyncio.create_task(self.recorder(results))
         ticker = asyncio.create_task(self.ticker(results))
+        watcher = asyncio.create_task(self.watch_campaign())
         senders = [
             asyncio.create_task(self.sender(built, results)) for _ in range(self.sender_tasks)
         ]
@@ -518,6 +538,7 @@ class _Run:
             await self._until_stopped_then_grace(tasks, results)
         finally:
             ticker.cancel()
+            watcher.cancel()
             await results.put(None)
             await recorder
 
@@ -710,11 +731,11 @@ async def _send_campaign(
                 now=now,
             )
         )
-        signals.check(slug)
+        signals.check(report)
         report.newly_queued, report.skipped = await asyncio.to_thread(
             functools.partial(outbox.queue_audience, engine, campaign=campaign, now=now)
         )
-        signals.check(slug)
+        signals.check(report)
         totals = await asyncio.to_thread(
             functools.partial(outbox.status_counts, engine, campaign_id=campaign.id)
         )
@@ -818,11 +839,7 @@ async def _send_campaign(
             )
         raise run.error
     if run.stop_reason is StopReason.INTERRUPTED:
-        raise Interrupted(
-            f"interrupted: campaign {slug} paused with {report.sent} sent this run and "
-            f"{report.totals.get('queued', 0) + report.totals.get('retry', 0)} still to send; "
-            f"run `mailer send {slug}` again to continue"
-        )
+        raise SendPaused(report)
     return report
 
 
@@ -850,11 +867,11 @@ class _Signals:
             if self.count > 1:
                 self.run.hurry.set()
 
-    def check(self, slug: str) -> None:
+    def check(self, report: SendReport) -> None:
         if self.count:
-            raise Interrupted(
-                f"interrupted before anything of campaign {slug} was claimed; nothing was sent"
-            )
+            # Nothing was claimed yet: the report says so (0 sent this run).
+            report.stopped = StopReason.INTERRUPTED
+            raise SendPaused(report)
 
     def remove(self) -> None:
         for signum in self.installed:

@@ -593,7 +593,26 @@ def _finish(
             dry_run=False,
         )
     )
+    _log_import(session, summary=summary, path=path, sha256=table.sha256)
     session.commit()
+
+
+def _log_import(session: Session, *, summary: ImportSummary, path: Path, sha256: str) -> None:
+    """The import's audit event (who imported which file, what it did), in its transaction."""
+    from mailer import outbox
+    from mailer.clock import utcnow
+    from mailer.identity import Actor
+    from mailer.models import EventKind
+
+    outbox.log_change(
+        session,
+        kind=EventKind.IMPORTED,
+        detail=f"import {summary.kind} {path.name} (sha256 {sha256[:12]}): {summary.added} "
+        f"added, {summary.updated} updated, {summary.unchanged} unchanged, "
+        f"{summary.rejected} rejected",
+        actor=Actor.current(),
+        at=utcnow(),
+    )
 
 
 # --------------------------------------------------------------------------- contacts
@@ -1707,6 +1726,7 @@ def import_suppressions(
             summary.added += suppress(
                 session, emails=sorted(emails), reason=row_reason, source=f"import:{path.name}"
             )
-        session.commit()
         summary.unchanged = total - summary.added
+        _log_import(session, summary=summary, path=path, sha256=table.sha256)
+        session.commit()
         return summary

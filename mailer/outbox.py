@@ -63,7 +63,8 @@ from sqlalchemy.orm import Session
 from mailer import audience as audience_mod
 from mailer import campaigns
 from mailer.addresses import address_problem
-from mailer.errors import CampaignHeld, InvalidValueError
+from mailer.errors import CampaignHeld, CampaignPaused, InvalidValueError
+from mailer.identity import Actor
 from mailer.models import (
     Campaign,
     CampaignStatus,
@@ -311,6 +312,12 @@ def start_sending(engine: Engine, *, slug: str, templates_dir: Path, now: dt.dat
         campaign = campaigns.get_campaign(session, slug)
         if campaign.status == CampaignStatus.CANCELLED.value:
             raise InvalidValueError(f"campaign {slug} is cancelled; nothing is sent for it")
+        if campaign.status == CampaignStatus.PAUSED.value and (campaign.paused_by or campaign.held):
+            # Paused by a person or a bounce spike (since `send` checked): not lifted here.
+            raise CampaignPaused(
+                f"campaign {slug} is {campaign.pause_reason or 'paused'}; "
+                f"`mailer campaign resume {slug}` lets it go on"
+            )
         if not campaign.template_sources:
             campaigns.freeze_templates(session, campaign, templates_dir=templates_dir)
         campaign.status = CampaignStatus.SENDING.value
@@ -398,7 +405,8 @@ def queue_audience(
     engine: Engine, *, campaign: Campaign, now: dt.datetime, chunk: int = 1000
 ) -> Queued:
     """Queue every contact of the audience that has no message yet (an invalid address is
-    `skipped` at once, with why), then skip the suppressed (see skip_suppressed).
+    `skipped` at once, with why), then skip the suppressed (see skip_suppressed) and, when the
+    campaign has quiet days, those another campaign wrote to lately (skip_recently_contacted).
 
     The audience is read in keyset pages of `chunk` ids, each queued in its own transaction, so
     memory stays flat at any audience size and another sender is never kept waiting long."""
@@ -413,6 +421,11 @@ def queue_audience(
             queued += page.queued
             skipped += page.skipped
     skipped += skip_suppressed(engine, campaign_id=campaign.id, now=now)
+    quiet_days = (campaign.settings or {}).get("quiet_days")
+    if quiet_days:
+        skipped += skip_recently_contacted(
+            engine, campaign_id=campaign.id, quiet_days=int(quiet_days), now=now
+        )
     return Queued(queued=queued, skipped=skipped)
 
 
@@ -1058,6 +1071,10 @@ def finish_sending(
     else:
         values = {"status": CampaignStatus.SENDING.value}
     with _writing(engine) as conn:
+        # Cancelled, or paused by a person or a bounce spike, while this run went on: that
+        # stands (and a cancelled campaign's handed-back letters are skipped).
+        if finish_sending_team(conn, campaign_id=campaign_id, now=now):
+            return status_counts_in(conn, campaign_id=campaign_id)
         conn.execute(update(Campaign).where(Campaign.id == campaign_id).values(**values))
     return totals
 
@@ -1068,11 +1085,16 @@ def finish_sending(
 def status_counts(engine: Engine, *, campaign_id: int) -> dict[str, int]:
     """Messages of the campaign per status (every status present, zero or not)."""
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(MESSAGES.c.status, func.count())
-            .where(MESSAGES.c.campaign_id == campaign_id)
-            .group_by(MESSAGES.c.status)
-        ).all()
+        return status_counts_in(conn, campaign_id=campaign_id)
+
+
+def status_counts_in(conn: Connection, *, campaign_id: int) -> dict[str, int]:
+    """status_counts on a connection already open (inside a transaction)."""
+    rows = conn.execute(
+        select(MESSAGES.c.status, func.count())
+        .where(MESSAGES.c.campaign_id == campaign_id)
+        .group_by(MESSAGES.c.status)
+    ).all()
     counts = {s.value: 0 for s in MessageStatus}
     counts.update({str(status): int(n) for status, n in rows})
     return counts
@@ -1152,6 +1174,7 @@ __all__ = [
     "skip_suppressed",
     "start_sending",
     "status_counts",
+    "status_counts_in",
 ]
 
 
@@ -1574,3 +1597,526 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+# --- team: campaign changes, suppressions by hand, and the audit log
+#
+# A team works one database (DESIGN §3, issue 16): anyone may pause, resume, cancel or delete a
+# campaign, and every running sender polls `campaign_state` to obey at once. Each change here is
+# written with its audit event (message_id NULL, `events.actor` = who) in the same transaction,
+# so `mailer log --events --all` answers "who did what, from where". Quiet days (issue 14) skip
+# contacts another campaign wrote to lately, at queue time (`skip_recently_contacted`); the claim
+# may re-check them with `recently_contacted`.
+
+# Messages still waiting for a first or a further attempt: what cancel and quiet days skip.
+_PENDING = (MessageStatus.QUEUED.value, MessageStatus.RETRY.value)
+
+
+def log_change(
+    session: Session,
+    *,
+    kind: EventKind,
+    detail: str,
+    actor: Actor,
+    at: dt.datetime,
+    campaign_id: int | None = None,
+    contact_id: int | None = None,
+) -> None:
+    """One audit event (no message) in the session's transaction: a campaign created or
+    changed, an import, a suppression added or removed."""
+    session.connection().execute(
+        insert(EVENTS),
+        {
+            "message_id": None,
+            "campaign_id": campaign_id,
+            "contact_id": contact_id,
+            "at": at,
+            "kind": kind.value,
+            "smtp_code": None,
+            "detail": detail,
+            "via": None,
+            "actor": actor.label,
+        },
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CampaignState:
+    """A campaign's state as every sender polls it (see engine._Run.watch_campaign)."""
+
+    slug: str
+    status: str
+    paused_by: str | None
+    pause_reason: str | None
+    held: bool
+
+    @property
+    def halt_reason(self) -> str | None:
+        """Why a running sender must stop now, in words for people; None: it may go on.
+
+        A run's own pause (Ctrl-C, too many problems) names nobody and stops nobody else."""
+        if self.status == CampaignStatus.CANCELLED.value:
+            return self.pause_reason or f"campaign {self.slug} was cancelled"
+        if self.status == CampaignStatus.PAUSED.value and (self.paused_by or self.held):
+            return self.pause_reason or f"campaign {self.slug} was paused"
+        return None
+
+
+def campaign_state(engine: Engine, *, campaign_id: int) -> CampaignState:
+    """The campaign's status and who paused it: one indexed read, cheap enough every second."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(
+                Campaign.slug,
+                Campaign.status,
+                Campaign.paused_by,
+                Campaign.pause_reason,
+                Campaign.held,
+            ).where(Campaign.id == campaign_id)
+        ).one_or_none()
+    if row is None:
+        # Deleted under a running sender: nothing may go on.
+        return CampaignState(
+            slug=str(campaign_id),
+            status=CampaignStatus.CANCELLED.value,
+            paused_by=None,
+            pause_reason="the campaign was deleted",
+            held=False,
+        )
+    slug, status, paused_by, reason, held = row
+    return CampaignState(
+        slug=slug, status=status, paused_by=paused_by, pause_reason=reason, held=bool(held)
+    )
+
+
+def _follow_up_ids(session: Session, campaign_id: int) -> list[int]:
+    """Follow-ups of the campaign, at any depth. Follow-ups are campaigns with `parent_id`
+    (added by the follow-up work); without that column there are none."""
+    parent = getattr(Campaign, "parent_id", None)
+    if parent is None:
+        return []
+    found: list[int] = []
+    frontier = [campaign_id]
+    while frontier:
+        children = list(session.scalars(select(Campaign.id).where(parent.in_(frontier))))
+        children = [c for c in children if c not in found and c != campaign_id]
+        found.extend(children)
+        frontier = children
+    return found
+
+
+def _stamp(actor: Actor, now: dt.datetime) -> str:
+    return f"{actor.label} at {now:%Y-%m-%d %H:%M} UTC"
+
+
+def ensure_sendable(
+    engine: Engine, *, slug: str, acknowledge_bounces: bool, actor: Actor, now: dt.datetime
+) -> None:
+    """What `send` asks before anything else: a cancelled campaign sends nothing, a campaign
+    someone paused waits for `campaign resume`, and one a bounce spike holds waits for
+    `--acknowledge-bounces` (see ensure_not_held; the acknowledgement is logged)."""
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        if campaign.status == CampaignStatus.CANCELLED.value:
+            raise InvalidValueError(
+                f"campaign {slug} is cancelled ({campaign.pause_reason or 'cancelled'}); "
+                "nothing is sent for it"
+            )
+        if campaign.status == CampaignStatus.PAUSED.value and campaign.paused_by:
+            raise CampaignPaused(
+                f"campaign {slug} is {campaign.pause_reason or 'paused by ' + campaign.paused_by}"
+                f"; `mailer campaign resume {slug}` lets it go on"
+            )
+        if campaign.held:
+            ensure_not_held(
+                session, campaign_id=campaign.id, acknowledge=acknowledge_bounces, now=now
+            )
+            log_change(
+                session,
+                kind=EventKind.CAMPAIGN_RESUMED,
+                detail=f"campaign {slug}: bounce spike acknowledged (send --acknowledge-bounces)",
+                actor=actor,
+                at=now,
+                campaign_id=campaign.id,
+            )
+
+
+def pause_campaign(
+    engine: Engine, *, slug: str, actor: Actor, reason: str | None, now: dt.datetime
+) -> CampaignState:
+    """`mailer campaign pause`: every sender of the campaign stops within seconds, handing
+    back what it has not sent; no `send` starts until `campaign resume`."""
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        if campaign.status == CampaignStatus.CANCELLED.value:
+            raise InvalidValueError(f"campaign {slug} is cancelled; there is nothing to pause")
+        if campaign.status == CampaignStatus.DONE.value:
+            raise InvalidValueError(f"campaign {slug} is done; there is nothing left to pause")
+        words = f"paused by {_stamp(actor, now)}" + (f": {reason}" if reason else "")
+        campaign.status = CampaignStatus.PAUSED.value
+        campaign.paused_by = actor.label
+        campaign.pause_reason = words
+        campaign.paused_at = now
+        session.flush()
+        log_change(
+            session,
+            kind=EventKind.CAMPAIGN_PAUSED,
+            detail=f"campaign {slug}: {words}",
+            actor=actor,
+            at=now,
+            campaign_id=campaign.id,
+        )
+        return CampaignState(
+            slug=slug,
+            status=campaign.status,
+            paused_by=campaign.paused_by,
+            pause_reason=words,
+            held=bool(campaign.held),
+        )
+
+
+def resume_campaign(
+    engine: Engine, *, slug: str, actor: Actor, acknowledge_bounces: bool, now: dt.datetime
+) -> CampaignState:
+    """`mailer campaign resume`: a paused campaign may be sent again (by the next `send`). A
+    bounce-spike hold needs `acknowledge_bounces` (CampaignHeld otherwise)."""
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        if campaign.status != CampaignStatus.PAUSED.value:
+            raise InvalidValueError(f"campaign {slug} is not paused (it is {campaign.status})")
+        was = campaign.pause_reason or "paused"
+        if campaign.held:
+            ensure_not_held(
+                session, campaign_id=campaign.id, acknowledge=acknowledge_bounces, now=now
+            )
+        session.expire(campaign)
+        campaign.status = (
+            CampaignStatus.SENDING.value
+            if campaign.started_at is not None
+            else CampaignStatus.DRAFT.value
+        )
+        campaign.paused_by = None
+        campaign.pause_reason = None
+        session.flush()
+        log_change(
+            session,
+            kind=EventKind.CAMPAIGN_RESUMED,
+            detail=f"campaign {slug}: resumed by {_stamp(actor, now)} (was {was})",
+            actor=actor,
+            at=now,
+            campaign_id=campaign.id,
+        )
+        return CampaignState(
+            slug=slug, status=campaign.status, paused_by=None, pause_reason=None, held=False
+        )
+
+
+def _skip_pending(conn: Connection, *, campaign_id: int, detail: str, now: dt.datetime) -> int:
+    """Every letter of the campaign still waiting (`queued`/`retry`) becomes `skipped`, each
+    with its event. Returns how many."""
+    rows = conn.execute(
+        select(MESSAGES.c.id, MESSAGES.c.contact_id).where(
+            MESSAGES.c.campaign_id == campaign_id, MESSAGES.c.status.in_(_PENDING)
+        )
+    ).all()
+    for start in range(0, len(rows), _ROWS_A_STATEMENT):
+        conn.execute(
+            update(MESSAGES)
+            .where(
+                MESSAGES.c.id.in_([mid for mid, _ in rows[start : start + _ROWS_A_STATEMENT]]),
+                MESSAGES.c.status.in_(_PENDING),
+            )
+            .values(status=MessageStatus.SKIPPED.value, updated_at=now, next_attempt_at=None)
+        )
+    _insert_events(
+        conn,
+        [
+            (mid, campaign_id, cid, now, EventKind.SKIPPED.value, None, detail, None)
+            for mid, cid in rows
+        ],
+    )
+    return len(rows)
+
+
+def cancel_campaign(
+    engine: Engine, *, slug: str, actor: Actor, reason: str | None, now: dt.datetime
+) -> dict[str, int]:
+    """`mailer campaign cancel`: the campaign and its follow-ups are `cancelled`, their waiting
+    letters `skipped` (each with an event); letters a running sender holds are handed back by
+    it and skipped when it stops (see finish_sending). Returns letters skipped per campaign."""
+    skipped: dict[str, int] = {}
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        if campaign.status == CampaignStatus.CANCELLED.value:
+            raise InvalidValueError(f"campaign {slug} is cancelled already")
+        words = f"cancelled by {_stamp(actor, now)}" + (f": {reason}" if reason else "")
+        targets = [campaign.id, *_follow_up_ids(session, campaign.id)]
+        for target in targets:
+            row = session.get(Campaign, target)
+            assert row is not None
+            if row.status == CampaignStatus.CANCELLED.value:
+                continue
+            why = words if target == campaign.id else f"{words} (follow-up of {slug})"
+            count = _skip_pending(conn, campaign_id=target, detail=why, now=now)
+            skipped[row.slug] = count
+            row.status = CampaignStatus.CANCELLED.value
+            row.pause_reason = why
+            row.paused_at = now
+            row.finished_at = now
+            session.flush()
+            log_change(
+                session,
+                kind=EventKind.CAMPAIGN_CANCELLED,
+                detail=f"campaign {row.slug}: {why}; {count} waiting letter(s) skipped",
+                actor=actor,
+                at=now,
+                campaign_id=target,
+            )
+    return skipped
+
+
+def delete_campaign(engine: Engine, *, slug: str, actor: Actor, now: dt.datetime) -> int:
+    """`mailer campaign delete`: a campaign nothing of which was ever handed to a server goes,
+    with its waiting letters and their events. Its audit events stay in the log (no longer
+    linked; their detail names it), and so does the event of its deletion. Returns the
+    letters dropped. Refused once any letter was attempted: that is the record."""
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        attempted = session.scalar(
+            select(func.count()).where(
+                MESSAGES.c.campaign_id == campaign.id,
+                or_(
+                    MESSAGES.c.attempts > 0,
+                    MESSAGES.c.sent_at.is_not(None),
+                    MESSAGES.c.status.in_(
+                        [
+                            MessageStatus.SENDING.value,
+                            MessageStatus.SENT.value,
+                            MessageStatus.UNCERTAIN.value,
+                        ]
+                    ),
+                ),
+            )
+        )
+        if attempted:
+            raise InvalidValueError(
+                f"campaign {slug} has {attempted} letter(s) that were sent or tried: they are "
+                f"the record and stay; `mailer campaign cancel {slug}` stops the rest"
+            )
+        if _follow_up_ids(session, campaign.id):
+            raise InvalidValueError(
+                f"campaign {slug} has follow-ups; delete (or cancel) them first"
+            )
+        for other in session.scalars(select(Campaign).where(Campaign.id != campaign.id)):
+            named = audience_mod.Audience.from_json(other.audience)
+            if any(slug in getattr(named, key) for key, _, _ in audience_mod.RECORD_FILTERS):
+                raise InvalidValueError(
+                    f"campaign {other.slug}'s audience names {slug} "
+                    f"({named.describe()}); delete or change it first"
+                )
+        letters = int(
+            session.scalar(select(func.count()).where(MESSAGES.c.campaign_id == campaign.id)) or 0
+        )
+        cid = campaign.id
+        # The campaign's audit events outlive it: their detail names it.
+        conn.execute(
+            update(EVENTS)
+            .where(EVENTS.c.campaign_id == cid, EVENTS.c.message_id.is_(None))
+            .values(campaign_id=None)
+        )
+        conn.execute(EVENTS.delete().where(EVENTS.c.campaign_id == cid))
+        conn.execute(MESSAGES.delete().where(MESSAGES.c.campaign_id == cid))
+        session.delete(campaign)
+        session.flush()
+        log_change(
+            session,
+            kind=EventKind.CAMPAIGN_DELETED,
+            detail=f"campaign {slug} deleted by {_stamp(actor, now)} "
+            f"(template {campaign.template}, from {campaign.from_address}; "
+            f"{letters} unsent letter(s) dropped)",
+            actor=actor,
+            at=now,
+        )
+    return letters
+
+
+def finish_sending_team(conn: Connection, *, campaign_id: int, now: dt.datetime) -> bool:
+    """For finish_sending: True when the team's state of the campaign must stand (cancelled,
+    or paused by someone or by a bounce spike) -- a run's end neither un-pauses nor revives
+    it. Letters a cancelled campaign's sender handed back are skipped here."""
+    row = conn.execute(
+        select(Campaign.status, Campaign.paused_by, Campaign.held, Campaign.pause_reason).where(
+            Campaign.id == campaign_id
+        )
+    ).one_or_none()
+    if row is None:
+        return True
+    status, paused_by, held, reason = row
+    if status == CampaignStatus.CANCELLED.value:
+        _skip_pending(conn, campaign_id=campaign_id, detail=reason or "cancelled", now=now)
+        return True
+    return status == CampaignStatus.PAUSED.value and bool(paused_by or held)
+
+
+def add_suppressions(
+    session: Session,
+    *,
+    emails: Sequence[str],
+    reason: SuppressionReason,
+    source: str,
+    actor: Actor,
+    now: dt.datetime,
+) -> int:
+    """`mailer suppress add`: each newly suppressed address with its `suppressed` event (on
+    the contact, when there is one). An address suppressed already keeps its first reason.
+    Returns how many are new."""
+    added = 0
+    for email in dict.fromkeys(audience_mod.normalise_email(e) for e in emails if e.strip()):
+        if not _suppress(session, email=email, reason=reason, source=source, at=now):
+            continue
+        added += 1
+        log_change(
+            session,
+            kind=EventKind.SUPPRESSED,
+            detail=f"{email} suppressed ({reason.value}, {source}) by {actor.label}",
+            actor=actor,
+            at=now,
+            contact_id=session.scalar(select(Contact.id).where(Contact.email == email)),
+        )
+    return added
+
+
+def remove_suppression(
+    session: Session, *, email: str, why: str, actor: Actor, now: dt.datetime
+) -> Suppression:
+    """`mailer suppress remove`: the address may be written to again; the removal, its reason
+    and what the suppression was stay in the log (`unsuppressed` event). Returns the removed
+    suppression; InvalidValueError when the address is not suppressed."""
+    address = audience_mod.normalise_email(email)
+    if not why.strip():
+        raise InvalidValueError("suppress remove: say why with --reason (it is kept in the log)")
+    found = session.scalar(select(Suppression).where(Suppression.email == address))
+    if found is None:
+        raise InvalidValueError(f"{address} is not suppressed; `mailer suppress list` lists them")
+    was = f"{found.reason}" + (f", {found.source}" if found.source else "")
+    session.delete(found)
+    session.flush()
+    log_change(
+        session,
+        kind=EventKind.UNSUPPRESSED,
+        detail=f"{address} no longer suppressed (was {was}) by {actor.label}: {why.strip()}",
+        actor=actor,
+        at=now,
+        contact_id=session.scalar(select(Contact.id).where(Contact.email == address)),
+    )
+    return found
+
+
+def recently_contacted(
+    reader: Connection | Session,
+    *,
+    campaign_id: int,
+    contact_ids: Sequence[int],
+    since: dt.datetime,
+) -> dict[int, tuple[str, dt.datetime]]:
+    """Of `contact_ids`, those another campaign sent a letter to since `since`: the campaign's
+    slug and when (the latest). The claim may call this to re-check quiet days per batch; a
+    follow-up's parent does not count (the follow-up exists to write again)."""
+    excluded = [campaign_id]
+    parent = getattr(Campaign, "parent_id", None)
+    if parent is not None:
+        excluded += [
+            p
+            for p in reader.execute(select(parent).where(Campaign.id == campaign_id)).scalars()
+            if p is not None
+        ]
+    found: dict[int, tuple[str, dt.datetime]] = {}
+    for start in range(0, len(contact_ids), _ROWS_A_STATEMENT):
+        chunk = list(contact_ids[start : start + _ROWS_A_STATEMENT])
+        rows = reader.execute(
+            select(MESSAGES.c.contact_id, Campaign.slug, MESSAGES.c.sent_at)
+            .join(Campaign, Campaign.id == MESSAGES.c.campaign_id)
+            .where(
+                MESSAGES.c.contact_id.in_(chunk),
+                MESSAGES.c.campaign_id.notin_(excluded),
+                MESSAGES.c.sent_at >= since,
+            )
+        ).all()
+        for cid, slug, at in rows:
+            when = _as_utc(at)
+            if cid not in found or when > found[cid][1]:
+                found[int(cid)] = (str(slug), when)
+    return found
+
+
+def skip_recently_contacted(
+    engine: Engine, *, campaign_id: int, quiet_days: int, now: dt.datetime
+) -> int:
+    """Quiet days (`--skip-contacted-within`): letters of the campaign not yet tried whose
+    contact another campaign wrote to within `quiet_days` become `skipped`, each with an event
+    naming that campaign and day. Returns how many."""
+    since = now - dt.timedelta(days=quiet_days)
+    skipped = 0
+    with engine.connect() as reading:
+        waiting = reading.execute(
+            select(MESSAGES.c.id, MESSAGES.c.contact_id).where(
+                MESSAGES.c.campaign_id == campaign_id,
+                MESSAGES.c.status == MessageStatus.QUEUED.value,
+                MESSAGES.c.attempts == 0,
+            )
+        ).all()
+    for start in range(0, len(waiting), _ROWS_A_STATEMENT):
+        page = waiting[start : start + _ROWS_A_STATEMENT]
+        with _writing(engine) as conn:
+            recent = recently_contacted(
+                conn, campaign_id=campaign_id, contact_ids=[c for _, c in page], since=since
+            )
+            ids = [mid for mid, cid in page if cid in recent]
+            if not ids:
+                continue
+            changed = conn.execute(
+                update(MESSAGES)
+                .where(
+                    MESSAGES.c.id.in_(ids),
+                    MESSAGES.c.status == MessageStatus.QUEUED.value,
+                    MESSAGES.c.attempts == 0,
+                )
+                .values(status=MessageStatus.SKIPPED.value, updated_at=now)
+                .returning(MESSAGES.c.id, MESSAGES.c.contact_id)
+            ).all()
+            _insert_events(
+                conn,
+                [
+                    (
+                        mid,
+                        campaign_id,
+                        cid,
+                        now,
+                        EventKind.SKIPPED.value,
+                        None,
+                        f"quiet days: campaign {recent[cid][0]} wrote to this contact on "
+                        f"{recent[cid][1]:%Y-%m-%d}, within the {quiet_days} quiet day(s)",
+                        None,
+                    )
+                    for mid, cid in changed
+                ],
+            )
+            skipped += len(changed)
+    return skipped
+
+
+__all__ += [
+    "CampaignState",
+    "add_suppressions",
+    "campaign_state",
+    "cancel_campaign",
+    "delete_campaign",
+    "ensure_sendable",
+    "finish_sending_team",
+    "log_change",
+    "pause_campaign",
+    "recently_contacted",
+    "remove_suppression",
+    "resume_campaign",
+    "skip_recently_contacted",
+]

@@ -42,6 +42,8 @@ class SendPolicy:
     grace: float = 30.0
     # A `sending` claim by another machine is only presumed dead after this long.
     stale_claim: dt.timedelta = dt.timedelta(hours=1)
+    # How often a running sender reads its campaign's state (paused or cancelled by anyone).
+    state_poll: float = 1.0
 
     def backoff(self, attempts: int) -> dt.timedelta:
         """The wait after the `attempts`-th attempt was deferred: doubling from the base, capped."""
@@ -60,6 +62,7 @@ class StopReason(enum.StrEnum):
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM
     SYSTEMIC = "systemic"  # the server, not the list: login refused, unreachable, a refusal streak
     ERROR = "error"  # a fault of mailer's own or of the database
+    HELD = "held"  # paused or cancelled in the database (by a person, or a bounce spike)
 
 
 class RateLimiter(Protocol):

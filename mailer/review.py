@@ -234,6 +234,10 @@ class CampaignSummary:
                 f"paused by a bounce spike: see `mailer log {slug} --status failed` and check the "
                 "list; sending resumes only once you acknowledge it"
             ]
+        if self.status == "cancelled":
+            return [f"{self.pause_reason or 'cancelled'}: nothing more is sent for it"]
+        if self.status == "paused" and (self.pause_reason or "").startswith("paused by "):
+            return [f"{self.pause_reason}; `mailer campaign resume {slug}` lets it go on"]
         if self.not_sent_yet:
             return [
                 f"check it with `mailer check {slug}`, then send with `mailer send {slug} --smtp URL`"
@@ -1058,6 +1062,95 @@ def event_rows(
         if len(page) < page_size:
             return
         after = (page[-1][1], page[-1][0])
+
+
+# The audit export (`mailer log --events --all`): every event of every campaign, import,
+# suppression change and campaign change, with who did it and from which machine.
+AUDIT_COLUMNS: tuple[str, ...] = (
+    "id",
+    "at",
+    "kind",
+    "campaign",
+    "email",
+    "status",
+    "smtp_code",
+    "detail",
+    "via",
+    "actor",
+    "host",
+    "message_id",
+)
+AUDIT_TABLE_COLUMNS: tuple[str, ...] = ("at", "kind", "campaign", "email", "actor", "detail")
+
+
+def actor_host(actor: str | None) -> str | None:
+    """The machine in an actor label (`user@host pid N`, see identity.Actor.label)."""
+    if not actor or "@" not in actor:
+        return None
+    return actor.partition("@")[2].rpartition(" pid ")[0] or None
+
+
+def audit_rows(
+    session: Session, *, flt: LogFilter | None = None, page_size: int = PAGE_SIZE
+) -> Iterator[Row]:
+    """Every event (AUDIT_COLUMNS) in the order it was written, read page by page on the
+    primary key: the export streams at any size, each page one index range. The filter's
+    contact, city, country and since apply; its statuses to the letters' current state."""
+    flt = flt or LogFilter()
+    conditions = _filter_conditions(flt)
+    if flt.since is not None:
+        conditions.append(Event.at >= flt.since)
+    base = (
+        select(
+            Event.id,
+            Event.at,
+            Event.kind,
+            Campaign.slug,
+            Contact.email,
+            Message.status,
+            Event.smtp_code,
+            Event.detail,
+            Event.via,
+            Event.actor,
+            Message.message_id,
+        )
+        .outerjoin(Campaign, Campaign.id == Event.campaign_id)
+        .outerjoin(Message, Message.id == Event.message_id)
+        .outerjoin(Contact, Contact.id == Event.contact_id)
+        .outerjoin(City, City.id == Contact.city_id)
+        .where(*conditions)
+        .order_by(Event.id)
+        .limit(page_size)
+    )
+    after = 0
+    while True:
+        page = session.connection().execute(base.where(Event.id > after)).all()
+        for row in page:
+            item = dict(
+                zip(
+                    (
+                        "id",
+                        "at",
+                        "kind",
+                        "campaign",
+                        "email",
+                        "status",
+                        "smtp_code",
+                        "detail",
+                        "via",
+                        "actor",
+                        "message_id",
+                    ),
+                    row,
+                    strict=True,
+                )
+            )
+            item["at"] = _aware(row[1])
+            item["host"] = actor_host(item["actor"])
+            yield item
+        if len(page) < page_size:
+            return
+        after = page[-1][0]
 
 
 # --------------------------------------------------------------------------- writers

@@ -555,9 +555,11 @@ class _Connection:
             smtp.close()
             tls = _ssl_cause(exc)
             if tls is not None:
+                # --ca-file helps a certificate from a private CA, not one made out for
+                # another name, and never when it was given already.
                 hint = (
                     " (for a private CA give --ca-file)"
-                    if isinstance(tls, ssl.SSLCertVerificationError)
+                    if isinstance(tls, ssl.SSLCertVerificationError) and s.ca_file is None
                     else ""
                 )
                 raise TlsFailure(f"TLS with {where} failed: {_ssl_text(tls)}{hint}") from None

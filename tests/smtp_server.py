@@ -243,8 +243,10 @@ def write_ca(ca: Any, directory: Path) -> Path:
     return path
 
 
-def server_context(ca: Any) -> ssl.SSLContext:
-    cert = ca.issue_cert("127.0.0.1", "localhost")
+def server_context(
+    ca: Any, *, names: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> ssl.SSLContext:
+    cert = ca.issue_cert(*names)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(context)
     return context

@@ -111,13 +111,25 @@ def test_template_errors_after_create_are_reported(run: Cli, world: dict[str, in
     template(run, "t", {"en.txt.j2": "Subject: x\n\nfine\n"})
     campaign(run, "t")
     template(run, "t", {"en.txt.j2": "Subject: x\n\nline 3\n{% for x in %}\n"})
+    # The campaign keeps the copy frozen at create: a broken edit of the folder is reported
+    # as a difference, and only taken (refused, with file and line) by `campaign update`.
     result = run("check", "c")
+    assert result.exit_code == 0, result.output
+    assert "differs from the copy frozen in campaign c (en.txt.j2 changed)" in result.output
+    preview = run("preview", "c")
+    assert preview.exit_code == 0
+    assert "Note: the local template folder" in preview.output
+    result = run("campaign", "update", "c", "--template", "t")
     assert result.exit_code == 1
     assert "templates/t/en.txt.j2:4: " in result.output
     template(run, "t", {"en.txt.j2": "Body without headers\n"})
-    result = run("check", "c")
+    result = run("campaign", "update", "c", "--template", "t")
     assert result.exit_code == 1
     assert "templates/t/en.txt.j2:1: expected a header line" in result.output
+    template(run, "t", {"en.txt.j2": "Subject: y\n\nbetter\n"})
+    assert "en.txt.j2 changed" in run.ok("campaign", "update", "c", "--template", "t").output
+    result = run.ok("check", "c")
+    assert "differs from the copy" not in result.output
 
 
 def test_missing_subject_names_the_file(run: Cli, world: dict[str, int]) -> None:

@@ -68,7 +68,8 @@ class Store:
 
     def events(self, kind: EventKind | None = None) -> list[Event]:
         with Session(self.engine) as s:
-            query = select(Event).order_by(Event.id)
+            # The letters' events; audit events (the campaign's creation) name no letter.
+            query = select(Event).where(Event.message_id.is_not(None)).order_by(Event.id)
             if kind is not None:
                 query = query.where(Event.kind == kind.value)
             return list(s.scalars(query))

@@ -109,5 +109,6 @@ def test_stop_reasons_keep_their_words() -> None:
         "interrupted",
         "systemic",
         "error",
+        "held",
     ]
     assert StopReason.DAILY_CAP == "daily-cap"
