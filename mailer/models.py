@@ -91,6 +91,9 @@ class EventKind(enum.StrEnum):
     AUTO_REPLIED = "auto_replied"
     COMPLAINT = "complaint"
     UNSUBSCRIBED = "unsubscribed"
+    # Still queued, due later: outside its sending window, a follow-up's delay, or a recipient
+    # away until a date (the detail says which, and until when).
+    HELD = "held"
 
 
 class CampaignStatus(enum.StrEnum):
@@ -152,6 +155,9 @@ class Contact(Base):
     tags: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # The contact's IANA time zone (Europe/Berlin), checked at import; when empty, their city
+    # and country say it (see zones.py).
+    timezone: Mapped[str | None] = mapped_column(String(64))
 
     city: Mapped[City | None] = relationship(lazy="joined")
 
@@ -222,6 +228,10 @@ class Campaign(Base):
     held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Hard bounces the user has acknowledged; a new spike is judged on those that came after.
     bounces_acknowledged: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A follow-up: the campaign it follows and how long after each contact's letter of that
+    # campaign its own letter is due (seconds).
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    follow_up_after: Mapped[int | None] = mapped_column(Integer)
 
 
 class Message(Base):
