@@ -137,7 +137,9 @@ def country_zone(country: str, *, year: int) -> str | None:
     first = [zone_info(zones[0]).utcoffset(t.astimezone(zone_info(zones[0]))) for t in samples]
     for other in zones[1:]:
         info = zone_info(other)
-        if any(info.utcoffset(t.astimezone(info)) != f for t, f in zip(samples, first, strict=True)):
+        if any(
+            info.utcoffset(t.astimezone(info)) != f for t, f in zip(samples, first, strict=True)
+        ):
             return None
     return zones[0]
 
@@ -201,7 +203,9 @@ class Gazetteer:
                         index.setdefault(key, []).append(place)
         return index
 
-    def lookup(self, *, country: str, key: str, region: str | None) -> tuple[str, str | None] | None:
+    def lookup(
+        self, *, country: str, key: str, region: str | None
+    ) -> tuple[str, str | None] | None:
         """(zone, note) for a city of `country` whose key is `key`, or None when unknown. Where
         places of that name keep different zones, the region picks one (a US state's name or
         code); else the largest, and the note says so."""
@@ -288,9 +292,7 @@ class Resolved:
 class ZoneResolver:
     """Resolves places to zones by the rules above; each distinct place once."""
 
-    def __init__(
-        self, *, default: str, today: dt.date, gazetteer: Gazetteer | None = None
-    ) -> None:
+    def __init__(self, *, default: str, today: dt.date, gazetteer: Gazetteer | None = None) -> None:
         self.default = canonical_zone(default)
         self.year = today.year
         self.gazetteer = gazetteer or _shared_gazetteer()
