@@ -37,9 +37,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer import campaigns, compose, outbox
+from mailer import campaigns, compose, outbox, timing
 from mailer.addresses import address_problem
-from mailer.clock import Clock, utcnow
+from mailer.clock import Clock, Sleeper, sleeper_for, utcnow
 from mailer.compose_worker import Batch, BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace
 from mailer.errors import (
@@ -80,6 +80,9 @@ class _Job:
     fell_back: bool = False
     error: str | None = None
     handed: bool = False
+    handed_at: dt.datetime | None = None
+    # Its window closed before it could go: held until this time (see timing.Gate.closed).
+    held_until: dt.datetime | None = None
 
 
 @dataclass(slots=True)
@@ -92,11 +95,6 @@ _TICK = _Result(job=_Job(claim=Claim(id=-1, contact_id=-1, attempts=0)), outcome
 
 # Peeked (message id, contact id) pairs and their batch being composed.
 _Peeked = tuple[list[tuple[int, int]], "asyncio.Future[Batch]"]
-
-
-def _hand(job: _Job) -> None:
-    # The message itself is leaving: from here on a send cut short is uncertain.
-    job.handed = True
 
 
 class _Run:
@@ -115,6 +113,8 @@ class _Run:
         policy: SendPolicy,
         report: SendReport,
         bucket: RateLimiter | None,
+        gate: timing.Gate | None = None,
+        sleep: Sleeper | None = None,
     ) -> None:
         self.engine = engine
         self.workspace = workspace
@@ -131,6 +131,9 @@ class _Run:
         self.policy = policy
         self.report = report
         self.bucket = bucket
+        # Sending windows and follow-up delays (timing.py); None: every queued letter is due.
+        self.gate = gate
+        self.sleep = sleep or sleeper_for(clock)
         self.stop = asyncio.Event()
         # Under a rate limit a batch is what goes out in a few seconds, so claims stay young.
         self.batch_size = policy.batch_size
@@ -181,13 +184,51 @@ class _Run:
             while not self.stop.is_set() and not self.claiming_over:
                 rows = self.due.peek(self.batch_size, skip=frozenset(self.peeked), now=self.clock())
                 if not rows:
+                    if await self._wait_for_held():
+                        continue
                     break
+                if self.gate is not None:
+                    # The timing hook: only letters due now (window open in the recipient's
+                    # zone, follow-up delay passed, first letter not answered) go on to be
+                    # composed and claimed; the gate holds or skips the others in the outbox.
+                    due = await self._on_db(
+                        functools.partial(self.gate.admit, rows, now=self.clock())
+                    )
+                    self.report.due -= len(rows) - len(due)
+                    if len(due) < len(rows):
+                        self.due.expect_retries()  # held letters now carry a date
+                    rows = due
+                    if not rows:
+                        continue
                 self.peeked.update(mid for mid, _ in rows)
                 await out.put((rows, self.composing.submit([cid for _, cid in rows])))
         except Exception as exc:
             self.halt(StopReason.ERROR, _as_mailer_error(exc))
         finally:
             await out.put(None)
+
+    async def _wait_for_held(self) -> bool:
+        """`--wait`: nothing is due now but letters are held for later (a window, a follow-up's
+        delay): once what is under way is settled, say what is waited for and sleep until it on
+        the run's clock. False: nothing to wait for (or not asked to), the run ends."""
+        gate = self.gate
+        if gate is None or not gate.rules.wait:
+            return False
+        while (self.peeked or self.outstanding) and not self.stop.is_set():
+            await asyncio.sleep(0.01)
+        if self.stop.is_set():
+            return False
+        waiting = await self._on_db(functools.partial(gate.next_due, now=self.clock()))
+        if waiting is None:
+            return False
+        gate.notify(waiting)
+        sleeping = asyncio.ensure_future(self.sleep(waiting.at))
+        stopping = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({sleeping, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (sleeping, stopping):
+            task.cancel()
+        self.due.expect_retries()
+        return not self.stop.is_set()
 
     def _drop(self, item: _Peeked) -> None:
         rows, future = item
@@ -335,6 +376,12 @@ class _Run:
                 if self.stop.is_set():
                     self._emit(results, _Result(job=job, outcome=None))
                     continue
+            if self.gate is not None:
+                job.held_until = self.gate.closed(job.claim.id, now=self.clock())
+                if job.held_until is not None:
+                    # Its window closed while it waited: back to the queue until the next.
+                    self._emit(results, _Result(job=job, outcome=None))
+                    continue
             self.inflight.add(job.claim.id)
             try:
                 outcome = await self.transport.send(
@@ -344,7 +391,7 @@ class _Run:
                     smtputf8=job.smtputf8,
                     ref=job.message_id,
                     go=self.going,
-                    on_payload=functools.partial(_hand, job),
+                    on_payload=functools.partial(self._hand, job),
                 )
             except TransportError as exc:
                 # Systemic (the server went away, refused the login on reconnect): this message
@@ -375,6 +422,12 @@ class _Run:
 
     def going(self) -> bool:
         return not self.stop.is_set()
+
+    def _hand(self, job: _Job) -> None:
+        # The message itself is leaving: from here on a send cut short is uncertain. The time
+        # on the run's clock is its delivery time (`sent_at`).
+        job.handed = True
+        job.handed_at = self.clock()
 
     def _watch(self, job: _Job, outcome: Outcome) -> None:
         failed = outcome.kind is not OutcomeKind.ACCEPTED
@@ -415,11 +468,14 @@ class _Run:
                 settled.append(
                     outbox.Released(
                         claim=job.claim,
-                        reason=str(self.stop_reason or "stopped"),
+                        reason="its sending window closed"
+                        if job.held_until is not None
+                        else str(self.stop_reason or "stopped"),
                         message_id=job.message_id,
                         language=job.language,
                         subject=job.subject,
                         body_hash=job.body_hash,
+                        due_at=job.held_until,
                     )
                 )
                 continue
@@ -450,6 +506,7 @@ class _Run:
                     language=job.language,
                     subject=job.subject,
                     body_hash=job.body_hash,
+                    handed_at=job.handed_at,
                 )
             )
         return settled
@@ -623,9 +680,14 @@ def send_campaign(
     policy: SendPolicy | None = None,
     handle_signals: bool = False,
     bucket: RateLimiter | None = None,
+    timing_options: timing.RunTiming | None = None,
+    sleep: Sleeper | None = None,
 ) -> SendReport:
     """Deliver a campaign (see the module docstring). Raises TransportError on a systemic failure
-    and Interrupted on SIGINT/SIGTERM, after recording everything; otherwise returns the report."""
+    and Interrupted on SIGINT/SIGTERM, after recording everything; otherwise returns the report.
+
+    `timing_options`: sending windows, `--wait`, `--spread` (see timing.py; the campaign's stored
+    windows apply without them). `sleep` waits on `clock` (a test's moves the clock)."""
     policy = policy or SendPolicy()
     if concurrency < 1:
         raise InvalidValueError("--concurrency must be at least 1")
@@ -662,6 +724,9 @@ def send_campaign(
                 policy=policy,
                 handle_signals=handle_signals,
                 bucket=bucket,
+                rate=rate,
+                timing_options=timing_options,
+                sleep=sleep or sleeper_for(clock),
             )
         )
     except SQLAlchemyError as exc:
@@ -682,6 +747,9 @@ async def _send_campaign(
     policy: SendPolicy,
     handle_signals: bool,
     bucket: RateLimiter | None,
+    rate: float | None = None,
+    timing_options: timing.RunTiming | None = None,
+    sleep: Sleeper,
 ) -> SendReport:
     report = SendReport(campaign=slug, via=transport.via, run_id=outbox.new_run_id())
     started = asyncio.get_running_loop().time()
@@ -715,10 +783,28 @@ async def _send_campaign(
             functools.partial(outbox.queue_audience, engine, campaign=campaign, now=now)
         )
         signals.check(slug)
+        # Windows, follow-up delays: letters held by an earlier run are judged again first.
+        gate = await asyncio.to_thread(
+            functools.partial(
+                timing.open_gate,
+                engine,
+                campaign=campaign,
+                run=timing_options,
+                now=now,
+                default_zone=workspace.setting("campaign", "default_zone"),
+                daily_cap=daily_cap,
+            )
+        )
+        if gate is not None and gate.rules.spread and daily_cap is not None:
+            bucket = gate.limiter(daily_cap=daily_cap, rate=rate, clock=clock, sleep=sleep)
         totals = await asyncio.to_thread(
             functools.partial(outbox.status_counts, engine, campaign_id=campaign.id)
         )
         report.due = totals[MessageStatus.QUEUED.value] + totals[MessageStatus.RETRY.value]
+        if gate is not None:
+            report.due -= await asyncio.to_thread(
+                functools.partial(timing.held_counts, engine, campaign_id=campaign.id, now=now)
+            )
         if report.due >= policy.compose_worker_from:
             # Started first: it comes up (about a second) while the server is contacted, and
             # until it is ready this process composes.
@@ -727,7 +813,8 @@ async def _send_campaign(
                 workspace=workspace,
                 campaign_id=campaign.id,
             )
-        if report.due:
+        held_back = gate is not None and gate.rules.wait
+        if report.due or held_back:
             # Before anything is claimed: a wrong password or an unreachable server stops the
             # run with the whole list still `queued`. With nothing due, no server is needed.
             await transport.open()
@@ -757,6 +844,8 @@ async def _send_campaign(
             policy=policy,
             report=report,
             bucket=bucket,
+            gate=gate,
+            sleep=sleep,
         )
         if progress is not None:
             progress(report)
@@ -799,6 +888,12 @@ async def _send_campaign(
     if run.stop_reason is StopReason.DAILY_CAP and daily_cap is not None:
         report.resume_at = await asyncio.to_thread(
             functools.partial(outbox.cap_resume_at, engine, now=clock(), cap=daily_cap)
+        )
+    if run.gate is not None:
+        report.held = run.gate.held
+        report.skipped += run.gate.skipped
+        report.waiting = await asyncio.to_thread(
+            functools.partial(run.gate.next_due, now=clock())
         )
     report.totals = await asyncio.to_thread(
         functools.partial(

@@ -9,9 +9,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mailer.models import MessageStatus
 from mailer.policy import StopReason
+
+if TYPE_CHECKING:
+    from mailer.timing import Waiting
 
 
 @dataclass(kw_only=True)
@@ -45,6 +49,10 @@ class SendReport:
     # Message counts per status after the run.
     totals: dict[str, int] = field(default_factory=dict)
     rate: float = 0.0
+    # Letters this run held until later (their window, a follow-up's delay), and what is held
+    # after it: when the next ones fall due (see timing.py).
+    held: int = 0
+    waiting: Waiting | None = None
 
     @property
     def test(self) -> bool:
@@ -63,7 +71,11 @@ class SendReport:
             self.totals.get(s.value, 0)
             for s in (MessageStatus.FAILED, MessageStatus.UNCERTAIN, MessageStatus.RETRY)
         )
-        return bool(left) or self.stopped in (StopReason.DAILY_CAP, StopReason.PAUSED)
+        return (
+            bool(left)
+            or self.waiting is not None
+            or self.stopped in (StopReason.DAILY_CAP, StopReason.PAUSED)
+        )
 
 
 Progress = Callable[[SendReport], None]
@@ -174,6 +186,12 @@ def format_send_summary(report: SendReport) -> list[str]:
     )
     if report.stopped is StopReason.LIMIT:
         lines.append(f"Stopped at --limit; run `mailer send {report.campaign}` again for the rest.")
+    if report.held:
+        lines.append(
+            f"Held {report.held} letter(s) until their time (sending window, follow-up delay or "
+            "return date); `mailer log "
+            f"{report.campaign} --events` says why and until when"
+        )
     return lines
 
 
@@ -195,6 +213,13 @@ def format_incomplete_reason(report: SendReport) -> str:
         )
     if report.test:
         return f"{report.failed + report.build_errors} test message(s) were not accepted"
+    if report.waiting is not None:
+        from mailer.timing import format_waiting
+
+        return (
+            f"{format_waiting(report.waiting, slug=slug)}; run `mailer send {slug}` then "
+            "(or with --wait to wait for it)"
+        )
     t = report.totals
     left = ", ".join(f"{t.get(k, 0)} {k}" for k in ("failed", "uncertain", "retry") if t.get(k, 0))
     return (
