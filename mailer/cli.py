@@ -633,6 +633,36 @@ def campaign_group() -> None:
     help="Only contacts who have not answered campaign SLUG (an out-of-office answer is no "
     "answer; repeatable).",
 )
+@click.option(
+    "--window",
+    "windows",
+    multiple=True,
+    metavar="'DAYS HH:MM-HH:MM'",
+    help="Default sending window, e.g. 'Mon-Fri 09:00-17:00' (repeatable; `send --window` "
+    "overrides it).",
+)
+@click.option(
+    "--window-zone",
+    metavar="recipient|ZONE",
+    help="Whose time the windows are in: each recipient's own (default) or one IANA zone.",
+)
+@click.option(
+    "--default-zone",
+    metavar="ZONE",
+    help="Time zone of recipients whose own cannot be told (default: [campaign] default_zone "
+    "in mailer.toml, else UTC).",
+)
+@click.option(
+    "--follow-up-of",
+    metavar="SLUG",
+    help="A follow-up of campaign SLUG: to its recipients, in the same thread (Re: its subject "
+    "unless the template sets one).",
+)
+@click.option(
+    "--after",
+    metavar="DURATION",
+    help="With --follow-up-of: due this long after each contact's first letter, e.g. 7d, 36h.",
+)
 def campaign_create(
     slug: str,
     template: str,
@@ -646,6 +676,11 @@ def campaign_create(
     not_contacted_in: tuple[str, ...],
     replied_to: tuple[str, ...],
     not_replied_to: tuple[str, ...],
+    windows: tuple[str, ...],
+    window_zone: str | None,
+    default_zone: str | None,
+    follow_up_of: str | None,
+    after: str | None,
 ) -> None:
     """Create a draft campaign; its audience is a filter, resolved whenever needed.
 
@@ -658,8 +693,12 @@ def campaign_create(
           --reply-to signatory --where country=DE --tag mayor
       mailer campaign create appeal-again --template appeal --from office@example.org \\
           --contacted-in appeal-de --not-replied-to appeal-de
+      mailer campaign create appeal-eu --template appeal --from office@example.org \\
+          --window 'Mon-Thu 09:00-12:00' --window 'Mon-Thu 14:00-17:00'
+      mailer campaign create follow-1 --template follow-up --from office@example.org \\
+          --follow-up-of appeal-de --after 7d --not-replied-to appeal-de
     """
-    from mailer import campaigns
+    from mailer import campaigns, timing
     from mailer.audience import Audience, parse_where
 
     workspace = state().workspace()
@@ -684,6 +723,16 @@ def campaign_create(
             default_language=default_language,
             templates_dir=workspace.templates_dir,
         )
+        timing.configure(
+            session,
+            campaign,
+            windows=windows,
+            window_zone=window_zone,
+            default_zone=default_zone,
+            follow_up_of=follow_up_of,
+            after=after,
+        )
+        audience = campaigns.audience_of(campaign)
         size = campaigns.audience_size(session, audience)
     click.echo(
         f"Created campaign {campaign.slug} (draft): template {template}, "
@@ -720,12 +769,13 @@ def campaign_show(slug: str) -> None:
     Example:
       mailer campaign show appeal-2022
     """
-    from mailer import campaigns
+    from mailer import campaigns, timing
 
     workspace = state().workspace()
     with _session() as session:
         campaign = campaigns.get_campaign(session, slug)
         summary = campaigns.summarise(session, campaign, templates_dir=workspace.templates_dir)
+        timing_lines = timing.describe_campaign(session, campaign)
     frozen = "frozen copy" if campaign.template_sources else f"live from {workspace.templates_dir}"
     click.echo(f"Campaign:  {campaign.slug}" + (f" ({campaign.title})" if campaign.title else ""))
     click.echo(f"Status:    {campaign.status}")
@@ -736,6 +786,8 @@ def campaign_show(slug: str) -> None:
     click.echo(f"From:      {campaign.from_address}")
     click.echo(f"Reply-To:  {campaign.reply_to or '(none)'}")
     click.echo(f"Language:  {campaign.default_language} (default)")
+    for line in timing_lines:
+        click.echo(line)
     click.echo(f"Audience:  {summary.audience}: {summary.size:,} contacts")
     for lang, n, used in summary.languages:
         arrow = f" -> {used}" if used and used != lang else ""
@@ -902,6 +954,30 @@ def _on_terminal() -> bool:
     is_flag=True,
     help="Allow a login over smtp+plain:// to another machine (the password goes in clear).",
 )
+@click.option(
+    "--window",
+    "windows",
+    multiple=True,
+    metavar="'DAYS HH:MM-HH:MM'",
+    help="Send only inside this window, e.g. 'Mon-Fri 09:00-17:00' (repeatable; default: the "
+    "campaign's). Others wait, queued, for their window.",
+)
+@click.option(
+    "--window-zone",
+    metavar="recipient|ZONE",
+    help="Whose time the windows are in: each recipient's own (default) or one IANA zone.",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for the next window (or follow-up delay) instead of ending with exit 3.",
+)
+@click.option(
+    "--spread",
+    is_flag=True,
+    help="Spread the --daily-cap evenly over the window (with a little jitter) instead of "
+    "sending in a burst when it opens.",
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def send(
     slug: str,
@@ -916,21 +992,30 @@ def send(
     ca_file: Path | None,
     timeout: float,
     allow_plaintext_auth: bool,
+    windows: tuple[str, ...],
+    window_zone: str | None,
+    wait: bool,
+    spread: bool,
     yes: bool,
 ) -> None:
     """Deliver a campaign: every recipient at most once, every outcome in the send log.
 
-    Exit status: 0 all sent; 3 messages left failed, uncertain, retrying or held by a cap;
-    130 interrupted (run send again to continue).
+    With a sending window, each letter goes when the window is open in its recipient's time
+    zone (their timezone column, else their city and country, else the campaign's default
+    zone); the others stay queued until theirs opens. Public holidays are not known.
+
+    Exit status: 0 all sent; 3 messages left failed, uncertain, retrying, held by a cap or
+    waiting for their window; 130 interrupted (run send again to continue).
 
     \b
     Example:
       MAILER_SMTP_PASSWORD=... mailer send appeal-2022 --smtp smtp://office@mail.example.org:587 --rate 300/min
       mailer send appeal-2022 --outbox out/
       mailer send appeal-2022 --smtp smtp+plain://127.0.0.1:1025 --test-to me@example.org
+      mailer send appeal-2022 --smtp URL --window 'Mon-Fri 09:00-17:00' --daily-cap 500 --spread --wait
     """
     from mailer import engine as send_engine
-    from mailer import smtp
+    from mailer import smtp, timing
     from mailer import transport as tr
     from mailer.errors import SendIncomplete
     from mailer.send_report import (
@@ -953,6 +1038,11 @@ def send(
             raise SendIncomplete(format_incomplete_reason(report))
         return
     per_second = tr.parse_rate(rate) if rate else None
+    run_timing = timing.RunTiming(
+        windows=windows, window_zone=window_zone, wait=wait, spread=spread, notify=click.echo
+    )
+    # Bad windows, zones or combinations are refused before a password is asked for.
+    timing.check_run(engine, slug=slug, run=run_timing, daily_cap=daily_cap, settings=workspace)
     transport: tr.Transport
     if smtp_url is not None:
         settings = smtp.parse_smtp_url(
@@ -992,6 +1082,7 @@ def send(
             test_to=test_to,
             progress=progress,
             handle_signals=True,
+            timing_options=run_timing,
         )
     for line in format_send_summary(report):
         click.echo(line)

@@ -639,7 +639,7 @@ def plan_send(*, workspace: Workspace, engine: Engine, slug: str) -> SendPlan:
         first = next(audience_mod.contact_id_pages(session, audience, size=1), [])
         subject = to = None
         if first:
-            recipients = compose.load_recipients(session, first)
+            recipients = compose.load_recipients(session, first, campaign_id=campaign.id)
             template_set = compose.template_set_for(
                 campaign, templates_dir=workspace.templates_dir
             )
@@ -989,7 +989,9 @@ def send_test(
             picked.extend(i for i in chunk if emails.get(i) not in blocked)
             if len(picked) >= count:
                 break
-        recipients = compose.load_recipients(session, picked[:count])
+        recipients = compose.load_recipients(
+            session, picked[:count], campaign_id=campaign.id
+        )
         for cid in picked[:count]:
             recipient = recipients.get(cid)
             if recipient is None:
@@ -1055,7 +1057,9 @@ def dry_run(
             emails = outbox.contact_emails(session, chunk)
             blocked = audience_mod.suppressed_among(session, emails.values())
             recipients = compose.load_recipients(
-                session, [i for i in chunk if emails.get(i) not in blocked]
+                session,
+                [i for i in chunk if emails.get(i) not in blocked],
+                campaign_id=campaign.id,
             )
             for cid in chunk:
                 email = emails.get(cid, "")

@@ -88,6 +88,10 @@ class CampaignSummary:
     # Why the campaign is paused, and whether sending waits for the user (a bounce spike).
     pause_reason: str | None = None
     held: bool = False
+    # Queued letters held until later (a sending window, a follow-up's delay, a return date),
+    # and when the first of them falls due.
+    waiting: int = 0
+    next_due_at: dt.datetime | None = None
 
     @property
     def total(self) -> int:
@@ -120,8 +124,16 @@ class CampaignSummary:
                 f"check it with `mailer check {slug}`, then send with `mailer send {slug} --smtp URL`"
             ]
         steps = []
-        if c["queued"]:
-            steps.append(f"{c['queued']:,} waiting: `mailer send {slug} --smtp URL` sends them")
+        if c["queued"] - self.waiting > 0:
+            steps.append(
+                f"{c['queued'] - self.waiting:,} waiting: `mailer send {slug} --smtp URL` sends them"
+            )
+        if self.waiting:
+            steps.append(
+                f"{self.waiting:,} held until their time (sending window, follow-up delay or "
+                f"return date), the next due {_human_time(self.next_due_at)}: `mailer send "
+                f"{slug} --smtp URL` then, or with --wait now"
+            )
         if c["retry"]:
             due = f", due from {_human_time(self.next_retry_at)}" if self.next_retry_at else ""
             steps.append(
@@ -170,6 +182,8 @@ class CampaignSummary:
                 ],
                 "note": "not sent yet" if self.not_sent_yet else None,
                 "next_retry_at": _iso(self.next_retry_at),
+                "waiting": self.waiting,
+                "next_due_at": _iso(self.next_due_at),
                 "next_steps": self.next_steps(),
             }
         )
@@ -227,7 +241,18 @@ def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> Campa
                 Message.status == MessageStatus.RETRY.value,
             )
         )
+    waiting, next_due = 0, None
+    if counts[MessageStatus.QUEUED.value]:
+        waiting, next_due = session.execute(
+            select(func.count(), func.min(Message.next_attempt_at)).where(
+                Message.campaign_id == campaign.id,
+                Message.status == MessageStatus.QUEUED.value,
+                Message.next_attempt_at > now,
+            )
+        ).one()
     return CampaignSummary(
+        waiting=int(waiting or 0),
+        next_due_at=_aware(next_due),
         outcomes=campaign_outcomes(session, campaign_id=campaign.id),
         pause_reason=campaign.pause_reason,
         held=bool(campaign.held),
@@ -325,6 +350,11 @@ def _status_block(s: CampaignSummary) -> list[str]:
     lines.append(f"  ended     {_human_time(s.ended_at)}")
     lines.append(f"  rate      {s.rate_per_minute:g}/min sent in the last 10 minutes")
     lines.append(f"  outcomes  {format_outcomes(s.outcomes)}")
+    if s.waiting:
+        lines.append(
+            f"  waiting   {s.waiting:,} held for their window or delay; the next due "
+            f"{_human_time(s.next_due_at)}"
+        )
     if s.top_failures:
         lines.append("  top failure reasons:")
         for reason in s.top_failures:

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from mailer import outbox
 from mailer.audience import Audience
 from mailer.clock import Clock, Sleeper
+from mailer.config import Workspace
 from mailer.errors import InvalidValueError
 from mailer.models import (
     Campaign,
@@ -308,6 +309,24 @@ def resolve_rules(
         seed=run.seed,
         notify=run.notify,
     )
+
+
+def check_run(
+    engine: Engine, *, slug: str, run: RunTiming, daily_cap: int | None, settings: Workspace
+) -> Rules:
+    """The rules a send of `slug` would use, checked before anything starts (InvalidValueError
+    for a bad window, zone or combination; NotFoundError for no such campaign)."""
+    from mailer.campaigns import get_campaign
+
+    with Session(engine) as session:
+        campaign = get_campaign(session, slug)
+        return resolve_rules(
+            session,
+            campaign,
+            run,
+            default_zone=settings.setting("campaign", "default_zone"),
+            daily_cap=daily_cap,
+        )
 
 
 # --------------------------------------------------------------------------- what is known of letters
@@ -909,6 +928,7 @@ __all__ = [
     "SpreadLimiter",
     "Waiting",
     "ZoneReport",
+    "check_run",
     "configure",
     "contact_places",
     "describe_campaign",
