@@ -158,8 +158,9 @@ class _Run:
             BatchComposer(engine=engine, workspace=workspace, campaign=campaign), worker=None
         )
         self.due = outbox.Due(engine, campaign_id=campaign.id)
-        # Results not yet written (see recorder).
+        # Results not yet written (see recorder), and how many results are not yet committed.
         self.unrecorded: list[_Result] = []
+        self.unwritten = 0
         # Peeked (being composed or waiting for the claimer): not to be peeked again.
         self.peeked: set[int] = set()
         # Set once no further batch will be claimed (a budget ran out): the peeker stops.
@@ -214,7 +215,7 @@ class _Run:
         gate = self.gate
         if gate is None or not gate.rules.wait:
             return False
-        while (self.peeked or self.outstanding) and not self.stop.is_set():
+        while (self.peeked or self.outstanding or self.unwritten) and not self.stop.is_set():
             await asyncio.sleep(0.01)
         if self.stop.is_set():
             return False
@@ -247,6 +248,7 @@ class _Run:
             # Not written: the recorder tries them again.
             self.unrecorded[:0] = results
             raise
+        self.unwritten -= len(results)
         jobs = []
         for claim in claims:
             job = _Job(claim=claim)
@@ -534,6 +536,7 @@ class _Run:
                 except BaseException:
                     self.unrecorded[:0] = batch
                     raise
+                self.unwritten -= len(batch)
             if finished or due:
                 last = loop.time()
                 if self.progress is not None:
@@ -543,6 +546,7 @@ class _Run:
         # Off the outstanding list the moment its result exists, so a cancelled run never
         # records a message twice.
         self.outstanding.pop(result.job.claim.id, None)
+        self.unwritten += 1
         results.put_nowait(result)
 
     async def ticker(self, inbox: asyncio.Queue[_Result | None]) -> None:

