@@ -227,7 +227,10 @@ _EVENT_COLUMNS = (
 
 
 def _datetime_to_db(conn: Connection) -> Callable[[dt.datetime | None], Any]:
-    process = MESSAGES.c.updated_at.type.bind_processor(conn.dialect)
+    # The dialect's own processor: on SQLite it writes the very text SQLAlchemy stores
+    # ("... 20:00:00.000000"), so a time compares right against the stored ones (the driver's
+    # own "... 20:00:00" sorts before it: a letter due at exactly `now` was not due).
+    process = MESSAGES.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
     # A batch carries one or two distinct times (its `now`, a retry's date): convert each once.
     seen: dict[dt.datetime, Any] = {}
 

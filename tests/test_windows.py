@@ -53,7 +53,10 @@ def test_windows_parse(text: str, shown: str, days: set[int]) -> None:
     ("texts", "message"),
     [
         ([""], "--window: an empty window"),
-        (["Mon-Fri 09:00-09:00"], "--window 'Mon-Fri 09:00-09:00' is empty: it ends when it starts"),
+        (
+            ["Mon-Fri 09:00-09:00"],
+            "--window 'Mon-Fri 09:00-09:00' is empty: it ends when it starts",
+        ),
         (
             ["Mon-Fri 17:00-09:00"],
             "--window 'Mon-Fri 17:00-09:00' is reversed: it ends (09:00) before it starts (17:00)",
@@ -180,7 +183,9 @@ def test_next_open_and_closing_agree_with_the_clock_everywhere(texts: tuple[str,
     rng = random.Random(7)
     step = dt.timedelta(minutes=5)
     starts = [at(2024, 3, 30, 20), at(2024, 10, 26, 20), at(2024, 4, 5, 20), at(2024, 11, 2, 20)]
-    starts += [at(2024, 1, 1) + dt.timedelta(minutes=rng.randrange(366 * 24 * 60)) for _ in range(30)]
+    starts += [
+        at(2024, 1, 1) + dt.timedelta(minutes=rng.randrange(366 * 24 * 60)) for _ in range(30)
+    ]
     for name in ZONES:
         zone = ZoneInfo(name)
         for start in starts:

@@ -65,10 +65,16 @@ def test_zone_names_are_checked_and_written_the_iana_way() -> None:
         (Place(city="Berlin"), "Europe/Kyiv", ZoneRule.DEFAULT),
         (Place(), "Europe/Kyiv", ZoneRule.DEFAULT),
         # A bad zone kept by an older import is passed over, and said.
-        (Place(timezone="Mars/Olympus", city="Tokyo", country="JP"), "Asia/Tokyo", ZoneRule.COUNTRY),
+        (
+            Place(timezone="Mars/Olympus", city="Tokyo", country="JP"),
+            "Asia/Tokyo",
+            ZoneRule.COUNTRY,
+        ),
     ],
 )
-def test_zone_rules_in_order(resolver: ZoneResolver, place: Place, zone: str, rule: ZoneRule) -> None:
+def test_zone_rules_in_order(
+    resolver: ZoneResolver, place: Place, zone: str, rule: ZoneRule
+) -> None:
     found = resolver.resolve(place)
     assert (found.zone, found.rule) == (zone, rule)
     if rule is ZoneRule.DEFAULT:
