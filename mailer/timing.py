@@ -97,7 +97,7 @@ def parse_duration(text: str, *, flag: str = "--after") -> dt.timedelta:
 
 def format_duration(delta: dt.timedelta) -> str:
     seconds = int(delta.total_seconds())
-    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds % size == 0 and seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
