@@ -20,7 +20,16 @@ from sqlalchemy.orm import Session
 
 from mailer.campaigns import get_campaign
 from mailer.errors import OutputFileError
-from mailer.models import City, Contact, Event, EventKind, Message, MessageStatus, utcnow
+from mailer.models import (
+    Campaign,
+    City,
+    Contact,
+    Event,
+    EventKind,
+    Message,
+    MessageStatus,
+    utcnow,
+)
 from mailer.review import (
     STATES,
     CampaignSummary,
@@ -82,6 +91,8 @@ class ReportData:
     failures: list[FailureReason]
     problems: list[Row] = field(default_factory=list)
     problems_total: int = 0
+    # Sending windows, follow-up and the recipients' time zones, as lines (see timing.py).
+    timing: list[str] = field(default_factory=list)
 
     @property
     def sent_events(self) -> int:
@@ -116,7 +127,20 @@ def build_report(session: Session, *, slug: str, now: dt.datetime | None = None)
         failures=failure_reasons(session, campaign_id=campaign.id, limit=50),
         problems=problems,
         problems_total=summary.counts["failed"] + summary.counts["uncertain"],
+        timing=_timing_lines(session, campaign, now=now),
     )
+
+
+def _timing_lines(session: Session, campaign: Campaign, *, now: dt.datetime) -> list[str]:
+    """The campaign's windows and follow-up, and how its recipients' time zones were found."""
+    from mailer import timing
+
+    lines = [line.split(":", 1)[1].strip() for line in timing.describe_campaign(session, campaign)]
+    ids = list(session.scalars(select(Message.contact_id).where(Message.campaign_id == campaign.id)))
+    if campaign.settings.get("windows") and ids:
+        zones = timing.zone_report(session, campaign, contact_ids=ids, today=now.date())
+        lines.extend(line.strip() for line in timing.format_zone_report(zones)[:2])
+    return lines
 
 
 def _country(code: str) -> str:
@@ -248,6 +272,9 @@ def render_html(data: ReportData) -> str:
     parts.append(_totals(s))
     steps = "".join(f"<li>{e(step)}</li>" for step in s.next_steps())
     parts.append(f'<section id="next"><h2>What to do next</h2><ul>{steps}</ul></section>')
+    if data.timing:
+        items = "".join(f"<li>{e(line)}</li>" for line in data.timing)
+        parts.append(f'<section id="timing"><h2>When letters go</h2><ul>{items}</ul></section>')
     parts.append(_chart_section(data))
     parts.append(_breakdown_section("Results by country", "by-country", data.by_country))
     parts.append(_breakdown_section("Results by language", "by-language", data.by_language))

@@ -23,9 +23,8 @@ import asyncio
 import datetime as dt
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
@@ -910,15 +909,6 @@ def held_counts(engine: Engine, *, campaign_id: int, now: dt.datetime) -> int:
         )
 
 
-def contact_places(session: Session, contact_ids: Iterable[int]) -> dict[int, Place]:
-    """Each contact's `Place` (for composing a follow-up's quoted date in their own time)."""
-    return {cid: f.place for cid, f in _facts(session, list(contact_ids), None).items()}
-
-
-def local_zone(place: Place, *, default: str, today: dt.date) -> ZoneInfo:
-    return zone_info(ZoneResolver(default=default, today=today).resolve(place).zone)
-
-
 __all__ = [
     "FALLBACK_ZONE",
     "RECIPIENT",
@@ -930,7 +920,6 @@ __all__ = [
     "ZoneReport",
     "check_run",
     "configure",
-    "contact_places",
     "describe_campaign",
     "format_duration",
     "format_waiting",

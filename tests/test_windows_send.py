@@ -416,6 +416,13 @@ def test_stored_windows_apply_to_every_send_and_show_in_campaign_show_and_check(
     report = send(ws, engine, server, clock, windows=("Fri 11:00-13:00",), window_zone="UTC")
     assert report.sent == 9
     assert all(at == clock.now for at in sent_at(engine).values())
+    # The HTML report says when letters go, and how the zones were found.
+    html = workspace / "report.html"
+    run.ok("report", SLUG, "--output", str(html))
+    text = html.read_text(encoding="utf-8")
+    assert '<section id="timing"><h2>When letters go</h2>' in text
+    assert "Mon-Thu 09:00-12:00 and Mon-Thu 14:00-17:00 (each recipient&#x27;s own time)" in text
+    assert "Time zones: 1 from the contact&#x27;s own time zone, 5 from their city" in text
 
 
 def test_the_rules_are_pure_functions_of_the_injected_instant() -> None:
