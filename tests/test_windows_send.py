@@ -431,3 +431,34 @@ def test_the_rules_are_pure_functions_of_the_injected_instant() -> None:
     zone = ZoneInfo("America/Los_Angeles")
     sunday = dt.datetime(2024, 3, 10, 12, tzinfo=UTC)  # the US changed its clocks at 10:00 UTC
     assert schedule.next_open(sunday, zone) == dt.datetime(2024, 3, 11, 16, tzinfo=UTC)
+
+
+def test_a_held_letter_is_neither_peeked_nor_claimed_early_and_is_due_at_exactly_its_time(
+    run: Cli, workspace: Path, engine: Engine
+) -> None:
+    from mailer import outbox
+
+    import_contacts(run, workspace, list(CITIES[:1]), "email,name,city,country,timezone")
+    create(run, workspace)
+    start = dt.datetime(2024, 6, 3, 9, tzinfo=UTC)
+    due_at = dt.datetime(2024, 6, 3, 10, tzinfo=UTC)  # a whole second, as a window's opening
+    with Session(engine) as s:
+        campaign = s.scalar(select(Campaign))
+        assert campaign is not None
+        s.expunge(campaign)
+    outbox.queue_audience(engine, campaign=campaign, now=start)
+    with Session(engine) as s:
+        mid, cid = s.execute(select(Message.id, Message.contact_id)).one()
+    hold = outbox.Hold(message=mid, contact_id=cid, until=due_at, reason="outside its window")
+    assert outbox.hold_and_skip(engine, campaign_id=campaign.id, holds=[hold], now=start).held == 1
+    peek = outbox.Due(engine, campaign_id=campaign.id)
+    just_before = due_at - dt.timedelta(microseconds=1)
+    assert peek.peek(10, skip=frozenset(), now=just_before) == []
+    assert not peek.any(now=just_before)
+    early = outbox.claim(engine, campaign_id=campaign.id, ids=[mid], run_id="t", now=just_before)
+    assert early == []
+    peek.expect_retries()
+    assert peek.peek(10, skip=frozenset(), now=due_at) == [(mid, cid)]
+    claims = outbox.claim(engine, campaign_id=campaign.id, ids=[mid], run_id="t", now=due_at)
+    assert [c.id for c in claims] == [mid]
+    assert event_details(engine, "held") == ["due 2024-06-03 10:00 UTC: outside its window"]
