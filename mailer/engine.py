@@ -192,9 +192,9 @@ class _Run:
                     # The timing hook: only letters due now (window open in the recipient's
                     # zone, follow-up delay passed, first letter not answered) go on to be
                     # composed and claimed; the gate holds or skips the others in the outbox.
-                    due = await self._on_db(
-                        functools.partial(self.gate.admit, rows, now=self.clock())
-                    )
+                    # A read (it writes only when it holds or skips): off the database
+                    # thread, so claims and results never wait for it.
+                    due = await asyncio.to_thread(self.gate.admit, rows, now=self.clock())
                     self.report.due -= len(rows) - len(due)
                     if len(due) < len(rows):
                         self.due.expect_retries()  # held letters now carry a date

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
+import json
 import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, Text, bindparam, cast, func, select
 from sqlalchemy.orm import Session
 
 from mailer import outbox
@@ -344,65 +347,96 @@ class _Facts:
     away_until: dt.date | None = None
 
 
-def _facts(session: Session, contact_ids: Sequence[int], rules: Rules | None) -> dict[int, _Facts]:
+@functools.cache
+def _facts_statements() -> tuple[Any, Any, Any]:
+    """The three reads of `_facts`, built once: building them cost more than running them."""
+    ids: Any = bindparam("ids", expanding=True)
+    contacts = (
+        select(
+            Contact.id,
+            Contact.email,
+            Contact.timezone,
+            # As stored: decoded only when it may hold a zone or a country (see _place).
+            cast(Contact.attributes, Text),
+            City.name,
+            City.country,
+            City.region,
+            Suppression.reason,
+        )
+        .outerjoin(City, City.id == Contact.city_id)
+        .outerjoin(Suppression, Suppression.email == Contact.email)
+        .where(Contact.id.in_(ids))
+    )
+    parents = select(
+        Message.contact_id, Message.sent_at, Message.replied_at, Message.bounced_at
+    ).where(Message.campaign_id == bindparam("parent"), Message.contact_id.in_(ids))
+    away = (
+        select(Message.contact_id, func.max(Message.away_until))
+        .where(Message.contact_id.in_(ids), Message.away_until.is_not(None))
+        .group_by(Message.contact_id)
+    )
+    return contacts, parents, away
+
+
+# Words in a contact's stored attributes that may make them matter for its zone.
+_PLACE_WORDS = re.compile(r'"(?:timezone|time_zone|tz|zone|country|region)"')
+_PlaceKey = tuple[str | None, str | None, str | None, str | None, str | None]
+
+
+def _place(key: _PlaceKey, places: dict[_PlaceKey, Place]) -> Place:
+    """A contact's Place from its stored columns, once per distinct set of them (a list has
+    many contacts per city)."""
+    found = places.get(key)
+    if found is None:
+        tz, attributes_text, city, country, region = key
+        attributes = None
+        if attributes_text and _PLACE_WORDS.search(attributes_text):
+            decoded = json.loads(attributes_text)
+            attributes = decoded if isinstance(decoded, dict) else None
+        found = places[key] = Place.of(
+            timezone=tz, attributes=attributes, city=city, country=country, region=region
+        )
+        if len(places) > 100_000:
+            places.clear()
+    return found
+
+
+def _facts(
+    conn: Connection | Session,
+    contact_ids: Sequence[int],
+    rules: Rules | None,
+    places: dict[_PlaceKey, Place] | None = None,
+) -> dict[int, _Facts]:
     """What decides when each contact's letter is due, a few queries for the whole batch."""
     ids = list(dict.fromkeys(contact_ids))
     found: dict[int, _Facts] = {}
-    conn = session.connection()
+    places = {} if places is None else places
+    contacts, parents, away = _facts_statements()
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        rows = conn.execute(
-            select(
-                Contact.id,
-                Contact.email,
-                Contact.timezone,
-                Contact.attributes,
-                City.name,
-                City.country,
-                City.region,
-            )
-            .outerjoin(City, City.id == Contact.city_id)
-            .where(Contact.id.in_(chunk))
-        )
-        for cid, email, tz, attributes, city, country, region in rows:
+        for cid, email, tz, attributes, city, country, region, suppressed in conn.execute(
+            contacts, {"ids": chunk}
+        ):
             found[int(cid)] = _Facts(
                 email=str(email),
-                place=Place.of(
-                    timezone=tz,
-                    attributes=attributes if isinstance(attributes, dict) else None,
-                    city=city,
-                    country=country,
-                    region=region,
-                ),
+                place=_place((tz, attributes, city, country, region), places),
+                suppressed=str(suppressed) if suppressed and rules is not None else None,
             )
-        if rules is None:
+        if rules is None or rules.parent_id is None:
             continue
-        in_chunk = set(chunk)
-        emails = {f.email: cid for cid, f in found.items() if cid in in_chunk}
-        for email, reason in conn.execute(
-            select(Suppression.email, Suppression.reason).where(Suppression.email.in_(list(emails)))
+        for cid, sent, replied, bounced in conn.execute(
+            parents, {"ids": chunk, "parent": rules.parent_id}
         ):
-            found[emails[email]].suppressed = str(reason)
-        if rules.parent_id is not None:
-            for cid, sent, replied, bounced in conn.execute(
-                select(
-                    Message.contact_id, Message.sent_at, Message.replied_at, Message.bounced_at
-                ).where(Message.campaign_id == rules.parent_id, Message.contact_id.in_(chunk))
-            ):
-                facts = found.get(int(cid))
-                if facts is not None:
-                    facts.has_parent_letter = True
-                    facts.parent_sent_at = _aware(sent)
-                    facts.parent_replied_at = _aware(replied)
-                    facts.parent_bounced_at = _aware(bounced)
-            for cid, day in conn.execute(
-                select(Message.contact_id, func.max(Message.away_until))
-                .where(Message.contact_id.in_(chunk), Message.away_until.is_not(None))
-                .group_by(Message.contact_id)
-            ):
-                facts = found.get(int(cid))
-                if facts is not None and day is not None:
-                    facts.away_until = day
+            facts = found.get(int(cid))
+            if facts is not None:
+                facts.has_parent_letter = True
+                facts.parent_sent_at = _aware(sent)
+                facts.parent_replied_at = _aware(replied)
+                facts.parent_bounced_at = _aware(bounced)
+        for cid, day in conn.execute(away, {"ids": chunk}):
+            facts = found.get(int(cid))
+            if facts is not None and day is not None:
+                facts.away_until = day
     return found
 
 
@@ -442,6 +476,22 @@ class _Judge:
     def __init__(self, rules: Rules, *, today: dt.date) -> None:
         self.rules = rules
         self.resolver = ZoneResolver(default=rules.default_zone, today=today)
+        # (zone, instant) -> (next opening, closing of the window open then): a batch's letters
+        # are judged at one instant, and share a few zones.
+        self._windows: dict[tuple[str, dt.datetime], tuple[dt.datetime, dt.datetime | None]] = {}
+
+    def _window(self, zone: str, at: dt.datetime) -> tuple[dt.datetime, dt.datetime | None]:
+        found = self._windows.get((zone, at))
+        if found is None:
+            schedule = self.rules.schedule
+            assert schedule is not None
+            info = zone_info(zone)
+            opens = schedule.next_open(at, info)
+            opening = schedule.opening(opens, info) if opens <= at else None
+            if len(self._windows) > 10_000:
+                self._windows.clear()
+            found = self._windows[(zone, at)] = (opens, opening.closes_at if opening else None)
+        return found
 
     def zone_of(self, facts: _Facts) -> str:
         if self.rules.fixed_zone is not None:
@@ -491,8 +541,7 @@ class _Judge:
         schedule = rules.schedule
         if schedule is not None:
             zone = zone or self.zone_of(facts)
-            info = zone_info(zone)
-            opens = schedule.next_open(due, info)
+            opens, closes = self._window(zone, due)
             if opens > due:
                 due = opens
                 reasons.append(
@@ -500,8 +549,7 @@ class _Judge:
                     f"{_local(opens, zone)}"
                 )
             if due <= now:
-                opening = schedule.opening(now, info)
-                return _Due(opening.closes_at if opening else None, zone)
+                return _Due(closes, zone)
         if due <= now:
             return _Due(None, None)
         return _Hold(due, "; then ".join(reasons))
@@ -536,6 +584,7 @@ class Gate:
     _judge: _Judge = field(init=False)
     # Admitted letters whose window closes: (closing time, zone), until handed over.
     _deadlines: dict[int, tuple[dt.datetime, str]] = field(default_factory=dict)
+    _places: dict[_PlaceKey, Place] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._judge = _Judge(self.rules, today=self.today)
@@ -548,8 +597,8 @@ class Gate:
         """THE ENGINE'S HOOK, called with a peeked batch of (message id, contact id) before it
         is composed and claimed: returns those due now (in the order given); holds the others
         until their time and skips those that must not go, through `outbox.hold_and_skip`."""
-        with Session(self.engine) as session:
-            facts = _facts(session, [cid for _, cid in rows], self.rules)
+        with self.engine.connect() as conn:
+            facts = _facts(conn, [cid for _, cid in rows], self.rules, self._places)
         due: list[tuple[int, int]] = []
         holds: list[outbox.Hold] = []
         skips: list[outbox.Drop] = []
@@ -604,7 +653,7 @@ class Gate:
                 ).all()
                 if not rows:
                     return
-                facts = _facts(session, [int(cid) for _, cid, _ in rows], self.rules)
+                facts = _facts(session, [int(cid) for _, cid, _ in rows], self.rules, self._places)
             holds: list[outbox.Hold] = []
             skips: list[outbox.Drop] = []
             releases: list[outbox.DueNow] = []
@@ -823,8 +872,9 @@ def zone_report(
     fallbacks: list[tuple[str, str]] = []
     guesses: list[tuple[str, str]] = []
     guess_count = 0
+    places: dict[_PlaceKey, Place] = {}
     for start in range(0, len(contact_ids), _PAGE):
-        facts = _facts(session, contact_ids[start : start + _PAGE], None)
+        facts = _facts(session, contact_ids[start : start + _PAGE], None, places)
         for cid in contact_ids[start : start + _PAGE]:
             f = facts.get(cid)
             if f is None:

@@ -156,3 +156,45 @@ def test_a_timezone_column_is_read_and_an_unknown_zone_rejects_its_row(
     strict = run("import", "contacts", str(file), "--strict")
     assert strict.exit_code == 1
     assert "Mars/Olympus" in strict.output
+
+
+def test_a_zone_kept_as_an_attribute_by_an_older_import_is_read_from_the_database(
+    run: Cli, workspace: Path, engine: Engine
+) -> None:
+    from mailer import campaigns, timing
+    from mailer.audience import Audience
+
+    file = workspace / "old.csv"
+    # "Zone" is no field: kept as the attribute `zone`, as an import before the column did.
+    file.write_text(
+        "email,city,country,Zone,Note\n"
+        "a@example.org,Berlin,DE,Asia/Tokyo,x\n"
+        "b@example.org,Berlin,DE,,y\n"
+        "c@example.org,,,,z\n",
+        encoding="utf-8",
+    )
+    run.ok("import", "contacts", str(file))
+    folder = workspace / "templates" / "t"
+    folder.mkdir(parents=True)
+    (folder / "en.txt.j2").write_text("Subject: Hi\n\nHello\n", encoding="utf-8")
+    with Session(engine) as s, s.begin():
+        campaign = campaigns.create_campaign(
+            s,
+            slug="c",
+            template="t",
+            from_address="office@example.org",
+            reply_to=None,
+            audience=Audience(),
+            title=None,
+            default_language="en",
+            templates_dir=workspace / "templates",
+        )
+        ids = list(s.scalars(select(Contact.id).order_by(Contact.id)))
+        report = timing.zone_report(s, campaign, contact_ids=ids, today=TODAY)
+    assert report.counts == {
+        ZoneRule.CONTACT: 1,
+        ZoneRule.CITY: 0,
+        ZoneRule.COUNTRY: 1,
+        ZoneRule.DEFAULT: 1,
+    }
+    assert report.fallbacks == [("c@example.org", "no time zone, city or country")]
