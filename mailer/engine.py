@@ -3,7 +3,9 @@
 A run goes: recover claims left by a dead sender -> freeze the templates -> resolve the audience
 again and queue whoever is missing (skipping the suppressed) -> a pipeline of bounded queues:
 
-    peeker (reads which messages are due; claims nothing) -> composing (renders bytes, in a
+    peeker (reads which messages are due; claims nothing; with sending windows or a follow-up,
+    asks timing.Gate.admit which of them are due now, the others held or skipped) ->
+    composing (renders bytes, in a
     worker process for a large run: see compose_worker) -> claimer (commits `queued -> sending`
     per composed batch) -> feeder -> N sender workers (the transport) -> recorder (commits
     results in small batches)

@@ -756,6 +756,7 @@ class ContactHistory:
     city: str | None = None
     region: str | None = None
     country: str | None = None
+    timezone: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     created_at: dt.datetime | None = None
@@ -852,6 +853,7 @@ def contact_history(session: Session, email: str) -> ContactHistory:
         city=city.name if city else None,
         region=city.region if city else None,
         country=city.country if city else None,
+        timezone=contact.timezone,
         attributes=dict(contact.attributes or {}),
         tags=[str(t) for t in (contact.tags or [])],
         created_at=contact.created_at,
@@ -875,6 +877,7 @@ def format_contact_history(history: ContactHistory) -> str:
             ("organisation", history.organisation),
             ("city", ", ".join(p for p in (history.city, history.region, history.country) if p)),
             ("language", history.language),
+            ("time zone", history.timezone),
             ("tags", ", ".join(history.tags)),
         ):
             if value:

@@ -153,6 +153,9 @@ def test_a_timezone_column_is_read_and_an_unknown_zone_rejects_its_row(
         stored = {e: tz for e, tz in s.execute(select(Contact.email, Contact.timezone))}
     assert stored == {"a@example.org": "Asia/Tokyo", "c@example.org": None}
 
+    listed = run.ok("contacts", "list", "--where", "timezone=asia/tokyo", "--format", "csv").output
+    assert [line.split(",")[0] for line in listed.splitlines()[1:]] == ["a@example.org"]
+    assert "  time zone     Asia/Tokyo" in run.ok("contacts", "show", "a@example.org").output
     strict = run("import", "contacts", str(file), "--strict")
     assert strict.exit_code == 1
     assert "Mars/Olympus" in strict.output
