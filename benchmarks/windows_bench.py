@@ -239,7 +239,7 @@ def main() -> None:
     print(f"date:      {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"command:   python benchmarks/windows_bench.py --count {args.count}")
     print(
-        f"prepare:   {args.count:,} contacts in {len(PLACES)} cities + 2 campaigns in {prepared:.1f} s"
+        f"prepare:   {args.count:,} contacts in {len(PLACES)} cities + {len(SENDS)} campaigns in {prepared:.1f} s"
     )
     for line in zone_lines:
         print(line)
