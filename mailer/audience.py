@@ -44,6 +44,7 @@ CORE_FIELDS = (
     "city",
     "region",
     "country",
+    "timezone",
 )
 
 
@@ -140,6 +141,8 @@ def _condition(session: Session, field: str, value: str) -> ColumnElement[bool]:
         return Contact.city_id.in_(select(City.id).where(City.country == _country_code(value)))
     if field == "region":
         return Contact.city_id.in_(select(City.id).where(func.lower(City.region) == value.lower()))
+    if field in ("timezone", "time_zone"):
+        return func.lower(Contact.timezone) == value.strip().lower()
     if field in ("tag", "tags"):
         return exists().where(and_(ContactTag.contact_id == Contact.id, ContactTag.tag == value))
     attribute = Contact.attributes[field].as_string()

@@ -26,7 +26,7 @@ from mailer.config import Workspace
 from mailer.errors import InvalidValueError, MailerError, NotFoundError, TemplateError
 from mailer.greetings import generic_greeting
 from mailer.message import clean_text
-from mailer.models import Campaign
+from mailer.models import Campaign, utcnow
 from mailer.render import (
     MissingFieldError,
     Recipient,
@@ -34,6 +34,7 @@ from mailer.render import (
     TemplateSet,
     leftover_markup,
 )
+from mailer.timing import ZoneReport, format_zone_report, zone_report
 
 # Longer subjects are cut by most mail clients' lists (and read as spam); a warning, not a block.
 SUBJECT_WARN_LENGTH = 120
@@ -67,6 +68,8 @@ class CheckReport:
     # template language used -> recipients
     languages: Counter[str] = field(default_factory=Counter)
     findings: list[Finding] = field(default_factory=list)
+    # How each recipient's time zone was found (for sending windows).
+    zones: ZoneReport | None = None
 
     @property
     def blocking(self) -> list[Finding]:
@@ -127,10 +130,12 @@ def _check_slice(
     batch_size: int,
     *,
     progress: Callable[[int, int], None] | None = None,
+    campaign_id: int | None = None,
 ) -> _Partial:
     part = _Partial()
     found = part.found
-    loader = RecipientLoader(session)
+    # A follow-up's letters are checked with the thread they answer (its subject, its dates).
+    loader = RecipientLoader(session, campaign_id=campaign_id)
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         batch = loader.load(chunk)
@@ -211,7 +216,9 @@ def _run_slice_job(job: _SliceJob) -> _Partial:
             campaign=campaign, template_set=template_set, settings=job.settings
         )
     with db.transaction(db.session_factory(engine)) as session:
-        return _check_slice(session, composer, job.ids, job.batch_size)
+        return _check_slice(
+            session, composer, job.ids, job.batch_size, campaign_id=job.campaign.get("id")
+        )
 
 
 def _composer_key(campaign: dict[str, Any], sources: dict[str, str]) -> str:
@@ -244,6 +251,7 @@ def _check_parallel(
     import multiprocessing
 
     fields = {
+        "id": campaign.id,
         "slug": campaign.slug,
         "title": campaign.title,
         "template": campaign.template,
@@ -353,7 +361,11 @@ def check_campaign(
             # No worker processes here (a sandbox, a resource limit): one process is only slower.
             parts = None
     if parts is None:
-        parts = [_check_slice(session, composer, ids, batch_size, progress=progress)]
+        parts = [
+            _check_slice(
+                session, composer, ids, batch_size, progress=progress, campaign_id=campaign.id
+            )
+        ]
 
     emails: list[str] = []
     for part in parts:
@@ -386,6 +398,17 @@ def check_campaign(
     report.findings = sorted(
         found.groups.values(), key=lambda f: (not f.blocking, f.kind, -f.count, f.message)
     )
+    try:
+        report.zones = zone_report(
+            session,
+            campaign,
+            contact_ids=ids,
+            default_zone=settings.setting("campaign", "default_zone"),
+            today=utcnow().date(),
+        )
+    except InvalidValueError as exc:
+        found.add("timing", str(exc), blocking=True, message=str(exc), example=None)
+        report.findings.insert(0, found.groups[("timing", str(exc))])
     return report
 
 
@@ -569,6 +592,8 @@ def format_report(report: CheckReport) -> list[str]:
                 more = finding.count - len(finding.examples)
                 tail = f" and {more:,} more" if more > 0 else ""
                 lines.append(f"      e.g. {', '.join(finding.examples)}{tail}")
+    if report.zones is not None:
+        lines.extend(format_zone_report(report.zones))
     if report.ok:
         n = len(report.warnings)
         note = f" ({n} warning{'s' if n != 1 else ''})" if n else ""

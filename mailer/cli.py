@@ -783,6 +783,36 @@ def campaign_group() -> None:
     "answer; repeatable).",
 )
 @_sending_options
+@click.option(
+    "--window",
+    "windows",
+    multiple=True,
+    metavar="'DAYS HH:MM-HH:MM'",
+    help="Default sending window, e.g. 'Mon-Fri 09:00-17:00' (repeatable; `send --window` "
+    "overrides it).",
+)
+@click.option(
+    "--window-zone",
+    metavar="recipient|ZONE",
+    help="Whose time the windows are in: each recipient's own (default) or one IANA zone.",
+)
+@click.option(
+    "--default-zone",
+    metavar="ZONE",
+    help="Time zone of recipients whose own cannot be told (default: [campaign] default_zone "
+    "in mailer.toml, else UTC).",
+)
+@click.option(
+    "--follow-up-of",
+    metavar="SLUG",
+    help="A follow-up of campaign SLUG: to its recipients, in the same thread (Re: its subject "
+    "unless the template sets one).",
+)
+@click.option(
+    "--after",
+    metavar="DURATION",
+    help="With --follow-up-of: due this long after each contact's first letter, e.g. 7d, 36h.",
+)
 def campaign_create(
     slug: str,
     template: str,
@@ -800,6 +830,11 @@ def campaign_create(
     rate: str | None,
     daily_cap: int | None,
     skip_within: str | None,
+    windows: tuple[str, ...],
+    window_zone: str | None,
+    default_zone: str | None,
+    follow_up_of: str | None,
+    after: str | None,
 ) -> None:
     """Create a draft campaign; its audience is a filter, resolved whenever needed.
 
@@ -817,8 +852,12 @@ def campaign_create(
           --reply-to signatory --where country=DE --tag mayor
       mailer campaign create appeal-again --template appeal --from office@example.org \\
           --contacted-in appeal-de --not-replied-to appeal-de
+      mailer campaign create appeal-eu --template appeal --from office@example.org \\
+          --window 'Mon-Thu 09:00-12:00' --window 'Mon-Thu 14:00-17:00'
+      mailer campaign create follow-1 --template follow-up --from office@example.org \\
+          --follow-up-of appeal-de --after 7d --not-replied-to appeal-de
     """
-    from mailer import campaigns
+    from mailer import campaigns, timing
     from mailer.audience import Audience, parse_where
 
     workspace = state().workspace()
@@ -848,6 +887,16 @@ def campaign_create(
             sending=sending,
             actor=actor(),
         )
+        timing.configure(
+            session,
+            campaign,
+            windows=windows,
+            window_zone=window_zone,
+            default_zone=default_zone,
+            follow_up_of=follow_up_of,
+            after=after,
+        )
+        audience = campaigns.audience_of(campaign)
         size = campaigns.audience_size(session, audience)
         recent = campaigns.recently_contacted(
             session, campaign=campaign, audience=audience, days=quiet_days
@@ -900,12 +949,13 @@ def campaign_show(slug: str) -> None:
     Example:
       mailer campaign show appeal-2022
     """
-    from mailer import campaigns
+    from mailer import campaigns, timing
 
     workspace = state().workspace()
     with _session() as session:
         campaign = campaigns.get_campaign(session, slug)
         summary = campaigns.summarise(session, campaign, templates_dir=workspace.templates_dir)
+        timing_lines = timing.describe_campaign(session, campaign)
     frozen = "frozen copy" if campaign.template_sources else f"live from {workspace.templates_dir}"
     drift = campaigns.template_drift(campaign, templates_dir=workspace.templates_dir)
     click.echo(f"Campaign:  {campaign.slug}" + (f" ({campaign.title})" if campaign.title else ""))
@@ -938,6 +988,8 @@ def campaign_show(slug: str) -> None:
     )
     if remembered:
         click.echo(f"Remembers: {remembered}")
+    for line in timing_lines:
+        click.echo(line)
     click.echo(f"Audience:  {summary.audience}: {summary.size:,} contacts")
     for lang, n, used in summary.languages:
         arrow = f" -> {used}" if used and used != lang else ""
@@ -1270,6 +1322,30 @@ def _on_terminal() -> bool:
     help="Send a campaign a bounce spike paused (you looked at the bounces).",
 )
 @click.option(
+    "--window",
+    "windows",
+    multiple=True,
+    metavar="'DAYS HH:MM-HH:MM'",
+    help="Send only inside this window, e.g. 'Mon-Fri 09:00-17:00' (repeatable; default: the "
+    "campaign's). Others wait, queued, for their window.",
+)
+@click.option(
+    "--window-zone",
+    metavar="recipient|ZONE",
+    help="Whose time the windows are in: each recipient's own (default) or one IANA zone.",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for the next window (or follow-up delay) instead of ending with exit 3.",
+)
+@click.option(
+    "--spread",
+    is_flag=True,
+    help="Spread the --daily-cap evenly over the window (with a little jitter) instead of "
+    "sending in a burst when it opens.",
+)
+@click.option(
     "--yes",
     "-y",
     is_flag=True,
@@ -1289,6 +1365,10 @@ def send(
     timeout: float,
     allow_plaintext_auth: bool,
     acknowledge_bounces: bool,
+    windows: tuple[str, ...],
+    window_zone: str | None,
+    wait: bool,
+    spread: bool,
     yes: bool,
 ) -> None:
     """Deliver a campaign: every recipient at most once, every outcome in the send log.
@@ -1297,8 +1377,13 @@ def send(
     --smtp/--outbox, the campaign's remembered server is used, else [smtp] url in mailer.toml
     (likewise --rate and --daily-cap), so after a Ctrl-C `mailer send SLUG` goes on.
 
-    Exit status: 0 all sent; 3 messages left failed, uncertain, retrying or held by a cap,
-    or the campaign was paused or cancelled by someone; 130 interrupted (send again to go on).
+    With a sending window, each letter goes when the window is open in its recipient's time
+    zone (their timezone column, else their city and country, else the campaign's default
+    zone); the others stay queued until theirs opens. Public holidays are not known.
+
+    Exit status: 0 all sent; 3 messages left failed, uncertain, retrying, held by a cap or
+    waiting for their window, or the campaign was paused or cancelled by someone; 130
+    interrupted (send again to go on).
 
     \b
     Example:
@@ -1306,10 +1391,11 @@ def send(
       mailer send appeal-2022            # the server and rate remembered in mailer.toml
       mailer send appeal-2022 --outbox out/
       mailer send appeal-2022 --smtp smtp+plain://127.0.0.1:1025 --test-to me@example.org
+      mailer send appeal-2022 --smtp URL --window 'Mon-Fri 09:00-17:00' --daily-cap 500 --spread --wait
     """
     import shlex
 
-    from mailer import campaigns, smtp
+    from mailer import campaigns, smtp, timing
     from mailer import engine as send_engine
     from mailer import outbox as outbox_verbs
     from mailer import transport as tr
@@ -1377,6 +1463,11 @@ def send(
         again += ["--concurrency", str(concurrency)]
     if timeout != 60.0:
         again += ["--timeout", f"{timeout:g}"]
+    for window in windows:
+        again += ["--window", window]
+    if window_zone is not None:
+        again += ["--window-zone", window_zone]
+    again += [flag for flag, on in (("--wait", wait), ("--spread", spread)) if on]
     per_second = tr.parse_rate(rate) if rate else None
     if test_to is None:
         # Paused by someone, cancelled, or held by a bounce spike: said before anything else.
@@ -1387,6 +1478,11 @@ def send(
             actor=actor(),
             now=utcnow(),
         )
+    run_timing = timing.RunTiming(
+        windows=windows, window_zone=window_zone, wait=wait, spread=spread, notify=click.echo
+    )
+    # Bad windows, zones or combinations are refused before a password is asked for.
+    timing.check_run(engine, slug=slug, run=run_timing, daily_cap=daily_cap, settings=workspace)
     transport: tr.Transport
     notes: list[str] = []
     if smtp_url is not None:
@@ -1445,6 +1541,7 @@ def send(
                 test_to=test_to,
                 progress=progress,
                 handle_signals=True,
+                timing_options=run_timing,
             )
         except SendPaused as paused:
             paused.report.again = shlex.join(again)

@@ -19,12 +19,13 @@ its templates:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from sqlalchemy import select
@@ -45,11 +46,12 @@ from mailer.audience import Audience
 from mailer.config import Workspace
 from mailer.errors import InvalidValueError, NotFoundError
 from mailer.message import build_message, clean_text, make_message_id
-from mailer.models import Campaign, City, Contact, Partnership, Signatory
+from mailer.models import Campaign, City, Contact, Message, Partnership, Signatory
 from mailer.render import (
     CampaignView,
     CityView,
     ContactView,
+    LetterView,
     PartnershipView,
     Recipient,
     Rendered,
@@ -58,6 +60,10 @@ from mailer.render import (
     load_template_set,
     normalise_sources,
 )
+from mailer.zones import Place, ZoneResolver, zone_info
+
+# A follow-up's thread is read at most this many campaigns up (a follow-up of a follow-up ...).
+_THREAD_DEPTH = 20
 
 _URL_UNSAFE = re.compile(r"[\s<>\"]")
 
@@ -82,12 +88,27 @@ def _mayor_first(title: str | None) -> int:
 class RecipientLoader:
     """Builds render views for pages of contacts with a few queries each.
 
-    The signatories are read once per loader; `load_recipients` makes a one-off loader.
+    The signatories are read once per loader; `load_recipients` makes a one-off loader. For a
+    follow-up (`campaign_id` of a campaign with a parent) each recipient also gets the thread:
+    the earlier letters to them (`first_letter`, `previous_letter`, `references`), their dates
+    in the recipient's own time zone (`default_zone` where it cannot be told).
     """
 
-    def __init__(self, session: Session, *, today: dt.date | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        *,
+        today: dt.date | None = None,
+        campaign_id: int | None = None,
+        default_zone: str | None = None,
+    ) -> None:
         self.session = session
         self.today = today or dt.datetime.now(dt.UTC).date()
+        self.campaign_id = campaign_id
+        self.default_zone = default_zone
+        # The campaigns this one follows, oldest first (None: not looked up yet).
+        self._thread: tuple[int, ...] | None = None
+        self._zones: ZoneResolver | None = None
         self._signatories: tuple[SignatoryView, ...] | None = None
         self._by_city: dict[int, SignatoryView] = {}
         # Pages of one audience share cities: their views and ties are built once per loader.
@@ -139,6 +160,7 @@ class RecipientLoader:
                     City.name,
                     City.country,
                     City.region,
+                    Contact.timezone,
                 )
                 .outerjoin(City, City.id == Contact.city_id)
                 .where(Contact.id.in_(ids))
@@ -146,6 +168,7 @@ class RecipientLoader:
             .all()
         )
         self._load_partnerships({row[9] for row in rows if row[9] is not None})
+        threads = self._load_threads(rows)
         ties = self._ties
         cities = self._cities
         result: dict[int, Recipient] = {}
@@ -163,6 +186,7 @@ class RecipientLoader:
             city_name,
             country,
             region,
+            _timezone,
         ) in rows:
             city = None
             if city_id is not None:
@@ -183,8 +207,89 @@ class RecipientLoader:
                 city=city,
                 partnerships=ties.get(city_id, ()) if city_id is not None else (),
                 signatories=signatories,
+                **threads.get(contact_id, {}),
             )
         return result
+
+    def _thread_campaigns(self) -> tuple[int, ...]:
+        if self._thread is None:
+            chain: list[int] = []
+            settings: dict[str, object] = {}
+            current = self.campaign_id
+            if current is not None:
+                row = self.session.execute(
+                    select(Campaign.parent_id, Campaign.settings).where(Campaign.id == current)
+                ).first()
+                if row is not None:
+                    current, settings = row[0], dict(row[1] or {})
+                else:
+                    current = None
+            while current is not None and current not in chain and len(chain) < _THREAD_DEPTH:
+                chain.append(current)
+                current = self.session.scalar(
+                    select(Campaign.parent_id).where(Campaign.id == current)
+                )
+            self._thread = tuple(reversed(chain))
+            zone = str(settings.get("default_zone") or self.default_zone or "UTC")
+            self._zones = ZoneResolver(default=zone, today=self.today) if chain else None
+        return self._thread
+
+    def _load_threads(self, rows: Sequence[Any]) -> dict[int, dict[str, Any]]:
+        """Per contact, the thread a follow-up answers: the letters of the campaigns it follows
+        that went out to them (see the class docstring)."""
+        thread = self._thread_campaigns()
+        if not thread or not rows:
+            return {}
+        assert self._zones is not None
+        order = {campaign_id: i for i, campaign_id in enumerate(thread)}
+        letters: dict[int, list[tuple[int, str, str, dt.datetime]]] = {}
+        found = self.session.connection().execute(
+            select(
+                Message.contact_id,
+                Message.campaign_id,
+                Message.message_id,
+                Message.subject,
+                Message.sent_at,
+            ).where(
+                Message.campaign_id.in_(thread),
+                Message.contact_id.in_([row[0] for row in rows]),
+                Message.sent_at.is_not(None),
+                Message.message_id.is_not(None),
+            )
+        )
+        for contact_id, campaign_id, message_id, subject, sent_at in found:
+            if message_id and sent_at is not None:
+                letters.setdefault(contact_id, []).append(
+                    (order[campaign_id], message_id, subject or "", sent_at)
+                )
+        threads: dict[int, dict[str, Any]] = {}
+        for row in rows:
+            sent = sorted(letters.get(row[0], ()))
+            if not sent:
+                continue
+            place = Place.of(
+                timezone=row[13],
+                attributes=row[7] if isinstance(row[7], dict) else None,
+                city=row[10],
+                country=row[11],
+                region=row[12],
+            )
+            zone = zone_info(self._zones.resolve(place).zone)
+            views = [
+                LetterView(
+                    sent_at=sent_at.astimezone(zone),
+                    date=sent_at.astimezone(zone).date(),
+                    subject=subject,
+                    message_id=message_id,
+                )
+                for _, message_id, subject, sent_at in sent
+            ]
+            threads[row[0]] = {
+                "first_letter": views[0],
+                "previous_letter": views[-1],
+                "references": tuple(v.message_id for v in views),
+            }
+        return threads
 
     def _city(self, city_id: int, name: str, country: str | None, region: str | None) -> CityView:
         view = self._cities.get(city_id)
@@ -241,9 +346,16 @@ class RecipientLoader:
 
 
 def load_recipients(
-    session: Session, contact_ids: Sequence[int], *, today: dt.date | None = None
+    session: Session,
+    contact_ids: Sequence[int],
+    *,
+    today: dt.date | None = None,
+    campaign_id: int | None = None,
+    default_zone: str | None = None,
 ) -> dict[int, Recipient]:
-    return RecipientLoader(session, today=today).load(contact_ids)
+    return RecipientLoader(
+        session, today=today, campaign_id=campaign_id, default_zone=default_zone
+    ).load(contact_ids)
 
 
 # --------------------------------------------------------------------------- composing
@@ -366,13 +478,19 @@ class Composer:
         return self._render(recipient, self.unsubscribe_url(recipient.contact.email))
 
     def _render(self, recipient: Recipient, unsubscribe_url: str | None) -> Rendered:
-        return self.template_set.render(
+        rendered = self.template_set.render(
             recipient=recipient,
             campaign=self.view,
             unsubscribe_url=unsubscribe_url,
             unsubscribe_mailto=self.unsubscribe_mailto,
             today=self.today,
         )
+        if not rendered.subject and recipient.first_letter is not None:
+            # A follow-up whose template leaves Subject empty answers in the same thread.
+            rendered = dataclasses.replace(
+                rendered, subject=reply_subject(recipient.first_letter.subject)
+            )
+        return rendered
 
     def reply_to(self, recipient: Recipient) -> Mailbox | None:
         """The letter's Reply-To: the fixed one, or the signing mayor by name and address."""
@@ -415,6 +533,8 @@ class Composer:
             unsubscribe_mailto=self.unsubscribe_mailto,
             unsubscribe_url=unsubscribe_url,
             test=test,
+            in_reply_to=recipient.previous_letter.message_id if recipient.previous_letter else None,
+            references=recipient.references,
         )
         return Composed(
             data=built.data,
@@ -428,6 +548,14 @@ class Composer:
             body_hash=built.body_hash,
             fell_back=rendered.fell_back,
         )
+
+
+def reply_subject(subject: str) -> str:
+    """`Re: <subject>`, without piling up `Re: Re:`."""
+    text = clean_text(subject)
+    while text[:3].lower() == "re:":
+        text = text[3:].lstrip()
+    return f"Re: {text}"
 
 
 def composer_for(
@@ -473,7 +601,12 @@ def preview(
             )
     template_set = template_set_for(campaign, templates_dir=templates_dir)
     composer = composer_for(campaign=campaign, template_set=template_set, settings=settings)
-    recipient = load_recipients(session, [contact_id])[contact_id]
+    recipient = load_recipients(
+        session,
+        [contact_id],
+        campaign_id=campaign.id,
+        default_zone=settings.setting("campaign", "default_zone"),
+    )[contact_id]
     return composer.compose(recipient)
 
 

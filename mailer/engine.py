@@ -3,7 +3,9 @@
 A run goes: recover claims left by a dead sender -> freeze the templates -> resolve the audience
 again and queue whoever is missing (skipping the suppressed) -> a pipeline of bounded queues:
 
-    peeker (reads which messages are due; claims nothing) -> composing (renders bytes, in a
+    peeker (reads which messages are due; claims nothing; with sending windows or a follow-up,
+    asks timing.Gate.admit which of them are due now, the others held or skipped) ->
+    composing (renders bytes, in a
     worker process for a large run: see compose_worker) -> claimer (commits `queued -> sending`
     per composed batch) -> feeder -> N sender workers (the transport) -> recorder (commits
     results in small batches)
@@ -37,9 +39,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer import campaigns, compose, outbox
+from mailer import campaigns, compose, outbox, timing
 from mailer.addresses import address_problem
-from mailer.clock import Clock, utcnow
+from mailer.clock import Clock, Sleeper, sleeper_for, utcnow
 from mailer.compose_worker import Batch, BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace
 from mailer.errors import (
@@ -79,6 +81,9 @@ class _Job:
     fell_back: bool = False
     error: str | None = None
     handed: bool = False
+    handed_at: dt.datetime | None = None
+    # Its window closed before it could go: held until this time (see timing.Gate.closed).
+    held_until: dt.datetime | None = None
 
 
 @dataclass(slots=True)
@@ -91,11 +96,6 @@ _TICK = _Result(job=_Job(claim=Claim(id=-1, contact_id=-1, attempts=0)), outcome
 
 # Peeked (message id, contact id) pairs and their batch being composed.
 _Peeked = tuple[list[tuple[int, int]], "asyncio.Future[Batch]"]
-
-
-def _hand(job: _Job) -> None:
-    # The message itself is leaving: from here on a send cut short is uncertain.
-    job.handed = True
 
 
 class _Run:
@@ -114,6 +114,8 @@ class _Run:
         policy: SendPolicy,
         report: SendReport,
         bucket: RateLimiter | None,
+        gate: timing.Gate | None = None,
+        sleep: Sleeper | None = None,
     ) -> None:
         self.engine = engine
         self.workspace = workspace
@@ -130,6 +132,9 @@ class _Run:
         self.policy = policy
         self.report = report
         self.bucket = bucket
+        # Sending windows and follow-up delays (timing.py); None: every queued letter is due.
+        self.gate = gate
+        self.sleep = sleep or sleeper_for(clock)
         self.stop = asyncio.Event()
         # Under a rate limit a batch is what goes out in a few seconds, so claims stay young.
         self.batch_size = policy.batch_size
@@ -154,8 +159,9 @@ class _Run:
             BatchComposer(engine=engine, workspace=workspace, campaign=campaign), worker=None
         )
         self.due = outbox.Due(engine, campaign_id=campaign.id)
-        # Results not yet written (see recorder).
+        # Results not yet written (see recorder), and how many results are not yet committed.
         self.unrecorded: list[_Result] = []
+        self.unwritten = 0
         # Peeked (being composed or waiting for the claimer): not to be peeked again.
         self.peeked: set[int] = set()
         # Set once no further batch will be claimed (a budget ran out): the peeker stops.
@@ -180,13 +186,51 @@ class _Run:
             while not self.stop.is_set() and not self.claiming_over:
                 rows = self.due.peek(self.batch_size, skip=frozenset(self.peeked), now=self.clock())
                 if not rows:
+                    if await self._wait_for_held():
+                        continue
                     break
+                if self.gate is not None:
+                    # The timing hook: only letters due now (window open in the recipient's
+                    # zone, follow-up delay passed, first letter not answered) go on to be
+                    # composed and claimed; the gate holds or skips the others in the outbox.
+                    # A read (it writes only when it holds or skips): off the database
+                    # thread, so claims and results never wait for it.
+                    due = await asyncio.to_thread(self.gate.admit, rows, now=self.clock())
+                    self.report.due -= len(rows) - len(due)
+                    if len(due) < len(rows):
+                        self.due.expect_retries()  # held letters now carry a date
+                    rows = due
+                    if not rows:
+                        continue
                 self.peeked.update(mid for mid, _ in rows)
                 await out.put((rows, self.composing.submit([cid for _, cid in rows])))
         except Exception as exc:
             self.halt(StopReason.ERROR, _as_mailer_error(exc))
         finally:
             await out.put(None)
+
+    async def _wait_for_held(self) -> bool:
+        """`--wait`: nothing is due now but letters are held for later (a window, a follow-up's
+        delay): once what is under way is settled, say what is waited for and sleep until it on
+        the run's clock. False: nothing to wait for (or not asked to), the run ends."""
+        gate = self.gate
+        if gate is None or not gate.rules.wait:
+            return False
+        while (self.peeked or self.outstanding or self.unwritten) and not self.stop.is_set():
+            await asyncio.sleep(0.01)
+        if self.stop.is_set():
+            return False
+        waiting = await self._on_db(functools.partial(gate.next_due, now=self.clock()))
+        if waiting is None:
+            return False
+        gate.notify(waiting)
+        sleeping = asyncio.ensure_future(self.sleep(waiting.at))
+        stopping = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({sleeping, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (sleeping, stopping):
+            task.cancel()
+        self.due.expect_retries()
+        return not self.stop.is_set()
 
     def _drop(self, item: _Peeked) -> None:
         rows, future = item
@@ -205,6 +249,7 @@ class _Run:
             # Not written: the recorder tries them again.
             self.unrecorded[:0] = results
             raise
+        self.unwritten -= len(results)
         jobs = []
         for claim in claims:
             job = _Job(claim=claim)
@@ -334,6 +379,12 @@ class _Run:
                 if self.stop.is_set():
                     self._emit(results, _Result(job=job, outcome=None))
                     continue
+            if self.gate is not None:
+                job.held_until = self.gate.closed(job.claim.id, now=self.clock())
+                if job.held_until is not None:
+                    # Its window closed while it waited: back to the queue until the next.
+                    self._emit(results, _Result(job=job, outcome=None))
+                    continue
             self.inflight.add(job.claim.id)
             try:
                 outcome = await self.transport.send(
@@ -343,7 +394,7 @@ class _Run:
                     smtputf8=job.smtputf8,
                     ref=job.message_id,
                     go=self.going,
-                    on_payload=functools.partial(_hand, job),
+                    on_payload=functools.partial(self._hand, job),
                 )
             except TransportError as exc:
                 # Systemic (the server went away, refused the login on reconnect): this message
@@ -374,6 +425,12 @@ class _Run:
 
     def going(self) -> bool:
         return not self.stop.is_set()
+
+    def _hand(self, job: _Job) -> None:
+        # The message itself is leaving: from here on a send cut short is uncertain. The time
+        # on the run's clock is its delivery time (`sent_at`).
+        job.handed = True
+        job.handed_at = self.clock()
 
     def _watch(self, job: _Job, outcome: Outcome) -> None:
         failed = outcome.kind is not OutcomeKind.ACCEPTED
@@ -414,11 +471,14 @@ class _Run:
                 settled.append(
                     outbox.Released(
                         claim=job.claim,
-                        reason=str(self.stop_reason or "stopped"),
+                        reason="its sending window closed"
+                        if job.held_until is not None
+                        else str(self.stop_reason or "stopped"),
                         message_id=job.message_id,
                         language=job.language,
                         subject=job.subject,
                         body_hash=job.body_hash,
+                        due_at=job.held_until,
                     )
                 )
                 continue
@@ -449,6 +509,7 @@ class _Run:
                     language=job.language,
                     subject=job.subject,
                     body_hash=job.body_hash,
+                    handed_at=job.handed_at,
                 )
             )
         return settled
@@ -476,6 +537,7 @@ class _Run:
                 except BaseException:
                     self.unrecorded[:0] = batch
                     raise
+                self.unwritten -= len(batch)
             if finished or due:
                 last = loop.time()
                 if self.progress is not None:
@@ -485,6 +547,7 @@ class _Run:
         # Off the outstanding list the moment its result exists, so a cancelled run never
         # records a message twice.
         self.outstanding.pop(result.job.claim.id, None)
+        self.unwritten += 1
         results.put_nowait(result)
 
     async def ticker(self, inbox: asyncio.Queue[_Result | None]) -> None:
@@ -603,7 +666,7 @@ def plan_send(*, workspace: Workspace, engine: Engine, slug: str) -> SendPlan:
         first = next(audience_mod.contact_id_pages(session, audience, size=1), [])
         subject = to = None
         if first:
-            recipients = compose.load_recipients(session, first)
+            recipients = compose.load_recipients(session, first, campaign_id=campaign.id)
             template_set = compose.template_set_for(
                 campaign, templates_dir=workspace.templates_dir
             )
@@ -644,9 +707,14 @@ def send_campaign(
     policy: SendPolicy | None = None,
     handle_signals: bool = False,
     bucket: RateLimiter | None = None,
+    timing_options: timing.RunTiming | None = None,
+    sleep: Sleeper | None = None,
 ) -> SendReport:
     """Deliver a campaign (see the module docstring). Raises TransportError on a systemic failure
-    and Interrupted on SIGINT/SIGTERM, after recording everything; otherwise returns the report."""
+    and Interrupted on SIGINT/SIGTERM, after recording everything; otherwise returns the report.
+
+    `timing_options`: sending windows, `--wait`, `--spread` (see timing.py; the campaign's stored
+    windows apply without them). `sleep` waits on `clock` (a test's moves the clock)."""
     policy = policy or SendPolicy()
     if concurrency < 1:
         raise InvalidValueError("--concurrency must be at least 1")
@@ -683,6 +751,9 @@ def send_campaign(
                 policy=policy,
                 handle_signals=handle_signals,
                 bucket=bucket,
+                rate=rate,
+                timing_options=timing_options,
+                sleep=sleep or sleeper_for(clock),
             )
         )
     except SQLAlchemyError as exc:
@@ -703,6 +774,9 @@ async def _send_campaign(
     policy: SendPolicy,
     handle_signals: bool,
     bucket: RateLimiter | None,
+    rate: float | None = None,
+    timing_options: timing.RunTiming | None = None,
+    sleep: Sleeper,
 ) -> SendReport:
     report = SendReport(campaign=slug, via=transport.via, run_id=outbox.new_run_id())
     started = asyncio.get_running_loop().time()
@@ -736,10 +810,28 @@ async def _send_campaign(
             functools.partial(outbox.queue_audience, engine, campaign=campaign, now=now)
         )
         signals.check(report)
+        # Windows, follow-up delays: letters held by an earlier run are judged again first.
+        gate = await asyncio.to_thread(
+            functools.partial(
+                timing.open_gate,
+                engine,
+                campaign=campaign,
+                run=timing_options,
+                now=now,
+                default_zone=workspace.setting("campaign", "default_zone"),
+                daily_cap=daily_cap,
+            )
+        )
+        if gate is not None and gate.rules.spread and daily_cap is not None:
+            bucket = gate.limiter(daily_cap=daily_cap, rate=rate, clock=clock, sleep=sleep)
         totals = await asyncio.to_thread(
             functools.partial(outbox.status_counts, engine, campaign_id=campaign.id)
         )
         report.due = totals[MessageStatus.QUEUED.value] + totals[MessageStatus.RETRY.value]
+        if gate is not None:
+            report.due -= await asyncio.to_thread(
+                functools.partial(timing.held_counts, engine, campaign_id=campaign.id, now=now)
+            )
         if report.due >= policy.compose_worker_from:
             # Started first: it comes up (about a second) while the server is contacted, and
             # until it is ready this process composes.
@@ -748,7 +840,8 @@ async def _send_campaign(
                 workspace=workspace,
                 campaign_id=campaign.id,
             )
-        if report.due:
+        held_back = gate is not None and gate.rules.wait
+        if report.due or held_back:
             # Before anything is claimed: a wrong password or an unreachable server stops the
             # run with the whole list still `queued`. With nothing due, no server is needed.
             await transport.open()
@@ -778,6 +871,8 @@ async def _send_campaign(
             policy=policy,
             report=report,
             bucket=bucket,
+            gate=gate,
+            sleep=sleep,
         )
         if progress is not None:
             progress(report)
@@ -820,6 +915,12 @@ async def _send_campaign(
     if run.stop_reason is StopReason.DAILY_CAP and daily_cap is not None:
         report.resume_at = await asyncio.to_thread(
             functools.partial(outbox.cap_resume_at, engine, now=clock(), cap=daily_cap)
+        )
+    if run.gate is not None:
+        report.held = run.gate.held
+        report.skipped += run.gate.skipped
+        report.next_due = await asyncio.to_thread(
+            functools.partial(run.gate.next_due, now=clock())
         )
     report.totals = await asyncio.to_thread(
         functools.partial(
@@ -911,7 +1012,9 @@ def send_test(
             picked.extend(i for i in chunk if emails.get(i) not in blocked)
             if len(picked) >= count:
                 break
-        recipients = compose.load_recipients(session, picked[:count])
+        recipients = compose.load_recipients(
+            session, picked[:count], campaign_id=campaign.id
+        )
         for cid in picked[:count]:
             recipient = recipients.get(cid)
             if recipient is None:
@@ -977,7 +1080,9 @@ def dry_run(
             emails = outbox.contact_emails(session, chunk)
             blocked = audience_mod.suppressed_among(session, emails.values())
             recipients = compose.load_recipients(
-                session, [i for i in chunk if emails.get(i) not in blocked]
+                session,
+                [i for i in chunk if emails.get(i) not in blocked],
+                campaign_id=campaign.id,
             )
             for cid in chunk:
                 email = emails.get(cid, "")

@@ -79,6 +79,7 @@ from mailer.models import (
     utcnow,
 )
 from mailer.tables import Table
+from mailer.zones import canonical_zone
 
 CHUNK_ROWS = 2_000
 # How `import_contacts` runs its two threads (see there).
@@ -351,6 +352,7 @@ _LOOKUP_COLUMNS = (
     "salutation",
     "organisation",
     "language",
+    "timezone",
     "city_id",
     "attributes",
     "tags",
@@ -625,8 +627,9 @@ _CONTACT_TAGS = cast(SqlTable, ContactTag.__table__)
 _CONTACTS_RAW = sa_table(_CONTACTS.name, *(sa_column(col.name) for col in _CONTACTS.c))
 _CONTACT_TAGS_RAW = sa_table(_CONTACT_TAGS.name, sa_column("contact_id"), sa_column("tag"))
 # In the table's column order, so new rows go to the driver as they are.
-_CONTACT_SCALARS = ("name", "title", "salutation", "language", "organisation")
+_CONTACT_SCALARS = ("name", "title", "salutation", "language", "organisation", "timezone")
 _LANGUAGE_SLOT = _CONTACT_SCALARS.index("language")
+_TIMEZONE_SLOT = _CONTACT_SCALARS.index("timezone")
 _NAME_SLOT = _CONTACT_SCALARS.index("name")
 # The order of the tuples new contacts are written as (SQLite puts the id in front).
 _NEW_CONTACT_COLUMNS = (
@@ -701,6 +704,7 @@ _SCALAR_LIMITS = {
     "salutation": 300,
     "organisation": 300,
     "language": 35,
+    "timezone": 64,
 }
 
 
@@ -804,6 +808,11 @@ class _ContactValidator:
             if slot == _LANGUAGE_SLOT:
                 try:
                     value = parse_language(value)
+                except ValueError as exc:
+                    raise RowRejected(label(index), str(exc)) from None
+            elif slot == _TIMEZONE_SLOT:
+                try:
+                    value = canonical_zone(value)
                 except ValueError as exc:
                     raise RowRejected(label(index), str(exc)) from None
             scalars[slot] = value

@@ -25,6 +25,7 @@ import email.utils
 import functools
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 
@@ -251,6 +252,8 @@ def build_message(
     unsubscribe_mailto: str,
     unsubscribe_url: str | None,
     test: bool = False,
+    in_reply_to: str | None = None,
+    references: Sequence[str] = (),
 ) -> BuiltMessage:
     from_line, mail_from, utf8 = _mailbox_header("From", sender.name, sender.address)
     rcpt_to, to_utf8 = wire_address(to_address, what="recipient")
@@ -270,6 +273,11 @@ def build_message(
     if test:
         subject = "[TEST] " + subject
     lines.append(_fold("Subject", _unstructured_tokens(subject)) if subject else "Subject:")
+    if in_reply_to:
+        # A follow-up, in the thread of the letters before it (RFC 5322 §3.6.4).
+        lines.append("In-Reply-To: " + _message_id_value(in_reply_to))
+    if references:
+        lines.append(_fold("References", [_message_id_value(r) for r in references]))
     for name, value in rendered.headers.items():
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", name):
             raise InvalidValueError(f"header name {name!r} is not allowed")

@@ -91,6 +91,9 @@ class EventKind(enum.StrEnum):
     AUTO_REPLIED = "auto_replied"
     COMPLAINT = "complaint"
     UNSUBSCRIBED = "unsubscribed"
+    # Still queued, due later: outside its sending window, a follow-up's delay, or a recipient
+    # away until a date (the detail says which, and until when).
+    HELD = "held"
     # Audit events (no message): who changed what, for a team on one database (issue 16).
     CAMPAIGN_CREATED = "campaign_created"
     CAMPAIGN_UPDATED = "campaign_updated"
@@ -176,6 +179,9 @@ class Contact(Base):
     tags: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # The contact's IANA time zone (Europe/Berlin), checked at import; when empty, their city
+    # and country say it (see zones.py).
+    timezone: Mapped[str | None] = mapped_column(String(64))
 
     city: Mapped[City | None] = relationship(lazy="joined")
 
@@ -255,6 +261,10 @@ class Campaign(Base):
     # made before migration 0005_team: it still takes both from the local mailer.toml.
     unsubscribe_mailto: Mapped[str | None] = mapped_column(Text)
     unsubscribe_url: Mapped[str | None] = mapped_column(Text)
+    # A follow-up: the campaign it follows and how long after each contact's letter of that
+    # campaign its own letter is due (seconds).
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    follow_up_after: Mapped[int | None] = mapped_column(Integer)
 
 
 class Message(Base):

@@ -117,12 +117,16 @@ class Attempted:
     language: str | None
     subject: str | None
     body_hash: str | None
+    # When the message was handed to the transport (its `sent_at` if sent); None: the time the
+    # result is recorded.
+    handed_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Released:
     """A claimed message never handed to the transport: back to `queued`, the attempt not
-    counted; `reason` says why the run let it go."""
+    counted; `reason` says why the run let it go, `due_at` when it is due again (its window
+    closed before it could go: held until the next one opens)."""
 
     claim: Claim
     reason: str
@@ -130,6 +134,7 @@ class Released:
     language: str | None = None
     subject: str | None = None
     body_hash: str | None = None
+    due_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,7 +228,10 @@ _EVENT_COLUMNS = (
 
 
 def _datetime_to_db(conn: Connection) -> Callable[[dt.datetime | None], Any]:
-    process = MESSAGES.c.updated_at.type.bind_processor(conn.dialect)
+    # The dialect's own processor: on SQLite it writes the very text SQLAlchemy stores
+    # ("... 20:00:00.000000"), so a time compares right against the stored ones (the driver's
+    # own "... 20:00:00" sorts before it: a letter due at exactly `now` was not due).
+    process = MESSAGES.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
     # A batch carries one or two distinct times (its `now`, a retry's date): convert each once.
     seen: dict[dt.datetime, Any] = {}
 
@@ -516,8 +524,8 @@ def _peek_statements() -> tuple[Select[Any], ...]:
     c = MESSAGES.c
     queued, retry = MessageStatus.QUEUED.value, MessageStatus.RETRY.value
     now = bindparam("now", type_=c.next_attempt_at.type)
-    # Due retries (and any queued row that carries a date) first, then the plain queue in id
-    # order. Each statement reads ranges of ix_messages_campaign_status: one `status = queued
+    # Due retries and due queued rows that carry a date (held for a window or a follow-up's
+    # delay, see timing.py) first, in order of due time, then the plain queue in id order. Each statement reads ranges of ix_messages_campaign_status: one `status = queued
     # OR ...` made SQLite read and sort every message of the campaign on every claim, a cost
     # that grew with the list (quadratic over a run). The plain queue is read from a cursor:
     # everything before it has been claimed or given up by this run.
@@ -526,16 +534,16 @@ def _peek_statements() -> tuple[Select[Any], ...]:
         and_(
             c.status.in_([queued, retry]),
             c.next_attempt_at.is_not(None),
-            or_(c.status == queued, c.next_attempt_at <= now),
+            c.next_attempt_at <= now,
         ),
         and_(c.status == queued, c.next_attempt_at.is_(None), c.id > bindparam("after")),
     )
     return tuple(
         select(c.id, c.contact_id)
         .where(c.campaign_id == bindparam("campaign"), part)
-        .order_by(c.id)
+        .order_by(*((c.next_attempt_at, c.id) if i == 1 else (c.id,)))
         .limit(bindparam("n", type_=Integer))
-        for part in parts
+        for i, part in enumerate(parts)
     )
 
 
@@ -615,7 +623,8 @@ class Due:
         return self._retries
 
     def any(self, *, now: dt.datetime) -> bool:
-        """Whether anything of the campaign is due now (queued, or a retry whose time came)."""
+        """Whether anything of the campaign is due now (queued, or a retry whose time came; a
+        letter held until later is not)."""
         with self.engine.connect() as conn:
             return (
                 conn.execute(
@@ -623,7 +632,13 @@ class Due:
                     .where(
                         MESSAGES.c.campaign_id == self.campaign_id,
                         or_(
-                            MESSAGES.c.status == MessageStatus.QUEUED.value,
+                            and_(
+                                MESSAGES.c.status == MessageStatus.QUEUED.value,
+                                or_(
+                                    MESSAGES.c.next_attempt_at.is_(None),
+                                    MESSAGES.c.next_attempt_at <= now,
+                                ),
+                            ),
                             and_(
                                 MESSAGES.c.status == MessageStatus.RETRY.value,
                                 MESSAGES.c.next_attempt_at <= now,
@@ -644,12 +659,10 @@ def _claim_statement() -> Any:
     """The claim for a backend without the SQLite fast path, built once."""
     c = MESSAGES.c
     now = bindparam("now", type_=c.next_attempt_at.type)
-    due = or_(
-        c.status == MessageStatus.QUEUED.value,
-        and_(
-            c.status == MessageStatus.RETRY.value,
-            or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
-        ),
+    # A queued letter held until later (timing.py) is not due either.
+    due = and_(
+        c.status.in_([MessageStatus.QUEUED.value, MessageStatus.RETRY.value]),
+        or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
     )
     # Only rows still due are claimed: a row another sender claimed since it was peeked stays
     # theirs (on PostgreSQL the UPDATE waits for their commit and then re-checks `due`).
@@ -712,8 +725,8 @@ def _claim_in_sqlite(
     mine = "id IN (SELECT value FROM json_each(?)) AND claimed_by = ? AND status = 'sending'"
     conn.exec_driver_sql(
         "UPDATE messages SET status = 'sending', attempts = attempts + 1, claimed_by = ?, "
-        "updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) AND (status = 'queued' "
-        "OR (status = 'retry' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)))",
+        "updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) AND status IN ('queued', "
+        "'retry') AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
         (run_id, at, wanted, at),
     )
     conn.exec_driver_sql(
@@ -776,7 +789,7 @@ def _record_in(
                     state.status.value,
                     c.attempts,
                     state.next_attempt_at,
-                    now if state.status is sent else None,
+                    (result.handed_at or now) if state.status is sent else None,
                     result.code,
                     result.reply,
                     result.message_id,
@@ -803,7 +816,7 @@ def _record_in(
                 (
                     MessageStatus.QUEUED.value,
                     c.attempts - 1,
-                    None,
+                    result.due_at,
                     None,
                     None,
                     None,
@@ -822,7 +835,8 @@ def _record_in(
                     now,
                     EventKind.REQUEUED.value,
                     None,
-                    f"released unsent ({result.reason})",
+                    f"released unsent ({result.reason})"
+                    + (f"; due {_utc_text(result.due_at)}" if result.due_at else ""),
                     None,
                 )
             )
@@ -1690,11 +1704,8 @@ def campaign_state(engine: Engine, *, campaign_id: int) -> CampaignState:
 
 
 def _follow_up_ids(session: Session, campaign_id: int) -> list[int]:
-    """Follow-ups of the campaign, at any depth. Follow-ups are campaigns with `parent_id`
-    (added by the follow-up work); without that column there are none."""
-    parent = getattr(Campaign, "parent_id", None)
-    if parent is None:
-        return []
+    """Follow-ups of the campaign, at any depth (campaigns with `parent_id`)."""
+    parent = Campaign.parent_id
     found: list[int] = []
     frontier = [campaign_id]
     while frontier:
@@ -2120,3 +2131,129 @@ __all__ += [
     "resume_campaign",
     "skip_recently_contacted",
 ]
+
+
+# --- windows and follow-ups: letters held until their time, or skipped
+#
+# Written by `timing` (the gate the engine asks which peeked letters are due now, before they
+# are composed and claimed) and by a campaign's cancellation (`cancel_campaign`). A held
+# letter stays `queued` (or `retry`) with its due time in `next_attempt_at`: the peek leaves it
+# alone until then, and the claim never takes it early.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hold:
+    """A letter not due yet: held until `until`; `reason` says why (window, delay, away)."""
+
+    message: int
+    contact_id: int
+    until: dt.datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Drop:
+    """A letter that must not go out any more (its parent was answered, bounced, or the
+    address is suppressed): `skipped`, with the reason."""
+
+    message: int
+    contact_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DueNow:
+    """A held letter whose time came under the rules of this run: due now, with the reason."""
+
+    message: int
+    contact_id: int
+    reason: str
+
+
+class Timed(NamedTuple):
+    held: int
+    skipped: int
+    released: int
+
+
+_OPEN = (MessageStatus.QUEUED.value, MessageStatus.RETRY.value)
+
+
+def _utc_text(at: dt.datetime) -> str:
+    return f"{at.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def hold_and_skip(
+    engine: Engine,
+    *,
+    campaign_id: int,
+    holds: Sequence[Hold] = (),
+    skips: Sequence[Drop] = (),
+    releases: Sequence[DueNow] = (),
+    now: dt.datetime,
+) -> Timed:
+    """In one transaction: `holds` get their due time (a `held` event each, with the reason and
+    the time), `skips` become `skipped` (a `skipped` event each), `releases` lose their due time
+    (a `requeued` event each: due now). Only letters still `queued`/`retry` change (another
+    sender may have claimed one since); returns how many did."""
+    if not (holds or skips or releases):
+        return Timed(0, 0, 0)
+    c = MESSAGES.c
+    events: list[_EventRow] = []
+    held = skipped = released = 0
+    with _writing(engine) as conn:
+        by_until: dict[dt.datetime, list[Hold]] = {}
+        for h in holds:
+            by_until.setdefault(h.until, []).append(h)
+        for until, group in by_until.items():
+            reasons = {h.message: h for h in group}
+            for start in range(0, len(group), _ROWS_A_STATEMENT):
+                ids = [h.message for h in group[start : start + _ROWS_A_STATEMENT]]
+                changed = conn.execute(
+                    update(MESSAGES)
+                    .where(c.id.in_(ids), c.status.in_(_OPEN))
+                    .values(next_attempt_at=until, updated_at=now)
+                    .returning(c.id)
+                ).scalars()
+                for mid in changed:
+                    h = reasons[mid]
+                    held += 1
+                    events.append(
+                        (
+                            mid,
+                            campaign_id,
+                            h.contact_id,
+                            now,
+                            EventKind.HELD.value,
+                            None,
+                            f"due {_utc_text(until)}: {h.reason}",
+                            None,
+                        )
+                    )
+        for rows, values, kind in (
+            (skips, {"status": MessageStatus.SKIPPED.value}, EventKind.SKIPPED),
+            (releases, {}, EventKind.REQUEUED),
+        ):
+            reasons_by_id = {r.message: r for r in rows}
+            for start in range(0, len(rows), _ROWS_A_STATEMENT):
+                ids = [r.message for r in rows[start : start + _ROWS_A_STATEMENT]]
+                changed = conn.execute(
+                    update(MESSAGES)
+                    .where(c.id.in_(ids), c.status.in_(_OPEN))
+                    .values(next_attempt_at=None, updated_at=now, **values)
+                    .returning(c.id)
+                ).scalars()
+                for mid in changed:
+                    r = reasons_by_id[mid]
+                    if kind is EventKind.SKIPPED:
+                        skipped += 1
+                    else:
+                        released += 1
+                    events.append(
+                        (mid, campaign_id, r.contact_id, now, kind.value, None, r.reason, None)
+                    )
+        _insert_events(conn, events)
+    return Timed(held, skipped, released)
+
+
+__all__ += ["Drop", "DueNow", "Hold", "Timed", "hold_and_skip"]

@@ -97,12 +97,31 @@ class CampaignView:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class LetterView:
+    """An earlier letter to this recipient that a follow-up answers: when it went (in the
+    recipient's own time zone), its subject and Message-ID."""
+
+    sent_at: dt.datetime
+    date: dt.date
+    subject: str
+    message_id: str
+
+    def __str__(self) -> str:
+        return self.subject
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Recipient:
     contact_id: int
     contact: ContactView
     city: CityView | None
     partnerships: tuple[PartnershipView, ...] = ()
     signatories: tuple[SignatoryView, ...] = ()
+    # A follow-up's thread: the first letter to this recipient and the one just before this
+    # (the same for a first follow-up), and every earlier Message-ID, oldest first.
+    first_letter: LetterView | None = None
+    previous_letter: LetterView | None = None
+    references: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -862,6 +881,8 @@ class TemplateSet:
             "unsubscribe_url": unsubscribe_url,
             "unsubscribe_mailto": unsubscribe_mailto,
             "today": today,
+            "first_letter": recipient.first_letter,
+            "previous_letter": recipient.previous_letter,
         }
         output = self._run(variant.text, context, variant.text_file)
         subject, found, body = output.partition(self._separator)
@@ -1009,6 +1030,8 @@ def _walk_context(context: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
             "campaign",
             "partnerships",
             "signatories",
+            "first_letter",
+            "previous_letter",
         )
     ]
     seen: set[int] = set()

@@ -286,6 +286,8 @@ class ReportData:
     samples_note: str | None = None
     # Sending windows: None when the campaign has none (another part of mailer sets them).
     windows: Windows | None = None
+    # Follow-up and how the recipients' time zones were found, as lines (see timing.py).
+    timing: list[str] = field(default_factory=list)
 
     @property
     def sent_events(self) -> int:
@@ -400,6 +402,7 @@ def build_report(
         samples=samples,
         samples_note=samples_note,
         windows=_windows(campaign),
+        timing=_timing_lines(session, campaign, now=now),
     )
 
 
@@ -443,6 +446,28 @@ def _people(
     if total is None:
         total = count_log_rows(session, campaign_id=campaign.id, flt=flt)
     return PersonList(rows=tuple(people), total=total, command=command)
+
+
+def _timing_lines(session: Session, campaign: Campaign, *, now: dt.datetime) -> list[str]:
+    """The campaign's windows and follow-up, and how its recipients' time zones were found."""
+    from mailer import timing
+
+    windows = [str(w) for w in campaign.settings.get("windows") or ()]
+    # The windows themselves are the section's first sentence (see _windows): not said twice.
+    lines = [
+        line.split(":", 1)[1].strip()
+        for line in timing.describe_campaign(session, campaign)
+        if not any(window in line for window in windows)
+    ]
+    ids = list(session.scalars(select(Message.contact_id).where(Message.campaign_id == campaign.id)))
+    if windows and ids:
+        zones = timing.zone_report(session, campaign, contact_ids=ids, today=now.date())
+        lines.extend(
+            line.strip()
+            for line in timing.format_zone_report(zones)[:2]
+            if not any(window in line for window in windows)
+        )
+    return lines
 
 
 def _windows(campaign: Campaign) -> Windows | None:

@@ -201,6 +201,10 @@ class CampaignSummary:
     # Why the campaign is paused, and whether sending waits for the user (a bounce spike).
     pause_reason: str | None = None
     held: bool = False
+    # Queued letters held until later (a sending window, a follow-up's delay, a return date),
+    # and when the first of them falls due.
+    waiting: int = 0
+    next_due_at: dt.datetime | None = None
 
     @property
     def total(self) -> int:
@@ -243,8 +247,16 @@ class CampaignSummary:
                 f"check it with `mailer check {slug}`, then send with `mailer send {slug} --smtp URL`"
             ]
         steps = []
-        if c["queued"]:
-            steps.append(f"{c['queued']:,} waiting: `mailer send {slug} --smtp URL` sends them")
+        if c["queued"] - self.waiting > 0:
+            steps.append(
+                f"{c['queued'] - self.waiting:,} waiting: `mailer send {slug} --smtp URL` sends them"
+            )
+        if self.waiting:
+            steps.append(
+                f"{self.waiting:,} held until their time (sending window, follow-up delay or "
+                f"return date), the next due {format_local(self.next_due_at, zone=zone)}: `mailer send "
+                f"{slug} --smtp URL` then, or with --wait now"
+            )
         if c["retry"]:
             due = (
                 f", due from {format_local(self.next_retry_at, zone=zone)}"
@@ -302,6 +314,8 @@ class CampaignSummary:
                 ],
                 "note": "not sent yet" if self.not_sent_yet else None,
                 "next_retry_at": format_iso(self.next_retry_at),
+                "waiting": self.waiting,
+                "next_due_at": format_iso(self.next_due_at),
                 # Words for people, but JSON: its times are UTC like every other in it.
                 "next_steps": self.next_steps(zone=dt.UTC),
             }
@@ -428,7 +442,18 @@ def _summary(
                 Message.status == MessageStatus.RETRY.value,
             )
         )
+    waiting, next_due = 0, None
+    if counts[MessageStatus.QUEUED.value]:
+        waiting, next_due = session.execute(
+            select(func.count(), func.min(Message.next_attempt_at)).where(
+                Message.campaign_id == campaign.id,
+                Message.status == MessageStatus.QUEUED.value,
+                Message.next_attempt_at > now,
+            )
+        ).one()
     return CampaignSummary(
+        waiting=int(waiting or 0),
+        next_due_at=_aware(next_due),
         outcomes=campaign_outcomes(session, campaign_id=campaign.id),
         pause_reason=campaign.pause_reason,
         held=bool(campaign.held),
@@ -780,6 +805,11 @@ def _status_block(s: CampaignSummary, *, zone: dt.tzinfo) -> list[str]:
     lines.append(f"  ended     {format_local(s.ended_at, zone=zone)}")
     lines.append(f"  rate      {format_rate(s.rate, zone=zone)}")
     lines.append(f"  outcomes  {format_outcomes(s.outcomes)}")
+    if s.waiting:
+        lines.append(
+            f"  waiting   {s.waiting:,} held for their window or delay; the next due "
+            f"{format_local(s.next_due_at, zone=zone)}"
+        )
     if s.top_failures:
         lines.append("  top failure reasons:")
         for reason in s.top_failures:
@@ -1308,6 +1338,7 @@ class ContactHistory:
     city: str | None = None
     region: str | None = None
     country: str | None = None
+    timezone: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     created_at: dt.datetime | None = None
@@ -1404,6 +1435,7 @@ def contact_history(session: Session, email: str) -> ContactHistory:
         city=city.name if city else None,
         region=city.region if city else None,
         country=city.country if city else None,
+        timezone=contact.timezone,
         attributes=dict(contact.attributes or {}),
         tags=[str(t) for t in (contact.tags or [])],
         created_at=contact.created_at,
@@ -1432,6 +1464,7 @@ def format_contact_history(history: ContactHistory, *, zone: dt.tzinfo | None = 
             ("organisation", history.organisation),
             ("city", ", ".join(p for p in (history.city, history.region, history.country) if p)),
             ("language", history.language),
+            ("time zone", history.timezone),
             ("tags", ", ".join(history.tags)),
         ):
             if value:

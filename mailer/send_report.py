@@ -13,10 +13,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mailer.errors import Interrupted
 from mailer.models import MessageStatus
 from mailer.policy import StopReason
+
+if TYPE_CHECKING:
+    from mailer.timing import Waiting
 
 
 @dataclass(kw_only=True)
@@ -54,6 +58,10 @@ class SendReport:
     halted_by: str | None = None
     # The command that goes on where this run stopped (the CLI names the flags it needs).
     again: str | None = None
+    # Letters this run held until later (their window, a follow-up's delay), and what is held
+    # after it: when the next ones fall due (see timing.py).
+    held: int = 0
+    next_due: Waiting | None = None
 
     @property
     def test(self) -> bool:
@@ -72,7 +80,7 @@ class SendReport:
             self.totals.get(s.value, 0)
             for s in (MessageStatus.FAILED, MessageStatus.UNCERTAIN, MessageStatus.RETRY)
         )
-        return bool(left) or self.stopped in (
+        return bool(left) or self.next_due is not None or self.stopped in (
             StopReason.DAILY_CAP,
             StopReason.PAUSED,
             StopReason.HELD,
@@ -254,6 +262,12 @@ def format_send_summary(report: SendReport) -> list[str]:
         lines.append(f"Stopped at --limit; run `{report.resume_command}` again for the rest.")
     if report.stopped is StopReason.HELD:
         lines.append(format_held(report))
+    if report.held:
+        lines.append(
+            f"Held {report.held} letter(s) until their time (sending window, follow-up delay or "
+            "return date); `mailer log "
+            f"{report.campaign} --events` says why and until when"
+        )
     return lines
 
 
@@ -309,6 +323,13 @@ def format_incomplete_reason(report: SendReport) -> str:
         )
     if report.test:
         return f"{report.failed + report.build_errors} test message(s) were not accepted"
+    if report.next_due is not None:
+        from mailer.timing import format_waiting
+
+        return (
+            f"{format_waiting(report.next_due, slug=slug)}; run `mailer send {slug}` then "
+            "(or with --wait to wait for it)"
+        )
     t = report.totals
     left = ", ".join(f"{t.get(k, 0)} {k}" for k in ("failed", "uncertain", "retry") if t.get(k, 0))
     return (
