@@ -329,7 +329,7 @@ def unpaced_host(smtp_url: str | None, rate: str | None) -> str | None:
         return None
     from urllib.parse import urlsplit
 
-    from mailer.smtp import is_loopback
+    from mailer.secrets_source import is_loopback
 
     try:
         host = urlsplit(smtp_url.strip()).hostname
