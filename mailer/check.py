@@ -19,7 +19,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer.addresses import address_problem, display, needs_smtputf8, normalise
+from mailer.addresses import (
+    REPLY_TO_SIGNATORY,
+    address_problem,
+    display,
+    needs_smtputf8,
+    normalise,
+)
 from mailer.audience import Audience
 from mailer.compose import Composer, RecipientLoader, composer_for, template_set_for
 from mailer.config import Workspace
@@ -37,6 +43,9 @@ from mailer.render import (
 
 # Longer subjects are cut by most mail clients' lists (and read as spam); a warning, not a block.
 SUBJECT_WARN_LENGTH = 120
+PERSONAL_HEADING = (
+    "Less personal letters (they can still be sent; add what is missing to make them personal):"
+)
 CHECK_BATCH = 2000
 EXAMPLES = 5
 
@@ -48,6 +57,9 @@ class Finding:
     kind: str
     blocking: bool
     message: str
+    # A letter that lost a personal part (partner city, signatory, greeting, language): it can
+    # be sent, but a reader would notice. Listed first, under its own heading.
+    personal: bool = False
     count: int = 0
     examples: list[str] = field(default_factory=list)
 
@@ -73,8 +85,14 @@ class CheckReport:
         return [f for f in self.findings if f.blocking]
 
     @property
+    def personal(self) -> list[Finding]:
+        """Letters that lost a personal part (never blocking)."""
+        return [f for f in self.findings if f.personal and not f.blocking]
+
+    @property
     def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if not f.blocking]
+        """What does not block and is not about a letter's personal parts."""
+        return [f for f in self.findings if not f.blocking and not f.personal]
 
     @property
     def ok(self) -> bool:
@@ -89,12 +107,19 @@ class _Findings:
         self.groups: dict[tuple[str, str], Finding] = {}
 
     def add(
-        self, kind: str, key: str, *, blocking: bool, message: str, example: str | None
+        self,
+        kind: str,
+        key: str,
+        *,
+        blocking: bool,
+        message: str,
+        example: str | None,
+        personal: bool = False,
     ) -> None:
         finding = self.groups.get((kind, key))
         if finding is None:
             finding = self.groups[(kind, key)] = Finding(
-                kind=kind, blocking=blocking, message=message
+                kind=kind, blocking=blocking, message=message, personal=personal
             )
         finding.add(example)
 
@@ -380,9 +405,7 @@ def check_campaign(
             "skipped when sending",
             example=email,
         )
-    report.findings = sorted(
-        found.groups.values(), key=lambda f: (not f.blocking, f.kind, -f.count, f.message)
-    )
+    report.findings = sorted(found.groups.values(), key=_order)
     return report
 
 
@@ -456,11 +479,13 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
             composer.compose(recipient, rendered=rendered)
         except MailerError as exc:
             found.add("build_error", str(exc), blocking=True, message=str(exc), example=email)
+    _personal_parts(composer, recipient, rendered.language, found)
     if rendered.fell_back:
         found.add(
             "fallback",
             f"{rendered.requested_language}\0{rendered.language}",
             blocking=False,
+            personal=True,
             message=f"contacts asking for {rendered.requested_language!r} get the "
             f"{rendered.language!r} variant (the template has no {rendered.requested_language})",
             example=email,
@@ -471,6 +496,7 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
             "generic_greeting",
             rendered.language,
             blocking=False,
+            personal=True,
             message=f"letters with the generic greeting {generic!r} (no name, office or form "
             f"of address known; {rendered.language} variant)",
             example=email,
@@ -509,6 +535,71 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
             )
 
 
+# The personal parts in the order a reader meets them, for the summary.
+_PERSONAL_ORDER = {
+    kind: rank
+    for rank, kind in enumerate(
+        ("no_partner", "no_signatory", "signatory_address", "generic_greeting", "fallback")
+    )
+}
+
+
+def _personal_parts(
+    composer: Composer, recipient: Recipient, language: str, found: _Findings
+) -> None:
+    """What this letter lost of its personal parts: its partner city, the mayor who signs for
+    it, the mayor's address for Reply-To. Counted only where the variant uses them."""
+    uses = composer.template_set.uses
+    email = recipient.contact.email
+    by_signatory = composer.reply_rule == REPLY_TO_SIGNATORY
+    no_reply = ", no Reply-To" if by_signatory else ""
+    partner = recipient.partnerships[0] if recipient.partnerships else None
+    if partner is None:
+        if uses(language, "partner", "partnerships"):
+            found.add(
+                "no_partner",
+                "",
+                blocking=False,
+                personal=True,
+                message="recipients with no partner city get the general letter (no Ukrainian "
+                f"partner city, no signing mayor{no_reply})",
+                example=email,
+            )
+        return
+    signatory = partner.signatory
+    if signatory is None:
+        if uses(language, "signatory"):
+            ua_city = partner.ukrainian_city.name
+            found.add(
+                "no_signatory",
+                ua_city,
+                blocking=False,
+                personal=True,
+                message=f"recipients whose partner city {ua_city} has no signatory: their letter "
+                "is signed on behalf of all signatories" + (" (no Reply-To)" if by_signatory else ""),
+                example=email,
+            )
+        return
+    if by_signatory and not signatory.email:
+        where = f" ({signatory.city})" if signatory.city else ""
+        found.add(
+            "signatory_address",
+            f"{signatory.name}\0{signatory.city}",
+            blocking=False,
+            personal=True,
+            message=f"the signatory {signatory.name}{where} has no address: these letters have "
+            "no Reply-To and replies go to the From address (add an email to the signatories "
+            "import)",
+            example=email,
+        )
+
+
+def _order(finding: Finding) -> tuple[int, int, str, int, str]:
+    if finding.personal and not finding.blocking:
+        return (0, _PERSONAL_ORDER.get(finding.kind, len(_PERSONAL_ORDER)), "", -finding.count, finding.message)
+    return (1 if finding.blocking else 2, 0, finding.kind, -finding.count, finding.message)
+
+
 def format_report(report: CheckReport) -> list[str]:
     """The report as lines for a terminal."""
     languages = ", ".join(f"{lang} {n:,}" for lang, n in report.languages.most_common())
@@ -519,6 +610,7 @@ def format_report(report: CheckReport) -> list[str]:
     if languages:
         lines.append(f"  rendered {report.rendered:,}: {languages}")
     for title, findings in (
+        (PERSONAL_HEADING, report.personal),
         ("Blocking problems:", report.blocking),
         ("Warnings:", report.warnings),
     ):
@@ -534,7 +626,7 @@ def format_report(report: CheckReport) -> list[str]:
                 tail = f" and {more:,} more" if more > 0 else ""
                 lines.append(f"      e.g. {', '.join(finding.examples)}{tail}")
     if report.ok:
-        n = len(report.warnings)
+        n = len(report.warnings) + len(report.personal)
         note = f" ({n} warning{'s' if n != 1 else ''})" if n else ""
         lines.append(f"OK: nothing blocks sending{note}.")
     return lines

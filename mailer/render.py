@@ -206,6 +206,8 @@ class _Variant:
     html_split: bool = False
     # Whether the variant prints `greeting` (only then does a generic one count).
     uses_greeting: bool = False
+    # Every name and attribute name its templates refer to (`partner`, `signatory`...).
+    names: frozenset[str] = frozenset()
 
 
 class _Loader(jinja2.BaseLoader):
@@ -674,6 +676,14 @@ class TemplateSet:
     def languages(self) -> tuple[str, ...]:
         return tuple(sorted(self._variants))
 
+    def uses(self, language: str, *names: str) -> bool:
+        """Whether the `language` variant refers to any of `names`, as a variable or an
+        attribute (`partner`, `signatory`): what a letter lacks matters only where it is used."""
+        variant = self._variants.get(language)
+        if variant is None:
+            return False
+        return _ANY_NAME in variant.names or not variant.names.isdisjoint(names)
+
     def has_html(self, language: str) -> bool:
         variant = self._variants.get(language)
         return variant is not None and variant.html is not None
@@ -728,6 +738,7 @@ class TemplateSet:
                 html_split=html_split,
                 uses_greeting=_uses_name(text, "greeting")
                 or (html is not None and _uses_name(html, "greeting")),
+                names=_referenced(text) | (_referenced(html) if html is not None else frozenset()),
             )
             self._by_key[language.lower().replace("_", "-")] = language
 
@@ -966,6 +977,23 @@ def _render_template(template: jinja2.Template, context: dict[str, Any]) -> str:
 def _uses_name(template: jinja2.Template, name: str) -> bool:
     tree: nodes.Template = template._mailer_ast  # type: ignore[attr-defined]
     return any(node.name == name for node in tree.find_all(nodes.Name))
+
+
+_ANY_NAME = "*"
+
+
+def _referenced(template: jinja2.Template) -> frozenset[str]:
+    tree: nodes.Template = template._mailer_ast  # type: ignore[attr-defined]
+    found = {node.name for node in tree.find_all(nodes.Name)}
+    found.update(node.attr for node in tree.find_all(nodes.Getattr))
+    found.update(
+        node.arg.value
+        for node in tree.find_all(nodes.Getitem)
+        if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str)
+    )
+    if any(True for _ in tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends))):
+        found.add(_ANY_NAME)  # another file of the set may use anything
+    return frozenset(found)
 
 
 def _has_header_section(source: str) -> bool:
