@@ -539,7 +539,14 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
 _PERSONAL_ORDER = {
     kind: rank
     for rank, kind in enumerate(
-        ("no_partner", "no_signatory", "signatory_address", "generic_greeting", "fallback")
+        (
+            "no_partner",
+            "no_signatory",
+            "signatory_address",
+            "latin_name",
+            "generic_greeting",
+            "fallback",
+        )
     )
 }
 
@@ -554,6 +561,22 @@ def _personal_parts(
     by_signatory = composer.reply_rule == REPLY_TO_SIGNATORY
     no_reply = ", no Reply-To" if by_signatory else ""
     partner = recipient.partnerships[0] if recipient.partnerships else None
+    city = recipient.city
+    if (
+        city is not None
+        and city.name_uk is None
+        and partner is not None
+        and uses(language, "name_uk")
+    ):
+        found.add(
+            "latin_name",
+            "",
+            blocking=False,
+            personal=True,
+            message="letters that name the recipient's city in Latin letters (no Ukrainian name "
+            "known: a partner_city_uk column in the partnerships import gives one)",
+            example=email,
+        )
     if partner is None:
         if uses(language, "partner", "partnerships"):
             found.add(
@@ -576,7 +599,8 @@ def _personal_parts(
                 blocking=False,
                 personal=True,
                 message=f"recipients whose partner city {ua_city} has no signatory: their letter "
-                "is signed on behalf of all signatories" + (" (no Reply-To)" if by_signatory else ""),
+                "is signed on behalf of all signatories"
+                + (" (no Reply-To)" if by_signatory else ""),
                 example=email,
             )
         return
@@ -596,7 +620,13 @@ def _personal_parts(
 
 def _order(finding: Finding) -> tuple[int, int, str, int, str]:
     if finding.personal and not finding.blocking:
-        return (0, _PERSONAL_ORDER.get(finding.kind, len(_PERSONAL_ORDER)), "", -finding.count, finding.message)
+        return (
+            0,
+            _PERSONAL_ORDER.get(finding.kind, len(_PERSONAL_ORDER)),
+            "",
+            -finding.count,
+            finding.message,
+        )
     return (1 if finding.blocking else 2, 0, finding.kind, -finding.count, finding.message)
 
 

@@ -42,6 +42,7 @@ from mailer.addresses import (
 from mailer.audience import Audience
 from mailer.config import Workspace
 from mailer.errors import InvalidValueError, NotFoundError
+from mailer.fields import HEAD, signatory_role
 from mailer.message import build_message, clean_text, make_message_id
 from mailer.models import Campaign, City, Contact, Partnership, Signatory
 from mailer.render import (
@@ -81,6 +82,12 @@ class RecipientLoader:
     """Builds render views for pages of contacts with a few queries each.
 
     The signatories are read once per loader; `load_recipients` makes a one-off loader.
+
+    Who signs a letter: the head of its partner city or community (`fields.signatory_role`:
+    the signatory's `role`, else their title says mayor or head of the community; a mayor
+    before another head), else nobody, and the template writes the collective signature. A
+    minister or other official listed under a city never signs for it. `signatories` (the
+    collective signature) lists the heads first, in the order they were imported.
     """
 
     def __init__(self, session: Session, *, today: dt.date | None = None) -> None:
@@ -96,21 +103,30 @@ class RecipientLoader:
         if self._signatories is None:
             rows = self.session.execute(
                 select(
-                    Signatory.name, Signatory.title, Signatory.city_id, Signatory.email, City.name
+                    Signatory.name,
+                    Signatory.title,
+                    Signatory.city_id,
+                    Signatory.email,
+                    Signatory.role,
+                    City.name,
                 )
                 .outerjoin(City, City.id == Signatory.city_id)
                 .order_by(Signatory.id)
             ).all()
-            views = []
+            heads: list[SignatoryView] = []
+            others: list[SignatoryView] = []
             best: dict[int, tuple[int, SignatoryView]] = {}
-            for name, title, city_id, email, city_name in rows:
+            for name, title, city_id, email, role, city_name in rows:
                 view = SignatoryView(name=name, title=title, city=city_name, email=email or None)
-                views.append(view)
+                if signatory_role(title=title, role=role) != HEAD:
+                    others.append(view)
+                    continue
+                heads.append(view)
                 if city_id is not None:
                     rank = _mayor_first(title)
                     if city_id not in best or rank < best[city_id][0]:
                         best[city_id] = (rank, view)
-            self._signatories = tuple(views)
+            self._signatories = (*heads, *others)
             self._by_city = {city_id: view for city_id, (_, view) in best.items()}
         return self._signatories
 
@@ -137,6 +153,7 @@ class RecipientLoader:
                     City.name,
                     City.country,
                     City.region,
+                    City.name_uk,
                 )
                 .outerjoin(City, City.id == Contact.city_id)
                 .where(Contact.id.in_(ids))
@@ -161,10 +178,13 @@ class RecipientLoader:
             city_name,
             country,
             region,
+            name_uk,
         ) in rows:
             city = None
             if city_id is not None:
-                city = cities.get(city_id) or self._city(city_id, city_name, country, region)
+                city = cities.get(city_id) or self._city(
+                    city_id, city_name, country, region, name_uk
+                )
             contact = ContactView(
                 email=email,
                 name=name or None,
@@ -184,10 +204,19 @@ class RecipientLoader:
             )
         return result
 
-    def _city(self, city_id: int, name: str, country: str | None, region: str | None) -> CityView:
+    def _city(
+        self,
+        city_id: int,
+        name: str,
+        country: str | None,
+        region: str | None,
+        name_uk: str | None,
+    ) -> CityView:
         view = self._cities.get(city_id)
         if view is None:
-            view = self._cities[city_id] = CityView(name=name, country=country, region=region)
+            view = self._cities[city_id] = CityView(
+                name=name, country=country, region=region, name_uk=name_uk or None
+            )
         return view
 
     def _load_partnerships(self, city_ids: Iterable[int]) -> None:
@@ -210,6 +239,7 @@ class RecipientLoader:
                         ua.name,
                         ua.country,
                         ua.region,
+                        ua.name_uk,
                     )
                     .join(ua, ua.id == Partnership.ukrainian_city_id)
                     .where(Partnership.partner_city_id.in_(chunk))
@@ -223,10 +253,20 @@ class RecipientLoader:
                 )
                 .all()
             )
-            for partner_city_id, kind, since, note, ua_id, ua_name, ua_country, ua_region in rows:
+            for (
+                partner_city_id,
+                kind,
+                since,
+                note,
+                ua_id,
+                ua_name,
+                ua_country,
+                ua_region,
+                ua_name_uk,
+            ) in rows:
                 found.setdefault(partner_city_id, []).append(
                     PartnershipView(
-                        ukrainian_city=self._city(ua_id, ua_name, ua_country, ua_region),
+                        ukrainian_city=self._city(ua_id, ua_name, ua_country, ua_region, ua_name_uk),
                         kind=kind,
                         since=since,
                         years=(self.today.year - since) if since else None,

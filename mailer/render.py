@@ -51,6 +51,8 @@ class CityView:
     name: str
     country: str | None
     region: str | None
+    # The name in Ukrainian where known (Ukrainian variants print `name_uk or name`).
+    name_uk: str | None = None
 
     def __str__(self) -> str:
         return self.name
