@@ -7,6 +7,8 @@ Composes through compose.py (the same code the sender uses); must not import `en
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import os
 from collections import Counter
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
@@ -32,7 +35,7 @@ from mailer.config import Workspace
 from mailer.errors import InvalidValueError, MailerError, NotFoundError, TemplateError
 from mailer.greetings import generic_greeting
 from mailer.message import clean_text
-from mailer.models import Campaign
+from mailer.models import Campaign, Contact, Suppression
 from mailer.render import (
     MissingFieldError,
     Recipient,
@@ -40,6 +43,7 @@ from mailer.render import (
     TemplateSet,
     leftover_markup,
 )
+from mailer.shapes import LetterShapes
 
 # Longer subjects are cut by most mail clients' lists (and read as spam); a warning, not a block.
 SUBJECT_WARN_LENGTH = 120
@@ -62,11 +66,42 @@ class Finding:
     personal: bool = False
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    # The examples' places in the audience, when known: the first ones in audience order are
+    # kept, however the audience was split between processes.
+    positions: list[int] = field(default_factory=list, repr=False, compare=False)
 
-    def add(self, example: str | None) -> None:
+    def add(self, example: str | None, position: int | None = None) -> None:
         self.count += 1
-        if example is not None and len(self.examples) < EXAMPLES:
-            self.examples.append(example)
+        if example is None:
+            return
+        if position is None or len(self.positions) != len(self.examples):
+            if len(self.examples) < EXAMPLES:
+                self.examples.append(example)
+            return
+        if len(self.examples) >= EXAMPLES:
+            if position >= self.positions[-1]:
+                return
+            self.positions.pop()
+            self.examples.pop()
+        at = bisect.bisect(self.positions, position)
+        self.positions.insert(at, position)
+        self.examples.insert(at, example)
+
+    def merge(self, other: Finding) -> None:
+        self.count += other.count
+        if len(self.positions) == len(self.examples) and len(other.positions) == len(
+            other.examples
+        ):
+            pairs = sorted(
+                [
+                    *zip(self.positions, self.examples, strict=True),
+                    *zip(other.positions, other.examples, strict=True),
+                ]
+            )
+            self.positions = [p for p, _ in pairs[:EXAMPLES]]
+            self.examples = [e for _, e in pairs[:EXAMPLES]]
+        else:
+            self.examples.extend(other.examples[: EXAMPLES - len(self.examples)])
 
 
 @dataclass(kw_only=True)
@@ -105,6 +140,8 @@ class CheckReport:
 class _Findings:
     def __init__(self) -> None:
         self.groups: dict[tuple[str, str], Finding] = {}
+        # The audience place of the recipient being checked: their examples keep it.
+        self.at: int | None = None
 
     def add(
         self,
@@ -115,22 +152,22 @@ class _Findings:
         message: str,
         example: str | None,
         personal: bool = False,
+        position: int | None = None,
     ) -> None:
         finding = self.groups.get((kind, key))
         if finding is None:
             finding = self.groups[(kind, key)] = Finding(
                 kind=kind, blocking=blocking, message=message, personal=personal
             )
-        finding.add(example)
+        finding.add(example, self.at if position is None else position)
 
     def merge(self, other: _Findings) -> None:
         for key, theirs in other.groups.items():
             ours = self.groups.get(key)
             if ours is None:
                 self.groups[key] = theirs
-                continue
-            ours.count += theirs.count
-            ours.examples.extend(theirs.examples[: EXAMPLES - len(ours.examples)])
+            else:
+                ours.merge(theirs)
 
 
 @dataclass(kw_only=True)
@@ -140,15 +177,17 @@ class _Partial:
     found: _Findings = field(default_factory=_Findings)
     rendered: int = 0
     languages: Counter[str] = field(default_factory=Counter)
-    # Normalised addresses in audience order, for duplicates and suppressions across slices.
-    emails: list[str] = field(default_factory=list)
+    # (audience place, normalised address), for duplicates and suppressions across slices.
+    emails: list[tuple[int, str]] = field(default_factory=list)
     built: set[str] = field(default_factory=set)
 
 
 def _check_slice(
     session: Session,
     composer: Composer | None,
+    shapes: LetterShapes | None,
     ids: Sequence[int],
+    positions: Sequence[int],
     batch_size: int,
     *,
     progress: Callable[[int, int], None] | None = None,
@@ -159,12 +198,13 @@ def _check_slice(
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         batch = loader.load(chunk)
-        for contact_id in chunk:
+        for contact_id, position in zip(chunk, positions[start : start + batch_size], strict=True):
             recipient = batch.get(contact_id)
             if recipient is None:  # deleted since the audience was resolved
                 continue
+            found.at = position
             email = recipient.contact.email
-            part.emails.append(normalise(email))
+            part.emails.append((position, normalise(email)))
             problem = address_problem(email.strip())
             if problem:
                 found.add(
@@ -193,15 +233,16 @@ def _check_slice(
                     "(shown as single spaces in the To header)",
                     example=email,
                 )
-            if composer is not None:
-                _check_one(composer, recipient, part)
+            if composer is not None and shapes is not None:
+                _check_one(composer, shapes, recipient, part)
         if progress is not None:
             progress(len(chunk), len(ids))
+    found.at = None
     return part
 
 
 # Audiences at least this big are checked by several processes (one per core, at most
-# CHECK_MAX_WORKERS): rendering is CPU-bound, and starting workers costs about a second.
+# CHECK_MAX_WORKERS): starting workers costs a few tenths of a second.
 CHECK_PARALLEL_FROM = 20_000
 CHECK_MAX_WORKERS = 8
 _CHECK_SLICE = 5_000
@@ -214,6 +255,7 @@ class _SliceJob:
     sources: dict[str, str]
     settings: Workspace
     ids: list[int]
+    positions: list[int]
     batch_size: int
 
 
@@ -228,15 +270,24 @@ def _run_slice_job(job: _SliceJob) -> _Partial:
     if engine is None:
         engine = _worker_state[job.url] = db.make_engine(job.url)
     key = _composer_key(job.campaign, job.sources)
-    composer = _worker_state.get(key)
-    if composer is None:
+    ready = _worker_state.get(key)
+    if ready is None:
         campaign = Campaign(**job.campaign)
         template_set = TemplateSet.from_sources(name=campaign.template, sources=job.sources)
-        composer = _worker_state[key] = composer_for(
-            campaign=campaign, template_set=template_set, settings=job.settings
-        )
+        composer = composer_for(campaign=campaign, template_set=template_set, settings=job.settings)
+        ready = _worker_state[key] = (composer, _shapes_for(composer))
+    composer, shapes = ready
     with db.transaction(db.session_factory(engine)) as session:
-        return _check_slice(session, composer, job.ids, job.batch_size)
+        return _check_slice(session, composer, shapes, job.ids, job.positions, job.batch_size)
+
+
+def _shapes_for(composer: Composer) -> LetterShapes:
+    return LetterShapes(
+        composer.template_set,
+        campaign=composer.view,
+        unsubscribe_mailto=composer.unsubscribe_mailto,
+        today=composer.today,
+    )
 
 
 def _composer_key(campaign: dict[str, Any], sources: dict[str, str]) -> str:
@@ -253,12 +304,12 @@ def _parallel_url(session: Session) -> str | None:
 
 
 def _check_parallel(
-    session: Session,
     campaign: Campaign,
     template_set: TemplateSet,
     composer: Composer,
     settings: Workspace,
     ids: list[int],
+    cities: list[int | None],
     *,
     workers: int,
     batch_size: int,
@@ -276,27 +327,32 @@ def _check_parallel(
         "reply_to": campaign.reply_to,
         "default_language": campaign.default_language,
     }
-    jobs = [
-        _SliceJob(
-            url=url,
-            campaign=fields,
-            sources=template_set.sources,
-            settings=settings,
-            ids=ids[start : start + _CHECK_SLICE],
-            batch_size=batch_size,
+    # Slices of neighbouring cities: letters to one city share their shapes, so each worker
+    # renders the shapes of its own cities only. Places keep the audience order for examples.
+    order = sorted(range(len(ids)), key=lambda place: cities[place] or 0)
+    jobs = []
+    for start in range(0, len(order), _CHECK_SLICE):
+        places = order[start : start + _CHECK_SLICE]
+        jobs.append(
+            _SliceJob(
+                url=url,
+                campaign=fields,
+                sources=template_set.sources,
+                settings=settings,
+                ids=[ids[place] for place in places],
+                positions=places,
+                batch_size=batch_size,
+            )
         )
-        for start in range(0, len(ids), _CHECK_SLICE)
-    ]
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     # Forked workers inherit the compiled templates instead of compiling them again.
     key = _composer_key(fields, template_set.sources)
-    _worker_state[key] = composer
+    _worker_state[key] = (composer, _shapes_for(composer))
     try:
         with concurrent.futures.ProcessPoolExecutor(
             max_workers=workers, mp_context=context
         ) as pool:
-            # map keeps audience order, so examples and duplicates read as with one process.
             parts = []
             for job, part in zip(jobs, pool.map(_run_slice_job, jobs), strict=True):
                 parts.append(part)
@@ -332,7 +388,12 @@ def check_campaign(
         campaign=campaign.slug, template=campaign.template, audience=audience.describe()
     )
     found = _Findings()
-    ids = audience_mod.contact_ids(session, audience)
+    rows = session.execute(
+        audience_mod.contacts_query(session, audience).with_only_columns(
+            Contact.id, Contact.city_id
+        )
+    ).all()
+    ids = [row[0] for row in rows]
     report.recipients = len(ids)
     if not ids:
         found.add(
@@ -361,12 +422,12 @@ def check_campaign(
     if url is not None and template_set is not None and composer is not None:
         try:
             parts = _check_parallel(
-                session,
                 campaign,
                 template_set,
                 composer,
                 settings,
                 ids,
+                [row[1] for row in rows],
                 workers=workers,
                 batch_size=batch_size,
                 url=url,
@@ -376,14 +437,21 @@ def check_campaign(
             # No worker processes here (a sandbox, a resource limit): one process is only slower.
             parts = None
     if parts is None:
-        parts = [_check_slice(session, composer, ids, batch_size, progress=progress)]
+        shapes = _shapes_for(composer) if composer is not None else None
+        parts = [
+            _check_slice(
+                session, composer, shapes, ids, range(len(ids)), batch_size, progress=progress
+            )
+        ]
 
-    emails: list[str] = []
+    by_place: list[str | None] = [None] * len(ids)
     for part in parts:
         found.merge(part.found)
         report.rendered += part.rendered
         report.languages.update(part.languages)
-        emails.extend(part.emails)
+        for place, email in part.emails:
+            by_place[place] = email
+    emails = [email for email in by_place if email is not None]
     seen: set[str] = set()
     for email in emails:
         if email in seen:
@@ -395,7 +463,7 @@ def check_campaign(
                 example=email,
             )
         seen.add(email)
-    suppressed = audience_mod.suppressed_among(session, emails) if emails else set()
+    suppressed = _suppressed(session, emails) if emails else set()
     for email in sorted(suppressed):
         found.add(
             "suppressed",
@@ -407,6 +475,17 @@ def check_campaign(
         )
     report.findings = sorted(found.groups.values(), key=_order)
     return report
+
+
+def _suppressed(session: Session, emails: list[str]) -> set[str]:
+    """The suppressed ones among `emails` (normalised): the whole list read once when it is
+    shorter than the audience, else looked up in pages."""
+    total = session.scalar(select(func.count()).select_from(Suppression)) or 0
+    if total == 0:
+        return set()
+    if total <= len(emails):
+        return set(session.scalars(select(Suppression.email))).intersection(emails)
+    return audience_mod.suppressed_among(session, emails)
 
 
 def _check_sender(composer: Composer, settings: Workspace, found: _Findings) -> None:
@@ -431,11 +510,19 @@ def _check_sender(composer: Composer, settings: Workspace, found: _Findings) -> 
         found.add(f"smtputf8_{header}", "", blocking=not known, message=message, example=None)
 
 
-def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None:
+@functools.lru_cache(maxsize=4096)
+def _address_problem(address: str) -> str | None:
+    """address_problem for the few addresses many letters share (signatories)."""
+    return address_problem(address)
+
+
+def _check_one(
+    composer: Composer, shapes: LetterShapes, recipient: Recipient, part: _Partial
+) -> None:
     found = part.found
     email = recipient.contact.email
     try:
-        rendered = composer.render(recipient)
+        rendered = shapes.render(recipient, unsubscribe_url=composer.unsubscribe_url(email))
     except MissingFieldError as exc:
         where = f"{exc.file}:{exc.line}" if exc.line else exc.file
         found.add(
@@ -453,7 +540,7 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
     part.languages[rendered.language] += 1
     reply_to = composer.reply_to(recipient)
     if reply_to is not None and reply_to is not composer.fixed_reply_to:
-        problem = address_problem(reply_to.address)
+        problem = _address_problem(reply_to.address)
         if problem:
             found.add(
                 "reply_to",

@@ -18,14 +18,15 @@ Unsubscribe defaults, documented here because every message carries them:
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
-from sqlalchemy import select
+from sqlalchemy import Text, select, type_coerce
 from sqlalchemy.orm import Session, aliased
 
 from mailer import audience as audience_mod
@@ -98,6 +99,15 @@ class RecipientLoader:
         # Pages of one audience share cities: their views and ties are built once per loader.
         self._cities: dict[int, CityView] = {}
         self._ties: dict[int, tuple[PartnershipView, ...]] = {}
+        # Stored tags (as text, or as decoded by the driver) -> their view.
+        self._tag_views: dict[Any, tuple[str, ...]] = {}
+
+    def _tags(self, stored: Any) -> tuple[str, ...]:
+        value = json.loads(stored) if isinstance(stored, str) else stored
+        view = tuple(str(t) for t in (value or ()))
+        if isinstance(stored, str):
+            self._tag_views[stored] = view
+        return view
 
     def _load_signatories(self) -> tuple[SignatoryView, ...]:
         if self._signatories is None:
@@ -147,8 +157,9 @@ class RecipientLoader:
                     Contact.salutation,
                     Contact.language,
                     Contact.organisation,
-                    Contact.attributes,
-                    Contact.tags,
+                    # As the stored text: decoded here, the same tags text once per loader.
+                    type_coerce(Contact.attributes, Text),
+                    type_coerce(Contact.tags, Text),
                     Contact.city_id,
                     City.name,
                     City.country,
@@ -163,6 +174,7 @@ class RecipientLoader:
         self._load_partnerships({row[9] for row in rows if row[9] is not None})
         ties = self._ties
         cities = self._cities
+        tag_views = self._tag_views
         result: dict[int, Recipient] = {}
         for (
             contact_id,
@@ -185,6 +197,9 @@ class RecipientLoader:
                 city = cities.get(city_id) or self._city(
                     city_id, city_name, country, region, name_uk
                 )
+            tags_view = tag_views.get(tags)
+            if tags_view is None:
+                tags_view = self._tags(tags)
             contact = ContactView(
                 email=email,
                 name=name or None,
@@ -192,8 +207,8 @@ class RecipientLoader:
                 salutation=salutation or None,
                 language=language or None,
                 organisation=organisation or None,
-                attributes=types.MappingProxyType(dict(attributes or {})),
-                tags=tuple(str(t) for t in (tags or ())),
+                attributes=types.MappingProxyType(_attributes(attributes)),
+                tags=tags_view,
             )
             result[contact_id] = Recipient(
                 contact_id=contact_id,
@@ -266,7 +281,9 @@ class RecipientLoader:
             ) in rows:
                 found.setdefault(partner_city_id, []).append(
                     PartnershipView(
-                        ukrainian_city=self._city(ua_id, ua_name, ua_country, ua_region, ua_name_uk),
+                        ukrainian_city=self._city(
+                            ua_id, ua_name, ua_country, ua_region, ua_name_uk
+                        ),
                         kind=kind,
                         since=since,
                         years=(self.today.year - since) if since else None,
@@ -276,6 +293,25 @@ class RecipientLoader:
                 )
         for city_id in wanted:
             self._ties[city_id] = tuple(found.get(city_id, ()))
+
+
+_scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _attributes(stored: Any) -> dict[str, Any]:
+    """A contact's attributes from their stored JSON text (a fresh dict, owned by the view)."""
+    if not isinstance(stored, str):
+        return dict(stored) if stored else {}  # PostgreSQL's driver decodes JSON itself
+    if stored == "{}" or not stored:
+        return {}
+    try:
+        # The C scanner alone: the text is what json.dumps wrote, with nothing around it.
+        value, end = _scan_json(stored, 0)
+    except (StopIteration, ValueError):
+        value, end = None, -1
+    if end != len(stored) or not isinstance(value, dict):
+        value = json.loads(stored)
+    return value if isinstance(value, dict) else {}
 
 
 def load_recipients(
