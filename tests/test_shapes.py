@@ -4,7 +4,9 @@ character the letter rendering gives, whatever the template does with the values
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from mailer.render import (
     LetterTooLarge,
     PartnershipView,
     Recipient,
+    Rendered,
     RenderProblem,
     SignatoryView,
     TemplateSet,
@@ -30,7 +33,9 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 LVIV = CityView(name="Lviv", country="UA", region="Lviv Oblast", name_uk="Львів")
 KYIV = CityView(name="Kyiv", country="UA", region=None, name_uk="Київ")
-MAYOR = SignatoryView(name="Andriy Sadovyi", title="Mayor of Lviv", city="Lviv", email="m@lviv.test")
+MAYOR = SignatoryView(
+    name="Andriy Sadovyi", title="Mayor of Lviv", city="Lviv", email="m@lviv.test"
+)
 TIES = (
     PartnershipView(
         ukrainian_city=LVIV, kind="twin", since=1995, years=31, note=None, signatory=MAYOR
@@ -93,10 +98,10 @@ def recipients() -> list[Recipient]:
     return out
 
 
-def outcome(call: object) -> object:
+def outcome(call: Callable[[], Rendered]) -> object:
     """What a render gives: the letter, or the error's type and message."""
     try:
-        return call()  # type: ignore[operator]
+        return call()
     except RenderProblem as exc:
         return (type(exc).__name__, str(exc))
 
@@ -104,10 +109,13 @@ def outcome(call: object) -> object:
 def assert_same_letters(template_set: TemplateSet, people: list[Recipient]) -> LetterShapes:
     shapes = LetterShapes(template_set, campaign=CAMPAIGN, unsubscribe_mailto=MAILTO, today=TODAY)
     for recipient in people:
-        url = f"https://example.org/u?t={recipient.contact_id}" if recipient.contact_id % 2 else None
-        built = outcome(lambda: shapes.render(recipient, unsubscribe_url=url))
+        url = (
+            f"https://example.org/u?t={recipient.contact_id}" if recipient.contact_id % 2 else None
+        )
+        built = outcome(functools.partial(shapes.render, recipient, unsubscribe_url=url))
         rendered = outcome(
-            lambda: template_set.render(
+            functools.partial(
+                template_set.render,
                 recipient=recipient,
                 campaign=CAMPAIGN,
                 unsubscribe_url=url,
@@ -208,7 +216,8 @@ def test_markup_in_a_value_reaches_the_built_letter() -> None:
     letters = [shapes.render(r, unsubscribe_url=None) for r in people]
     assert shapes.built >= 1
     assert all(
-        (leftover_markup(letter.text) or "").startswith("Dear {{ contact.name }}") for letter in letters
+        (leftover_markup(letter.text) or "").startswith("Dear {{ contact.name }}")
+        for letter in letters
     )
 
 
