@@ -375,10 +375,23 @@ def check_campaign(
 ) -> CheckReport:
     """Render for every recipient of the audience (resolved now) and group what is wrong.
 
+    First, letters that lost a personal part (never blocking): no partner city, no signatory
+    for it, a signatory without an address under `--reply-to signatory`, a city named in Latin
+    letters in a Ukrainian letter, the generic greeting, a language fallback.
     Blocking: a template that fails to load or render, a field a contact lacks, unrendered
     markup in the output, an empty subject, an address twice, bad campaign settings.
-    Warnings: language fallbacks, suppressed or invalid addresses (skipped when sending),
-    overlong subjects, line breaks in names (shown as spaces), an empty audience.
+    Warnings: suppressed or invalid addresses (skipped when sending), overlong subjects, line
+    breaks in names (shown as spaces), an empty audience.
+
+    What is proven for each recipient: their letter (subject, text and HTML) is rendered, or is
+    built from the letter rendered for their *shape* (shapes.py) and is then character for
+    character the letter rendering would give: the shape's render used every value the
+    template looked at (compared, tested, transformed, looped over, captured) as this
+    recipient's own, and every other value only printed, where this recipient's value now
+    stands. That letter is checked like a rendered one: subject, leftover markup, size.
+    The letters of a variant that includes other files, switches autoescaping or tests
+    identity, and any letter whose shape failed to render, are rendered one by one. One full
+    message per language is built to prove the builder takes its headers.
 
     `workers`: processes to render with (default: one per core for big audiences).
     `progress(checked, total)` is called as the work goes, with the recipients just checked.
