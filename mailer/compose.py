@@ -99,8 +99,8 @@ class RecipientLoader:
         # Pages of one audience share cities: their views and ties are built once per loader.
         self._cities: dict[int, CityView] = {}
         self._ties: dict[int, tuple[PartnershipView, ...]] = {}
-        # Stored tags (as text, or as decoded by the driver) -> their view.
-        self._tag_views: dict[Any, tuple[str, ...]] = {}
+        # Stored tags (their JSON text) -> their view; PostgreSQL's driver decodes them itself.
+        self._tag_views: dict[str, tuple[str, ...]] = {}
 
     def _tags(self, stored: Any) -> tuple[str, ...]:
         value = json.loads(stored) if isinstance(stored, str) else stored
@@ -197,7 +197,7 @@ class RecipientLoader:
                 city = cities.get(city_id) or self._city(
                     city_id, city_name, country, region, name_uk
                 )
-            tags_view = tag_views.get(tags)
+            tags_view = tag_views.get(tags) if type(tags) is str else None
             if tags_view is None:
                 tags_view = self._tags(tags)
             contact = ContactView(
