@@ -138,7 +138,8 @@ def main() -> None:
     print(f"seeded {args.contacts:,} contacts in {seeded:.1f} s")
     print(
         f"check: {report.recipients:,} recipients, {report.rendered:,} rendered, "
-        f"{len(report.blocking)} blocking, {len(report.warnings)} warnings"
+        f"{len(report.blocking)} blocking, {len(report.personal)} less personal, "
+        f"{len(report.warnings)} warnings"
     )
     print(
         f"check took {wall:.1f} s wall ({report.recipients / wall:,.0f} recipients/s); "

@@ -7,6 +7,8 @@ Composes through compose.py (the same code the sender uses); must not import `en
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import os
 from collections import Counter
@@ -16,17 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer.addresses import address_problem, display, needs_smtputf8, normalise
+from mailer.addresses import (
+    REPLY_TO_SIGNATORY,
+    address_problem,
+    display,
+    needs_smtputf8,
+    normalise,
+)
 from mailer.audience import Audience
 from mailer.compose import Composer, RecipientLoader, composer_for, template_set_for
 from mailer.config import Workspace
 from mailer.errors import InvalidValueError, MailerError, NotFoundError, TemplateError
 from mailer.greetings import generic_greeting
 from mailer.message import clean_text
-from mailer.models import Campaign, utcnow
+from mailer.models import Campaign, Contact, Suppression, utcnow
 from mailer.render import (
     MissingFieldError,
     Recipient,
@@ -34,10 +43,14 @@ from mailer.render import (
     TemplateSet,
     leftover_markup,
 )
+from mailer.shapes import LetterShapes
 from mailer.timing import ZoneReport, format_zone_report, zone_report
 
 # Longer subjects are cut by most mail clients' lists (and read as spam); a warning, not a block.
 SUBJECT_WARN_LENGTH = 120
+PERSONAL_HEADING = (
+    "Less personal letters (they can still be sent; add what is missing to make them personal):"
+)
 CHECK_BATCH = 2000
 EXAMPLES = 5
 
@@ -49,13 +62,47 @@ class Finding:
     kind: str
     blocking: bool
     message: str
+    # A letter that lost a personal part (partner city, signatory, greeting, language): it can
+    # be sent, but a reader would notice. Listed first, under its own heading.
+    personal: bool = False
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    # The examples' places in the audience, when known: the first ones in audience order are
+    # kept, however the audience was split between processes.
+    positions: list[int] = field(default_factory=list, repr=False, compare=False)
 
-    def add(self, example: str | None) -> None:
+    def add(self, example: str | None, position: int | None = None) -> None:
         self.count += 1
-        if example is not None and len(self.examples) < EXAMPLES:
-            self.examples.append(example)
+        if example is None:
+            return
+        if position is None or len(self.positions) != len(self.examples):
+            if len(self.examples) < EXAMPLES:
+                self.examples.append(example)
+            return
+        if len(self.examples) >= EXAMPLES:
+            if position >= self.positions[-1]:
+                return
+            self.positions.pop()
+            self.examples.pop()
+        at = bisect.bisect(self.positions, position)
+        self.positions.insert(at, position)
+        self.examples.insert(at, example)
+
+    def merge(self, other: Finding) -> None:
+        self.count += other.count
+        if len(self.positions) == len(self.examples) and len(other.positions) == len(
+            other.examples
+        ):
+            pairs = sorted(
+                [
+                    *zip(self.positions, self.examples, strict=True),
+                    *zip(other.positions, other.examples, strict=True),
+                ]
+            )
+            self.positions = [p for p, _ in pairs[:EXAMPLES]]
+            self.examples = [e for _, e in pairs[:EXAMPLES]]
+        else:
+            self.examples.extend(other.examples[: EXAMPLES - len(self.examples)])
 
 
 @dataclass(kw_only=True)
@@ -76,8 +123,14 @@ class CheckReport:
         return [f for f in self.findings if f.blocking]
 
     @property
+    def personal(self) -> list[Finding]:
+        """Letters that lost a personal part (never blocking)."""
+        return [f for f in self.findings if f.personal and not f.blocking]
+
+    @property
     def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if not f.blocking]
+        """What does not block and is not about a letter's personal parts."""
+        return [f for f in self.findings if not f.blocking and not f.personal]
 
     @property
     def ok(self) -> bool:
@@ -90,25 +143,34 @@ class CheckReport:
 class _Findings:
     def __init__(self) -> None:
         self.groups: dict[tuple[str, str], Finding] = {}
+        # The audience place of the recipient being checked: their examples keep it.
+        self.at: int | None = None
 
     def add(
-        self, kind: str, key: str, *, blocking: bool, message: str, example: str | None
+        self,
+        kind: str,
+        key: str,
+        *,
+        blocking: bool,
+        message: str,
+        example: str | None,
+        personal: bool = False,
+        position: int | None = None,
     ) -> None:
         finding = self.groups.get((kind, key))
         if finding is None:
             finding = self.groups[(kind, key)] = Finding(
-                kind=kind, blocking=blocking, message=message
+                kind=kind, blocking=blocking, message=message, personal=personal
             )
-        finding.add(example)
+        finding.add(example, self.at if position is None else position)
 
     def merge(self, other: _Findings) -> None:
         for key, theirs in other.groups.items():
             ours = self.groups.get(key)
             if ours is None:
                 self.groups[key] = theirs
-                continue
-            ours.count += theirs.count
-            ours.examples.extend(theirs.examples[: EXAMPLES - len(ours.examples)])
+            else:
+                ours.merge(theirs)
 
 
 @dataclass(kw_only=True)
@@ -118,15 +180,17 @@ class _Partial:
     found: _Findings = field(default_factory=_Findings)
     rendered: int = 0
     languages: Counter[str] = field(default_factory=Counter)
-    # Normalised addresses in audience order, for duplicates and suppressions across slices.
-    emails: list[str] = field(default_factory=list)
+    # (audience place, normalised address), for duplicates and suppressions across slices.
+    emails: list[tuple[int, str]] = field(default_factory=list)
     built: set[str] = field(default_factory=set)
 
 
 def _check_slice(
     session: Session,
     composer: Composer | None,
+    shapes: LetterShapes | None,
     ids: Sequence[int],
+    positions: Sequence[int],
     batch_size: int,
     *,
     progress: Callable[[int, int], None] | None = None,
@@ -139,12 +203,13 @@ def _check_slice(
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         batch = loader.load(chunk)
-        for contact_id in chunk:
+        for contact_id, position in zip(chunk, positions[start : start + batch_size], strict=True):
             recipient = batch.get(contact_id)
             if recipient is None:  # deleted since the audience was resolved
                 continue
+            found.at = position
             email = recipient.contact.email
-            part.emails.append(normalise(email))
+            part.emails.append((position, normalise(email)))
             problem = address_problem(email.strip())
             if problem:
                 found.add(
@@ -173,15 +238,16 @@ def _check_slice(
                     "(shown as single spaces in the To header)",
                     example=email,
                 )
-            if composer is not None:
-                _check_one(composer, recipient, part)
+            if composer is not None and shapes is not None:
+                _check_one(composer, shapes, recipient, part)
         if progress is not None:
             progress(len(chunk), len(ids))
+    found.at = None
     return part
 
 
 # Audiences at least this big are checked by several processes (one per core, at most
-# CHECK_MAX_WORKERS): rendering is CPU-bound, and starting workers costs about a second.
+# CHECK_MAX_WORKERS): starting workers costs a few tenths of a second.
 CHECK_PARALLEL_FROM = 20_000
 CHECK_MAX_WORKERS = 8
 _CHECK_SLICE = 5_000
@@ -194,6 +260,7 @@ class _SliceJob:
     sources: dict[str, str]
     settings: Workspace
     ids: list[int]
+    positions: list[int]
     batch_size: int
 
 
@@ -208,17 +275,32 @@ def _run_slice_job(job: _SliceJob) -> _Partial:
     if engine is None:
         engine = _worker_state[job.url] = db.make_engine(job.url)
     key = _composer_key(job.campaign, job.sources)
-    composer = _worker_state.get(key)
-    if composer is None:
+    ready = _worker_state.get(key)
+    if ready is None:
         campaign = Campaign(**job.campaign)
         template_set = TemplateSet.from_sources(name=campaign.template, sources=job.sources)
-        composer = _worker_state[key] = composer_for(
-            campaign=campaign, template_set=template_set, settings=job.settings
-        )
+        composer = composer_for(campaign=campaign, template_set=template_set, settings=job.settings)
+        ready = _worker_state[key] = (composer, _shapes_for(composer))
+    composer, shapes = ready
     with db.transaction(db.session_factory(engine)) as session:
         return _check_slice(
-            session, composer, job.ids, job.batch_size, campaign_id=job.campaign.get("id")
+            session,
+            composer,
+            shapes,
+            job.ids,
+            job.positions,
+            job.batch_size,
+            campaign_id=job.campaign.get("id"),
         )
+
+
+def _shapes_for(composer: Composer) -> LetterShapes:
+    return LetterShapes(
+        composer.template_set,
+        campaign=composer.view,
+        unsubscribe_mailto=composer.unsubscribe_mailto,
+        today=composer.today,
+    )
 
 
 def _composer_key(campaign: dict[str, Any], sources: dict[str, str]) -> str:
@@ -235,12 +317,12 @@ def _parallel_url(session: Session) -> str | None:
 
 
 def _check_parallel(
-    session: Session,
     campaign: Campaign,
     template_set: TemplateSet,
     composer: Composer,
     settings: Workspace,
     ids: list[int],
+    cities: list[int | None],
     *,
     workers: int,
     batch_size: int,
@@ -261,27 +343,32 @@ def _check_parallel(
         "unsubscribe_mailto": campaign.unsubscribe_mailto,
         "unsubscribe_url": campaign.unsubscribe_url,
     }
-    jobs = [
-        _SliceJob(
-            url=url,
-            campaign=fields,
-            sources=template_set.sources,
-            settings=settings,
-            ids=ids[start : start + _CHECK_SLICE],
-            batch_size=batch_size,
+    # Slices of neighbouring cities: letters to one city share their shapes, so each worker
+    # renders the shapes of its own cities only. Places keep the audience order for examples.
+    order = sorted(range(len(ids)), key=lambda place: cities[place] or 0)
+    jobs = []
+    for start in range(0, len(order), _CHECK_SLICE):
+        places = order[start : start + _CHECK_SLICE]
+        jobs.append(
+            _SliceJob(
+                url=url,
+                campaign=fields,
+                sources=template_set.sources,
+                settings=settings,
+                ids=[ids[place] for place in places],
+                positions=places,
+                batch_size=batch_size,
+            )
         )
-        for start in range(0, len(ids), _CHECK_SLICE)
-    ]
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     # Forked workers inherit the compiled templates instead of compiling them again.
     key = _composer_key(fields, template_set.sources)
-    _worker_state[key] = composer
+    _worker_state[key] = (composer, _shapes_for(composer))
     try:
         with concurrent.futures.ProcessPoolExecutor(
             max_workers=workers, mp_context=context
         ) as pool:
-            # map keeps audience order, so examples and duplicates read as with one process.
             parts = []
             for job, part in zip(jobs, pool.map(_run_slice_job, jobs), strict=True):
                 parts.append(part)
@@ -304,10 +391,23 @@ def check_campaign(
 ) -> CheckReport:
     """Render for every recipient of the audience (resolved now) and group what is wrong.
 
+    First, letters that lost a personal part (never blocking): no partner city, no signatory
+    for it, a signatory without an address under `--reply-to signatory`, a city named in Latin
+    letters in a Ukrainian letter, the generic greeting, a language fallback.
     Blocking: a template that fails to load or render, a field a contact lacks, unrendered
     markup in the output, an empty subject, an address twice, bad campaign settings.
-    Warnings: language fallbacks, suppressed or invalid addresses (skipped when sending),
-    overlong subjects, line breaks in names (shown as spaces), an empty audience.
+    Warnings: suppressed or invalid addresses (skipped when sending), overlong subjects, line
+    breaks in names (shown as spaces), an empty audience.
+
+    What is proven for each recipient: their letter (subject, text and HTML) is rendered, or is
+    built from the letter rendered for their *shape* (shapes.py) and is then character for
+    character the letter rendering would give: the shape's render used every value the
+    template looked at (compared, tested, transformed, looped over, captured) as this
+    recipient's own, and every other value only printed, where this recipient's value now
+    stands. That letter is checked like a rendered one: subject, leftover markup, size.
+    The letters of a variant that includes other files, switches autoescaping or tests
+    identity, and any letter whose shape failed to render, are rendered one by one. One full
+    message per language is built to prove the builder takes its headers.
 
     `workers`: processes to render with (default: one per core for big audiences).
     `progress(checked, total)` is called as the work goes, with the recipients just checked.
@@ -317,7 +417,12 @@ def check_campaign(
         campaign=campaign.slug, template=campaign.template, audience=audience.describe()
     )
     found = _Findings()
-    ids = audience_mod.contact_ids(session, audience)
+    rows = session.execute(
+        audience_mod.contacts_query(session, audience).with_only_columns(
+            Contact.id, Contact.city_id
+        )
+    ).all()
+    ids = [row[0] for row in rows]
     report.recipients = len(ids)
     if not ids:
         found.add(
@@ -346,12 +451,12 @@ def check_campaign(
     if url is not None and template_set is not None and composer is not None:
         try:
             parts = _check_parallel(
-                session,
                 campaign,
                 template_set,
                 composer,
                 settings,
                 ids,
+                [row[1] for row in rows],
                 workers=workers,
                 batch_size=batch_size,
                 url=url,
@@ -361,18 +466,28 @@ def check_campaign(
             # No worker processes here (a sandbox, a resource limit): one process is only slower.
             parts = None
     if parts is None:
+        shapes = _shapes_for(composer) if composer is not None else None
         parts = [
             _check_slice(
-                session, composer, ids, batch_size, progress=progress, campaign_id=campaign.id
+                session,
+                composer,
+                shapes,
+                ids,
+                range(len(ids)),
+                batch_size,
+                progress=progress,
+                campaign_id=campaign.id,
             )
         ]
 
-    emails: list[str] = []
+    by_place: list[str | None] = [None] * len(ids)
     for part in parts:
         found.merge(part.found)
         report.rendered += part.rendered
         report.languages.update(part.languages)
-        emails.extend(part.emails)
+        for place, email in part.emails:
+            by_place[place] = email
+    emails = [email for email in by_place if email is not None]
     seen: set[str] = set()
     for email in emails:
         if email in seen:
@@ -384,7 +499,7 @@ def check_campaign(
                 example=email,
             )
         seen.add(email)
-    suppressed = audience_mod.suppressed_among(session, emails) if emails else set()
+    suppressed = _suppressed(session, emails) if emails else set()
     for email in sorted(suppressed):
         found.add(
             "suppressed",
@@ -395,9 +510,7 @@ def check_campaign(
             example=email,
         )
     _team_findings(found, session, campaign, settings=settings, templates_dir=templates_dir)
-    report.findings = sorted(
-        found.groups.values(), key=lambda f: (not f.blocking, f.kind, -f.count, f.message)
-    )
+    report.findings = sorted(found.groups.values(), key=_order)
     try:
         report.zones = zone_report(
             session,
@@ -410,6 +523,17 @@ def check_campaign(
         found.add("timing", str(exc), blocking=True, message=str(exc), example=None)
         report.findings.insert(0, found.groups[("timing", str(exc))])
     return report
+
+
+def _suppressed(session: Session, emails: list[str]) -> set[str]:
+    """The suppressed ones among `emails` (normalised): the whole list read once when it is
+    shorter than the audience, else looked up in pages."""
+    total = session.scalar(select(func.count()).select_from(Suppression)) or 0
+    if total == 0:
+        return set()
+    if total <= len(emails):
+        return set(session.scalars(select(Suppression.email))).intersection(emails)
+    return audience_mod.suppressed_among(session, emails)
 
 
 def _check_sender(composer: Composer, settings: Workspace, found: _Findings) -> None:
@@ -467,11 +591,21 @@ def _team_findings(
         found.add("recently_contacted", "", blocking=False, message=line, example=None)
 
 
-def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None:
+@functools.lru_cache(maxsize=4096)
+def _address_problem(address: str) -> str | None:
+    """address_problem for the few addresses many letters share (signatories)."""
+    return address_problem(address)
+
+
+def _check_one(
+    composer: Composer, shapes: LetterShapes, recipient: Recipient, part: _Partial
+) -> None:
     found = part.found
     email = recipient.contact.email
     try:
-        rendered = composer.render(recipient)
+        rendered = composer.in_thread(
+            shapes.render(recipient, unsubscribe_url=composer.unsubscribe_url(email)), recipient
+        )
     except MissingFieldError as exc:
         where = f"{exc.file}:{exc.line}" if exc.line else exc.file
         found.add(
@@ -489,7 +623,7 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
     part.languages[rendered.language] += 1
     reply_to = composer.reply_to(recipient)
     if reply_to is not None and reply_to is not composer.fixed_reply_to:
-        problem = address_problem(reply_to.address)
+        problem = _address_problem(reply_to.address)
         if problem:
             found.add(
                 "reply_to",
@@ -515,11 +649,13 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
             composer.compose(recipient, rendered=rendered)
         except MailerError as exc:
             found.add("build_error", str(exc), blocking=True, message=str(exc), example=email)
+    _personal_parts(composer, recipient, rendered.language, found)
     if rendered.fell_back:
         found.add(
             "fallback",
             f"{rendered.requested_language}\0{rendered.language}",
             blocking=False,
+            personal=True,
             message=f"contacts asking for {rendered.requested_language!r} get the "
             f"{rendered.language!r} variant (the template has no {rendered.requested_language})",
             example=email,
@@ -530,6 +666,7 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
             "generic_greeting",
             rendered.language,
             blocking=False,
+            personal=True,
             message=f"letters with the generic greeting {generic!r} (no name, office or form "
             f"of address known; {rendered.language} variant)",
             example=email,
@@ -568,6 +705,101 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
             )
 
 
+# The personal parts in the order a reader meets them, for the summary.
+_PERSONAL_ORDER = {
+    kind: rank
+    for rank, kind in enumerate(
+        (
+            "no_partner",
+            "no_signatory",
+            "signatory_address",
+            "latin_name",
+            "generic_greeting",
+            "fallback",
+        )
+    )
+}
+
+
+def _personal_parts(
+    composer: Composer, recipient: Recipient, language: str, found: _Findings
+) -> None:
+    """What this letter lost of its personal parts: its partner city, the mayor who signs for
+    it, the mayor's address for Reply-To. Counted only where the variant uses them."""
+    uses = composer.template_set.uses
+    email = recipient.contact.email
+    by_signatory = composer.reply_rule == REPLY_TO_SIGNATORY
+    no_reply = ", no Reply-To" if by_signatory else ""
+    partner = recipient.partnerships[0] if recipient.partnerships else None
+    city = recipient.city
+    if (
+        city is not None
+        and city.name_uk is None
+        and partner is not None
+        and uses(language, "name_uk")
+    ):
+        found.add(
+            "latin_name",
+            "",
+            blocking=False,
+            personal=True,
+            message="letters that name the recipient's city in Latin letters (no Ukrainian name "
+            "known: a partner_city_uk column in the partnerships import gives one)",
+            example=email,
+        )
+    if partner is None:
+        if uses(language, "partner", "partnerships"):
+            found.add(
+                "no_partner",
+                "",
+                blocking=False,
+                personal=True,
+                message="recipients with no partner city get the general letter (no Ukrainian "
+                f"partner city, no signing mayor{no_reply})",
+                example=email,
+            )
+        return
+    signatory = partner.signatory
+    if signatory is None:
+        if uses(language, "signatory"):
+            ua_city = partner.ukrainian_city.name
+            found.add(
+                "no_signatory",
+                ua_city,
+                blocking=False,
+                personal=True,
+                message=f"recipients whose partner city {ua_city} has no signatory: their letter "
+                "is signed on behalf of all signatories"
+                + (" (no Reply-To)" if by_signatory else ""),
+                example=email,
+            )
+        return
+    if by_signatory and not signatory.email:
+        where = f" ({signatory.city})" if signatory.city else ""
+        found.add(
+            "signatory_address",
+            f"{signatory.name}\0{signatory.city}",
+            blocking=False,
+            personal=True,
+            message=f"the signatory {signatory.name}{where} has no address: these letters have "
+            "no Reply-To and replies go to the From address (add an email to the signatories "
+            "import)",
+            example=email,
+        )
+
+
+def _order(finding: Finding) -> tuple[int, int, str, int, str]:
+    if finding.personal and not finding.blocking:
+        return (
+            0,
+            _PERSONAL_ORDER.get(finding.kind, len(_PERSONAL_ORDER)),
+            "",
+            -finding.count,
+            finding.message,
+        )
+    return (1 if finding.blocking else 2, 0, finding.kind, -finding.count, finding.message)
+
+
 def format_report(report: CheckReport) -> list[str]:
     """The report as lines for a terminal."""
     languages = ", ".join(f"{lang} {n:,}" for lang, n in report.languages.most_common())
@@ -578,6 +810,7 @@ def format_report(report: CheckReport) -> list[str]:
     if languages:
         lines.append(f"  rendered {report.rendered:,}: {languages}")
     for title, findings in (
+        (PERSONAL_HEADING, report.personal),
         ("Blocking problems:", report.blocking),
         ("Warnings:", report.warnings),
     ):
@@ -595,7 +828,7 @@ def format_report(report: CheckReport) -> list[str]:
     if report.zones is not None:
         lines.extend(format_zone_report(report.zones))
     if report.ok:
-        n = len(report.warnings)
+        n = len(report.warnings) + len(report.personal)
         note = f" ({n} warning{'s' if n != 1 else ''})" if n else ""
         lines.append(f"OK: nothing blocks sending{note}.")
     return lines

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import re
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
-from sqlalchemy import select
+from sqlalchemy import Text, select, type_coerce
 from sqlalchemy.orm import Session, aliased
 
 from mailer import audience as audience_mod
@@ -45,6 +46,7 @@ from mailer.addresses import (
 from mailer.audience import Audience
 from mailer.config import Workspace
 from mailer.errors import InvalidValueError, NotFoundError
+from mailer.fields import HEAD, signatory_role
 from mailer.message import build_message, clean_text, make_message_id
 from mailer.models import Campaign, City, Contact, Message, Partnership, Signatory
 from mailer.render import (
@@ -92,6 +94,12 @@ class RecipientLoader:
     follow-up (`campaign_id` of a campaign with a parent) each recipient also gets the thread:
     the earlier letters to them (`first_letter`, `previous_letter`, `references`), their dates
     in the recipient's own time zone (`default_zone` where it cannot be told).
+
+    Who signs a letter: the head of its partner city or community (`fields.signatory_role`:
+    the signatory's `role`, else their title says mayor or head of the community; a mayor
+    before another head), else nobody, and the template writes the collective signature. A
+    minister or other official listed under a city never signs for it. `signatories` (the
+    collective signature) lists the heads first, in the order they were imported.
     """
 
     def __init__(
@@ -114,26 +122,44 @@ class RecipientLoader:
         # Pages of one audience share cities: their views and ties are built once per loader.
         self._cities: dict[int, CityView] = {}
         self._ties: dict[int, tuple[PartnershipView, ...]] = {}
+        # Stored tags (their JSON text) -> their view; PostgreSQL's driver decodes them itself.
+        self._tag_views: dict[str, tuple[str, ...]] = {}
+
+    def _tags(self, stored: Any) -> tuple[str, ...]:
+        value = json.loads(stored) if isinstance(stored, str) else stored
+        view = tuple(str(t) for t in (value or ()))
+        if isinstance(stored, str):
+            self._tag_views[stored] = view
+        return view
 
     def _load_signatories(self) -> tuple[SignatoryView, ...]:
         if self._signatories is None:
             rows = self.session.execute(
                 select(
-                    Signatory.name, Signatory.title, Signatory.city_id, Signatory.email, City.name
+                    Signatory.name,
+                    Signatory.title,
+                    Signatory.city_id,
+                    Signatory.email,
+                    Signatory.role,
+                    City.name,
                 )
                 .outerjoin(City, City.id == Signatory.city_id)
                 .order_by(Signatory.id)
             ).all()
-            views = []
+            heads: list[SignatoryView] = []
+            others: list[SignatoryView] = []
             best: dict[int, tuple[int, SignatoryView]] = {}
-            for name, title, city_id, email, city_name in rows:
+            for name, title, city_id, email, role, city_name in rows:
                 view = SignatoryView(name=name, title=title, city=city_name, email=email or None)
-                views.append(view)
+                if signatory_role(title=title, role=role) != HEAD:
+                    others.append(view)
+                    continue
+                heads.append(view)
                 if city_id is not None:
                     rank = _mayor_first(title)
                     if city_id not in best or rank < best[city_id][0]:
                         best[city_id] = (rank, view)
-            self._signatories = tuple(views)
+            self._signatories = (*heads, *others)
             self._by_city = {city_id: view for city_id, (_, view) in best.items()}
         return self._signatories
 
@@ -154,13 +180,15 @@ class RecipientLoader:
                     Contact.salutation,
                     Contact.language,
                     Contact.organisation,
-                    Contact.attributes,
-                    Contact.tags,
+                    # As the stored text: decoded here, the same tags text once per loader.
+                    type_coerce(Contact.attributes, Text),
+                    type_coerce(Contact.tags, Text),
                     Contact.city_id,
                     City.name,
                     City.country,
                     City.region,
                     Contact.timezone,
+                    City.name_uk,
                 )
                 .outerjoin(City, City.id == Contact.city_id)
                 .where(Contact.id.in_(ids))
@@ -171,6 +199,7 @@ class RecipientLoader:
         threads = self._load_threads(rows)
         ties = self._ties
         cities = self._cities
+        tag_views = self._tag_views
         result: dict[int, Recipient] = {}
         for (
             contact_id,
@@ -187,10 +216,16 @@ class RecipientLoader:
             country,
             region,
             _timezone,
+            name_uk,
         ) in rows:
             city = None
             if city_id is not None:
-                city = cities.get(city_id) or self._city(city_id, city_name, country, region)
+                city = cities.get(city_id) or self._city(
+                    city_id, city_name, country, region, name_uk
+                )
+            tags_view = tag_views.get(tags) if type(tags) is str else None
+            if tags_view is None:
+                tags_view = self._tags(tags)
             contact = ContactView(
                 email=email,
                 name=name or None,
@@ -198,8 +233,8 @@ class RecipientLoader:
                 salutation=salutation or None,
                 language=language or None,
                 organisation=organisation or None,
-                attributes=types.MappingProxyType(dict(attributes or {})),
-                tags=tuple(str(t) for t in (tags or ())),
+                attributes=types.MappingProxyType(_attributes(attributes)),
+                tags=tags_view,
             )
             result[contact_id] = Recipient(
                 contact_id=contact_id,
@@ -269,7 +304,7 @@ class RecipientLoader:
                 continue
             place = Place.of(
                 timezone=row[13],
-                attributes=row[7] if isinstance(row[7], dict) else None,
+                attributes=_attributes(row[7]),
                 city=row[10],
                 country=row[11],
                 region=row[12],
@@ -291,10 +326,19 @@ class RecipientLoader:
             }
         return threads
 
-    def _city(self, city_id: int, name: str, country: str | None, region: str | None) -> CityView:
+    def _city(
+        self,
+        city_id: int,
+        name: str,
+        country: str | None,
+        region: str | None,
+        name_uk: str | None,
+    ) -> CityView:
         view = self._cities.get(city_id)
         if view is None:
-            view = self._cities[city_id] = CityView(name=name, country=country, region=region)
+            view = self._cities[city_id] = CityView(
+                name=name, country=country, region=region, name_uk=name_uk or None
+            )
         return view
 
     def _load_partnerships(self, city_ids: Iterable[int]) -> None:
@@ -317,6 +361,7 @@ class RecipientLoader:
                         ua.name,
                         ua.country,
                         ua.region,
+                        ua.name_uk,
                     )
                     .join(ua, ua.id == Partnership.ukrainian_city_id)
                     .where(Partnership.partner_city_id.in_(chunk))
@@ -330,10 +375,22 @@ class RecipientLoader:
                 )
                 .all()
             )
-            for partner_city_id, kind, since, note, ua_id, ua_name, ua_country, ua_region in rows:
+            for (
+                partner_city_id,
+                kind,
+                since,
+                note,
+                ua_id,
+                ua_name,
+                ua_country,
+                ua_region,
+                ua_name_uk,
+            ) in rows:
                 found.setdefault(partner_city_id, []).append(
                     PartnershipView(
-                        ukrainian_city=self._city(ua_id, ua_name, ua_country, ua_region),
+                        ukrainian_city=self._city(
+                            ua_id, ua_name, ua_country, ua_region, ua_name_uk
+                        ),
                         kind=kind,
                         since=since,
                         years=(self.today.year - since) if since else None,
@@ -343,6 +400,25 @@ class RecipientLoader:
                 )
         for city_id in wanted:
             self._ties[city_id] = tuple(found.get(city_id, ()))
+
+
+_scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _attributes(stored: Any) -> dict[str, Any]:
+    """A contact's attributes from their stored JSON text (a fresh dict, owned by the view)."""
+    if not isinstance(stored, str):
+        return dict(stored) if stored else {}  # PostgreSQL's driver decodes JSON itself
+    if stored == "{}" or not stored:
+        return {}
+    try:
+        # The C scanner alone: the text is what json.dumps wrote, with nothing around it.
+        value, end = _scan_json(stored, 0)
+    except (StopIteration, ValueError):
+        value, end = None, -1
+    if end != len(stored) or not isinstance(value, dict):
+        value = json.loads(stored)
+    return value if isinstance(value, dict) else {}
 
 
 def load_recipients(
@@ -424,7 +500,9 @@ def _url(settings: Workspace) -> str | None:
         # Headers are ASCII: an international host goes as A-labels (IDNA 2008).
         return ascii_url(value)
     except InvalidValueError as exc:
-        raise InvalidValueError(f"mailer.toml [campaign] unsubscribe_url {value!r}: {exc}") from None
+        raise InvalidValueError(
+            f"mailer.toml [campaign] unsubscribe_url {value!r}: {exc}"
+        ) from None
 
 
 class Composer:
@@ -485,9 +563,14 @@ class Composer:
             unsubscribe_mailto=self.unsubscribe_mailto,
             today=self.today,
         )
+        return self.in_thread(rendered, recipient)
+
+    @staticmethod
+    def in_thread(rendered: Rendered, recipient: Recipient) -> Rendered:
+        """A follow-up whose template leaves Subject empty answers in the same thread: `Re:`
+        the first letter's subject (check applies the same rule to the letters it builds)."""
         if not rendered.subject and recipient.first_letter is not None:
-            # A follow-up whose template leaves Subject empty answers in the same thread.
-            rendered = dataclasses.replace(
+            return dataclasses.replace(
                 rendered, subject=reply_subject(recipient.first_letter.subject)
             )
         return rendered

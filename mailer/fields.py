@@ -285,6 +285,7 @@ PARTNERSHIP_FIELDS = (
     "note",
     "ukrainian_region",
     "partner_region",
+    "partner_city_uk",
 )
 PARTNERSHIP_SYNONYMS = synonyms(
     {
@@ -314,9 +315,18 @@ PARTNERSHIP_SYNONYMS = synonyms(
         "note": ["Notes", "Comment", "Remarks"],
         "ukrainian_region": ["Oblast", "Region UA"],
         "partner_region": ["Region", "State"],
+        # The partner city's name in Ukrainian, for the Ukrainian letters.
+        "partner_city_uk": [
+            "name_uk",
+            "Partner city (Ukrainian)",
+            "Partner city UK",
+            "Partner city in Ukrainian",
+            "Місто-партнер",
+            "Назва українською",
+        ],
     }
 )
-SIGNATORY_FIELDS = ("name", "title", "city", "email", "region")
+SIGNATORY_FIELDS = ("name", "title", "city", "email", "region", "role")
 SIGNATORY_SYNONYMS = synonyms(
     {
         "name": ["Full name", "Signatory", "Mayor", "Мер", "Міський голова", "Підписант"],
@@ -324,6 +334,7 @@ SIGNATORY_SYNONYMS = synonyms(
         "city": ["Municipality", "Town", "Community", "Місто", "Громада"],
         "email": ["E-mail", "Email address", "Mail", "Reply-to", "Reply to"],
         "region": ["Oblast", "State", "Область"],
+        "role": ["Signs as", "Роль"],
     }
 )
 SUPPRESSION_SYNONYMS = synonyms(
@@ -722,6 +733,8 @@ class KnownCity:
     name: str
     region: str | None = None
     spellings: tuple[str, ...] = ()
+    # Its name in Ukrainian, as the Ukrainian letters write it (stored as cities.name_uk).
+    name_uk: str | None = None
 
 
 class UkrainianCities:
@@ -778,3 +791,84 @@ class UkrainianCities:
                         if score >= 70 and (best is None or score > best[0]):
                             best = (score, city.name)
         return best[1] if best is not None else None
+
+
+# --------------------------------------------------------------------------- Ukrainian names
+
+_CYRILLIC = re.compile(r"[\u0400-\u04ff]")
+
+
+def parse_name_uk(text: str) -> str | None:
+    """A city's name in Ukrainian (Cyrillic), or None for an empty cell; ValueError otherwise."""
+    value = " ".join(text.split())
+    if not value:
+        return None
+    if len(value) > 200:
+        raise ValueError("longer than 200 characters")
+    if not _CYRILLIC.search(value):
+        raise ValueError(
+            f"{value!r} is not a Ukrainian name (no Cyrillic letter); leave it empty when none "
+            "is known"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- who signs
+
+# A signatory signs a letter for their city only as its head: the mayor (міський голова) or the
+# head of the community (сільський, селищний голова, голова громади). Everybody else (a
+# minister, a governor, a deputy, a council secretary) signs only in the collective signature,
+# even when listed under a city (the seed lists the Minister under Kyiv). A `role` column in
+# the signatories import says it where the title does not.
+HEAD = "head"
+OFFICIAL = "official"
+ROLES = (HEAD, OFFICIAL)
+_ROLE_WORDS = {
+    HEAD: HEAD,
+    "mayor": HEAD,
+    "yes": HEAD,
+    "голова": HEAD,
+    OFFICIAL: OFFICIAL,
+    "other": OFFICIAL,
+    "no": OFFICIAL,
+    "collective": OFFICIAL,
+}
+# Titles that are never a community's head, whatever else they say.
+_NOT_HEAD = re.compile(
+    r"\b(deputy|vice|former|ex|secretary|assistant|adviser|advisor|minister|governor|president|"
+    r"regional|oblast|district|state administration|заступник\w*|перш\w* заступник\w*|"
+    r"колишн\w*|секретар\w*|радник\w*|міністр\w*|обласн\w*|районн\w*|державн\w*|"
+    r"президент\w*|губернатор\w*)\b",
+    re.IGNORECASE,
+)
+_HEAD = re.compile(
+    r"\b(mayor|head of (the )?([\w'’-]+ )*(community|hromada|city|town|village|settlement)|"
+    r"мер\w*|міськ\w* голов\w*|сільськ\w* голов\w*|селищн\w* голов\w*|"
+    r"голов\w* ([\w'’-]+ )*громад\w*)\b",
+    re.IGNORECASE,
+)
+
+
+def signatory_role(*, title: str | None, role: str | None) -> str:
+    """HEAD when this signatory signs for their city (`role` if given, else by the title),
+    OFFICIAL when only in the collective signature."""
+    if role in ROLES:
+        return role
+    text = " ".join((title or "").split())
+    if not text or _NOT_HEAD.search(text):
+        return OFFICIAL
+    return HEAD if _HEAD.search(text) else OFFICIAL
+
+
+def parse_role(text: str) -> str | None:
+    """A signatories import's `role` cell: head or official (None when empty)."""
+    value = " ".join(text.split()).casefold()
+    if not value:
+        return None
+    role = _ROLE_WORDS.get(value)
+    if role is None:
+        raise ValueError(
+            f"{text.strip()!r} is not a role: use head (signs for their city or community) or "
+            "official (signs only with all signatories)"
+        )
+    return role

@@ -62,6 +62,8 @@ from mailer.fields import (
     lost_letter,
     parse_country,
     parse_language,
+    parse_name_uk,
+    parse_role,
     resolve_columns,
     split_tags,
 )
@@ -431,10 +433,13 @@ class _Places:
     cities (the seed list and those stored) that a Ukrainian city must be one of."""
 
     def __init__(self, session: Session) -> None:
+        self.session = session
         self.cities = _Cities(session)
         self.ukrainian = UkrainianCities(_seed_cities())
         for name, region in self.cities.ukrainian():
             self.ukrainian.add(KnownCity(name, region))
+        # Cities whose Ukrainian name this import has already seen to.
+        self._named: set[int] = set()
 
     def ukrainian_city(self, name: str, *, region: str | None, new_city: bool, column: str) -> int:
         """The id of the Ukrainian city `name` spells (made as the list writes it), or of a new
@@ -446,7 +451,26 @@ class _Places:
                 raise RowRejected(column, str(exc)) from None
             known = KnownCity(name, region)
             self.ukrainian.add(known)
-        return self.cities.get(known.name, "UA", region or known.region)
+        city_id = self.cities.get(known.name, "UA", region or known.region)
+        if known.name_uk and city_id not in self._named:
+            # The known list's Ukrainian name, for a city stored without one.
+            self._named.add(city_id)
+            self.session.execute(
+                update(City)
+                .where(City.id == city_id, City.name_uk.is_(None))
+                .values(name_uk=known.name_uk)
+            )
+        return city_id
+
+    def name_in_ukrainian(self, city_id: int, name_uk: str) -> bool:
+        """Store a city's Ukrainian name; whether that changed it."""
+        result = self.session.execute(
+            update(City)
+            .where(City.id == city_id)
+            .where((City.name_uk.is_(None)) | (City.name_uk != name_uk))
+            .values(name_uk=name_uk)
+        )
+        return bool(getattr(result, "rowcount", 0))
 
 
 @functools.cache
@@ -460,6 +484,7 @@ def _seed_cities() -> tuple[KnownCity, ...]:
             row["name"],
             row.get("region") or None,
             tuple(v for v in (row.get("name_uk"),) if v),
+            name_uk=row.get("name_uk") or None,
         )
         for _, row in read_table(data_path("seeds") / "ukrainian_cities.csv")
         if row.get("country", "UA") == "UA"
@@ -1512,6 +1537,10 @@ def import_partnerships(
         except ValueError as exc:
             raise RowRejected(label("since"), str(exc)) from None
         note = values.get("note") or None
+        try:
+            name_uk = parse_name_uk(values.get("partner_city_uk", ""))
+        except ValueError as exc:
+            raise RowRejected(label("partner_city_uk"), str(exc)) from None
         ua_id = places.ukrainian_city(
             ua_name,
             region=values.get("ukrainian_region") or None,
@@ -1522,6 +1551,7 @@ def import_partnerships(
         if (ua_id, partner_id) in seen:
             raise RowRejected(label("partner_city"), f"duplicate of row {seen[ua_id, partner_id]}")
         seen[ua_id, partner_id] = number
+        renamed = name_uk is not None and places.name_in_ukrainian(partner_id, name_uk)
         existing = session.scalar(
             select(Partnership).where(
                 Partnership.ukrainian_city_id == ua_id, Partnership.partner_city_id == partner_id
@@ -1545,7 +1575,7 @@ def import_partnerships(
             "note": note if note is not None else existing.note,
         }
         if all(getattr(existing, k) == v for k, v in new.items()):
-            return "unchanged"
+            return "updated" if renamed else "unchanged"
         for key, value in new.items():
             setattr(existing, key, value)
         session.flush()
@@ -1607,6 +1637,10 @@ def import_signatories(
                 email = check_email(values["email"])
             except ValueError as exc:
                 raise RowRejected(label("email"), str(exc)) from None
+        try:
+            role = parse_role(values.get("role", ""))
+        except ValueError as exc:
+            raise RowRejected(label("role"), str(exc)) from None
         city_id = places.ukrainian_city(
             city_name, region=values.get("region") or None, new_city=new_city, column=label("city")
         )
@@ -1623,13 +1657,14 @@ def import_signatories(
             None,
         )
         if existing is None:
-            session.add(Signatory(name=name, title=title, city_id=city_id, email=email))
+            session.add(Signatory(name=name, title=title, city_id=city_id, email=email, role=role))
             session.flush()
             return "added"
         new = {
             "name": name,
             "title": title if title is not None else existing.title,
             "email": email if email is not None else existing.email,
+            "role": role if role is not None else existing.role,
         }
         if all(getattr(existing, k) == v for k, v in new.items()):
             return "unchanged"

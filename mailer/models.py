@@ -148,6 +148,9 @@ class City(Base):
     name_key: Mapped[str] = mapped_column(String(200), index=True)
     country: Mapped[str | None] = mapped_column(String(2), index=True)
     region: Mapped[str | None] = mapped_column(String(200))
+    # The name in Ukrainian (Cyrillic), for the Ukrainian letters: the known list's for a
+    # Ukrainian city, a partnerships import's `partner_city_uk` for a city abroad.
+    name_uk: Mapped[str | None] = mapped_column(String(200))
 
     @property
     def is_ukrainian(self) -> bool:
@@ -206,6 +209,9 @@ class Signatory(Base):
     title: Mapped[str | None] = mapped_column(String(300))
     city_id: Mapped[int | None] = mapped_column(ForeignKey("cities.id"), index=True)
     email: Mapped[str | None] = mapped_column(String(320))
+    # `head` (signs for their city) or `official` (only in the collective signature); None:
+    # decided by the title (fields.signatory_role).
+    role: Mapped[str | None] = mapped_column(String(20))
 
     city: Mapped[City | None] = relationship(lazy="joined")
 

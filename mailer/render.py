@@ -33,7 +33,7 @@ from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mailer.errors import NotFoundError, TemplateError
-from mailer.greetings import Greeting, greeting_for
+from mailer.greetings import Greeting, UnknownGreeting, greeting_for
 
 FALLBACK_LANGUAGE = "en"
 TEXT_SUFFIX = ".txt.j2"
@@ -51,6 +51,8 @@ class CityView:
     name: str
     country: str | None
     region: str | None
+    # The name in Ukrainian where known (Ukrainian variants print `name_uk or name`).
+    name_uk: str | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -209,7 +211,81 @@ def _finalize(value: Any) -> Any:
     # A `None` printed into a letter reads "None": that is a missing field, never text.
     if value is None:
         raise _NonePrinted("None printed")
+    kind = type(value)
+    if kind is StandIn:
+        return object.__getattribute__(value, "token")
+    printed = _PRINTS_FIELD.get(kind)
+    if printed is not None:
+        # A view printed as its name (a city, a greeting) whose name stands in.
+        inner = getattr(value, printed)
+        if type(inner) is StandIn:
+            return object.__getattribute__(inner, "token")
     return value
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+# shapes.py renders one letter per shape with stand-ins for the values a template may only
+# print. A stand-in prints as its token (through `_finalize`); any other use (str(), a
+# comparison, truth, hashing, length, iteration, an attribute, an isinstance check, a filter)
+# is recorded in the trace and refused. A token in a captured buffer (a macro's output, a
+# `{% set %}` block) is recorded too: that text could be inspected afterwards.
+
+
+class _Trace:
+    __slots__ = ("inspected", "marker", "token")
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.token = re.compile(re.escape(marker) + r"(\d+)\x00")
+        self.inspected: set[int] = set()
+
+
+_trace: _Trace | None = None
+
+
+class StandInUsed(TypeError):
+    """A stand-in was used for more than printing (caught by shapes.py, never shown)."""
+
+
+def _refuse(self: StandIn, *args: Any, **kwargs: Any) -> Any:
+    index: int = object.__getattribute__(self, "index")
+    if _trace is not None:
+        _trace.inspected.add(index)
+    raise StandInUsed("a stand-in value was used for more than printing")
+
+
+class StandIn:
+    """Stands in for value number `index` of a letter's context in a shape's render."""
+
+    __slots__ = ("index", "token")
+
+    def __init__(self, index: int, token: str) -> None:
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "token", token)
+
+
+_REFUSED = (
+    "__getattribute__ __setattr__ __delattr__ __str__ __repr__ __format__ __bytes__ __bool__ "
+    "__len__ __iter__ __reversed__ __contains__ __getitem__ __setitem__ __delitem__ __missing__ "
+    "__call__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __hash__ __add__ __radd__ __sub__ "
+    "__rsub__ __mul__ __rmul__ __matmul__ __rmatmul__ __truediv__ __rtruediv__ __floordiv__ "
+    "__rfloordiv__ __mod__ __rmod__ __divmod__ __rdivmod__ __pow__ __rpow__ __lshift__ "
+    "__rlshift__ __rshift__ __rrshift__ __and__ __rand__ __or__ __ror__ __xor__ __rxor__ "
+    "__neg__ __pos__ __abs__ __invert__ __int__ __float__ __complex__ __index__ __round__ "
+    "__trunc__ __floor__ __ceil__ __enter__ __exit__ __next__ __reduce__ __reduce_ex__ "
+    "__copy__ __deepcopy__ __sizeof__ __dir__ __html__ __fspath__ __length_hint__"
+)
+for _name in _REFUSED.split():
+    setattr(StandIn, _name, _refuse)
+
+
+def _captured(pieces: list[str]) -> None:
+    """Tokens caught in a buffer: those values may be inspected as text from here on."""
+    assert _trace is not None
+    for piece in pieces:
+        if _trace.marker in piece:
+            _trace.inspected.update(int(m) for m in _trace.token.findall(piece))
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +301,10 @@ class _Variant:
     html_split: bool = False
     # Whether the variant prints `greeting` (only then does a generic one count).
     uses_greeting: bool = False
+    # Every name and attribute name its templates refer to (`partner`, `signatory`...).
+    names: frozenset[str] = frozenset()
+    # Whether shapes.py may build its letters from a shape (see _shapeable).
+    shapeable: bool = False
 
 
 class _Loader(jinja2.BaseLoader):
@@ -269,6 +349,10 @@ _VIEW_FIELDS: dict[type, frozenset[str]] = {
         Greeting,
     )
 }
+
+
+# Views whose __str__ prints one of their fields.
+_PRINTS_FIELD: dict[type, str] = {CityView: "name", SignatoryView: "name", Greeting: "text"}
 
 
 # --------------------------------------------------------------------------- size limits
@@ -423,6 +507,8 @@ def _concat(pieces: Iterable[str]) -> str:
     """A buffer's pieces (a `{% set %}` block, a macro's output), counted before joined."""
     if not isinstance(pieces, list):
         pieces = list(pieces)
+    if _trace is not None:
+        _captured(pieces)
     _charge(sum(map(len, pieces)))
     return "".join(pieces)
 
@@ -693,6 +779,14 @@ class TemplateSet:
     def languages(self) -> tuple[str, ...]:
         return tuple(sorted(self._variants))
 
+    def uses(self, language: str, *names: str) -> bool:
+        """Whether the `language` variant refers to any of `names`, as a variable or an
+        attribute (`partner`, `signatory`): what a letter lacks matters only where it is used."""
+        variant = self._variants.get(language)
+        if variant is None:
+            return False
+        return _ANY_NAME in variant.names or not variant.names.isdisjoint(names)
+
     def has_html(self, language: str) -> bool:
         variant = self._variants.get(language)
         return variant is not None and variant.html is not None
@@ -747,6 +841,8 @@ class TemplateSet:
                 html_split=html_split,
                 uses_greeting=_uses_name(text, "greeting")
                 or (html is not None and _uses_name(html, "greeting")),
+                names=_referenced(text) | (_referenced(html) if html is not None else frozenset()),
+                shapeable=_shapeable(text) and (html is None or _shapeable(html)),
             )
             self._by_key[language.lower().replace("_", "-")] = language
 
@@ -811,11 +907,14 @@ class TemplateSet:
 
     def _compile_one(self, env: jinja2.Environment, source: str, file: str) -> jinja2.Template:
         try:
-            code = env.compile(source, name=file, filename=self.prefix + file)
+            # Parsed once: the code is generated from the tree that is kept for the checks
+            # (Jinja's optimizer folds constant expressions in it, which those never look at).
+            tree = env.parse(source, name=file, filename=self.prefix + file)
+            code = env.compile(tree, name=file, filename=self.prefix + file)
         except TemplateSyntaxError as exc:
             raise TemplateError(f"{self.prefix}{file}:{exc.lineno}: {exc.message}") from None
         template = env.template_class.from_code(env, code, env.make_globals(None), None)
-        template._mailer_ast = env.parse(source)  # type: ignore[attr-defined]
+        template._mailer_ast = tree  # type: ignore[attr-defined]
         # Jinja flattens its ChainMap of globals on every render (most of a short render's
         # cost); flattened once here instead, see _render_template.
         template._mailer_globals = dict(template.globals)  # type: ignore[attr-defined]
@@ -857,20 +956,10 @@ class TemplateSet:
             requested=recipient.contact.language, default=campaign.default_language
         )
         variant = self._variants[language]
-        _reset_budget()  # per letter: its text and HTML versions share the budget
+        greeting = self.greeting(recipient.contact, language)
         partner = recipient.partnerships[0] if recipient.partnerships else None
-        contact = recipient.contact
-        greeting = greeting_for(
-            language=language,
-            contact_language=contact.language,
-            salutation=contact.salutation,
-            title=contact.title,
-            name=contact.name,
-            attributes=contact.attributes,
-            tags=contact.tags,
-        )
         context = {
-            "contact": contact,
+            "contact": recipient.contact,
             "greeting": greeting,
             "city": recipient.city,
             "partnerships": recipient.partnerships,
@@ -884,8 +973,50 @@ class TemplateSet:
             "first_letter": recipient.first_letter,
             "previous_letter": recipient.previous_letter,
         }
-        output = self._run(variant.text, context, variant.text_file)
-        subject, found, body = output.partition(self._separator)
+        text, html = self._outputs(variant, context)
+        return self._finish(
+            variant,
+            requested=requested,
+            fell_back=fell_back,
+            greeting=greeting,
+            text=text,
+            html=html,
+        )
+
+    def greeting(self, contact: ContactView, language: str) -> Greeting | UnknownGreeting:
+        """The `greeting` of a letter in `language` to `contact`."""
+        return greeting_for(
+            language=language,
+            contact_language=contact.language,
+            salutation=contact.salutation,
+            title=contact.title,
+            name=contact.name,
+            attributes=contact.attributes,
+            tags=contact.tags,
+        )
+
+    def _outputs(self, variant: _Variant, context: dict[str, Any]) -> tuple[str, str | None]:
+        """The raw output of the variant's text template (header section, separator, body) and
+        of its HTML template."""
+        _reset_budget()  # per letter: its text and HTML versions share the budget
+        text = self._run(variant.text, context, variant.text_file)
+        html = None
+        if variant.html is not None and variant.html_file is not None:
+            html = self._run(variant.html, context, variant.html_file)
+        return text, html
+
+    def _finish(
+        self,
+        variant: _Variant,
+        *,
+        requested: str,
+        fell_back: bool,
+        greeting: Greeting | UnknownGreeting,
+        text: str,
+        html: str | None,
+    ) -> Rendered:
+        """The letter from its raw outputs: subject and body cut apart, line breaks made one."""
+        subject, found, body = text.partition(self._separator)
         if not found:
             raise RenderProblem(
                 "the header section swallowed the blank line before the body "
@@ -895,26 +1026,23 @@ class TemplateSet:
             )
         # A `{%-` opening the body may have eaten the newline that follows the separator.
         body = body.removeprefix("\n")
-        html = None
-        if variant.html is not None and variant.html_file is not None:
-            html = self._run(variant.html, context, variant.html_file)
-            if variant.html_split:
-                _, found, html = html.partition(self._separator)
-                if not found:
-                    raise RenderProblem(
-                        "the header section swallowed the blank line before the body",
-                        file=self.prefix + variant.html_file,
-                        line=None,
-                    )
-                html = html.removeprefix("\n")
+        if html is not None and variant.html_split:
+            _, found, html = html.partition(self._separator)
+            if not found:
+                raise RenderProblem(
+                    "the header section swallowed the blank line before the body",
+                    file=self.prefix + (variant.html_file or ""),
+                    line=None,
+                )
+            html = html.removeprefix("\n")
         return Rendered(
-            language=language,
+            language=variant.language,
             requested_language=requested,
             fell_back=fell_back,
             # Line breaks (CR, LF, U+2028...) in contact data must never reach a header.
             subject=" ".join(subject.split()),
             headers={},
-            text=body.replace("\r\n", "\n").replace("\r", "\n"),
+            text=body.replace("\r\n", "\n").replace("\r", "\n") if "\r" in body else body,
             html=html,
             generic_greeting=variant.uses_greeting
             and isinstance(greeting, Greeting)
@@ -987,6 +1115,44 @@ def _render_template(template: jinja2.Template, context: dict[str, Any]) -> str:
 def _uses_name(template: jinja2.Template, name: str) -> bool:
     tree: nodes.Template = template._mailer_ast  # type: ignore[attr-defined]
     return any(node.name == name for node in tree.find_all(nodes.Name))
+
+
+_ANY_NAME = "*"
+
+# What makes a template's letters be rendered one by one in `check` (shapes.py): another file's
+# code (not looked at here), escaping switched inside an HTML template (a printed stand-in's
+# escaping would not be known), and `sameas` (identity, which a stand-in cannot answer for).
+_UNSHAPEABLE = (
+    nodes.Include,
+    nodes.Import,
+    nodes.FromImport,
+    nodes.Extends,
+    nodes.EvalContextModifier,
+    nodes.ScopedEvalContextModifier,
+)
+
+
+def _shapeable(template: jinja2.Template) -> bool:
+    tree: nodes.Template = template._mailer_ast  # type: ignore[attr-defined]
+    if any(True for _ in tree.find_all(_UNSHAPEABLE)):
+        return False
+    return not any(node.name == "sameas" for node in tree.find_all(nodes.Test))
+
+
+def _referenced(template: jinja2.Template) -> frozenset[str]:
+    tree: nodes.Template = template._mailer_ast  # type: ignore[attr-defined]
+    found = {node.name for node in tree.find_all(nodes.Name)}
+    found.update(node.attr for node in tree.find_all(nodes.Getattr))
+    found.update(
+        node.arg.value
+        for node in tree.find_all(nodes.Getitem)
+        if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str)
+    )
+    if any(
+        True for _ in tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends))
+    ):
+        found.add(_ANY_NAME)  # another file of the set may use anything
+    return frozenset(found)
 
 
 def _has_header_section(source: str) -> bool:
@@ -1126,6 +1292,8 @@ _LEFTOVER = re.compile(r"\{[{%#]")
 
 def leftover_markup(text: str) -> str | None:
     """The first unrendered `{{`, `{%` or `{#` in output, with some context, or None."""
+    if "{" not in text:
+        return None
     found = _LEFTOVER.search(text)
     if found is None:
         return None

@@ -329,11 +329,12 @@ def test_load_recipients_joins_city_partners_and_signatories(
         "Lviv",
         "mayor@lviv.example.org",
     )
+    # The collective signature lists the heads of cities first (the council's secretary last).
     assert [s.name for s in krakow.signatories] == [
-        "Deputy Person",
         "Andriy Sadovyi",
         "Igor Terekhov",
         "Hennadiy Trukhanov",
+        "Deputy Person",
     ]
     nocity = loaded[world["nocity"]]
     assert nocity.city is None and nocity.partnerships == () and nocity.contact.name is None

@@ -50,7 +50,7 @@ def test_check_on_the_starter_appeal_is_clean(run: Cli, world: dict[str, int]) -
         "letters with the generic greeting 'Dear colleagues,' (no name, office or form of "
         "address known; en variant): 1"
     ) in result.output
-    assert "OK: nothing blocks sending (2 warnings)." in result.output
+    assert "OK: nothing blocks sending (4 warnings)." in result.output
 
 
 def test_a_field_no_contact_has_blocks_sending(run: Cli, world: dict[str, int]) -> None:
@@ -360,10 +360,10 @@ def test_check_with_worker_processes_matches_one_process(
     create(session_factory, workspace, template="t")
     settings = find_workspace(start=workspace)
     reports = []
-    import mailer.campaigns as module
+    module = checking
 
     for workers in (1, 2):
-        module._CHECK_SLICE = 7  # several slices per worker
+        module._CHECK_SLICE = 7  # several slices per worker, split by city
         try:
             with db.transaction(session_factory) as session:
                 reports.append(
@@ -383,6 +383,8 @@ def test_check_with_worker_processes_matches_one_process(
     assert one.rendered == two.rendered
     assert one.languages == two.languages
     assert one.findings == two.findings
+    # The same examples, the first ones in audience order, however the slices were cut.
+    assert [f.examples for f in one.findings] == [f.examples for f in two.findings]
     assert {f.kind for f in one.findings} >= {
         "missing_field",
         "fallback",
@@ -440,3 +442,102 @@ def test_preview_notes_a_suppressed_address(
     out = run.ok("preview", "c", "--contact", "maire@lille.example.org").output
     assert "[note: maire@lille.example.org is suppressed (unsubscribed): send will skip it]" in out
     assert "[note:" not in run.ok("preview", "c").output
+
+
+# --------------------------------------------------------------------------- personal parts
+
+
+def test_letters_that_lost_their_personal_parts_come_first_grouped_and_counted(
+    run: Cli, world: dict[str, int], session_factory: sessionmaker[Session]
+) -> None:
+    """Issue 14 item 4: no partner city, no signatory for it, a signatory without an address
+    under --reply-to signatory, the generic greeting, a fallback language: each counted, with
+    examples, under one heading before anything else; none of them blocks."""
+    from test_campaigns import city
+
+    from mailer.models import Partnership
+
+    with db.transaction(session_factory) as s:
+        kherson = city(s, "Kherson", "UA")
+        bologna = city(s, "Bologna", "IT")
+        s.add(Partnership(ukrainian_city_id=kherson.id, partner_city_id=bologna.id, kind="twin"))
+        s.flush()
+        contact(s, "sindaco@bologna.example.org", name="Anna Neri", title="Sindaca",
+                language="it", city_id=bologna.id)  # fmt: skip
+        contact(s, "ufficio@bologna.example.org", language="it", city_id=bologna.id)
+    campaign(run, "appeal", "--reply-to", "signatory")
+    result = run("check", "c")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    heading = lines.index(
+        "Less personal letters (they can still be sent; add what is missing to make them personal):"
+    )
+    # First after the campaign's own lines, before any other finding.
+    assert heading == 2, result.output
+    assert lines[1].startswith("  rendered 7:")
+    out = result.output
+    assert (
+        "  - recipients with no partner city get the general letter (no Ukrainian partner city, "
+        "no signing mayor, no Reply-To): 2\n      e.g. lord.mayor@leeds.example.org, "
+        "info@example.com\n"
+    ) in out
+    assert (
+        "  - recipients whose partner city Kherson has no signatory: their letter is signed on "
+        "behalf of all signatories (no Reply-To): 2\n"
+        "      e.g. sindaco@bologna.example.org, ufficio@bologna.example.org\n"
+    ) in out
+    assert (
+        "  - the signatory Igor Terekhov (Kharkiv) has no address: these letters have no Reply-To "
+        "and replies go to the From address (add an email to the signatories import): 2\n"
+        "      e.g. ob@nuernberg.example.org, maire@lille.example.org\n"
+    ) in out
+    assert "letters with the generic greeting 'Dear colleagues,'" in out
+    assert "letters with the generic greeting 'Gentili Signore e Signori,'" in out
+    assert "contacts asking for 'sv' get the 'en' variant (the template has no sv): 1" in out
+    end = next(i for i, line in enumerate(lines) if i > heading and not line.startswith(" "))
+    personal = lines[heading + 1 : end]
+    assert any("generic greeting" in line for line in personal)
+    assert any("asking for 'sv'" in line for line in personal)
+    assert "OK: nothing blocks sending" in out
+
+    # The library groups them as personal, never blocking.
+    with db.transaction(session_factory) as session:
+        report = checking.check_campaign(
+            session,
+            campaigns.get_campaign(session, "c"),
+            templates_dir=run.workspace / "templates",
+            settings=find_workspace(start=run.workspace),
+        )
+    assert {f.kind for f in report.personal} == {
+        "no_partner",
+        "no_signatory",
+        "signatory_address",
+        "generic_greeting",
+        "fallback",
+    }
+    assert report.ok and not any(f.blocking for f in report.personal)
+    assert not {f.kind for f in report.warnings} & {f.kind for f in report.personal}
+
+
+def test_lost_personal_parts_are_reported_only_where_the_template_uses_them(
+    run: Cli, world: dict[str, int]
+) -> None:
+    template(run, "t", {"en.txt.j2": "Subject: Hello {{ contact.email }}\n\nHello\n"})
+    campaign(run, "t")
+    result = run("check", "c")
+    assert result.exit_code == 0, result.output
+    # Only the language fallbacks: this template names no partner city and no signatory.
+    assert "no partner city" not in result.output
+    assert "signatory" not in result.output
+    assert "get the 'en' variant" in result.output
+
+
+def test_no_reply_to_wording_without_reply_to_signatory(run: Cli, world: dict[str, int]) -> None:
+    campaign(run, "appeal")
+    out = run("check", "c").output
+    assert (
+        "recipients with no partner city get the general letter (no Ukrainian partner city, "
+        "no signing mayor): 2"
+    ) in out
+    # Without --reply-to signatory a signatory's missing address changes nothing in the letter.
+    assert "has no address" not in out
