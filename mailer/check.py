@@ -244,6 +244,8 @@ def _check_parallel(
     import multiprocessing
 
     fields = {
+        # The id: the letters' unsubscribe tokens name it.
+        "id": campaign.id,
         "slug": campaign.slug,
         "title": campaign.title,
         "template": campaign.template,

@@ -11,8 +11,17 @@ Unsubscribe defaults, documented here because every message carries them:
   `mailto:` URL); when unset, the campaign's own From address with `?subject=unsubscribe`. That
   mailbox exists for sure (replies already go there), unlike a guessed `+unsubscribe` alias that
   many providers do not route.
-- https one-click: `[campaign] unsubscribe_url` containing `{token}`, which becomes a per-contact
-  token (see unsubscribe.py). Must be https.
+- https one-click: `[campaign] unsubscribe_url` containing `{token}`, which becomes a per-letter
+  signed token (tokens.py, keyed with the workspace secret: workspace_secret.py). Must be https;
+  the letter then also carries `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058),
+  and `mailer unsubscribe serve` is the endpoint behind it.
+
+The envelope sender is the From address, or with `[campaign] verp` a VERP address naming the
+letter (`office+TOKEN@example.org`, or `bounces+TOKEN@…` with `verp = "bounces@example.org"`), so
+inbox sync matches a bounce to its letter even when the returned copy is mangled or missing.
+
+Who the letters come from and where they unsubscribe to are read in one place,
+`campaign_addresses`.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
 from mailer import audience as audience_mod
-from mailer import unsubscribe
+from mailer import tokens, workspace_secret
 from mailer.addresses import (
     REPLY_TO_SIGNATORY,
     Mailbox,
@@ -266,6 +275,33 @@ class Composed(NamedTuple):
     fell_back: bool
 
 
+class CampaignAddresses(NamedTuple):
+    """Who a campaign's letters come from and where they unsubscribe to, as given (checked and
+    encoded by the Composer)."""
+
+    from_address: str
+    reply_to: str | None
+    unsubscribe_mailto: object
+    unsubscribe_url: object
+
+
+def campaign_addresses(campaign: Campaign, settings: Workspace) -> CampaignAddresses:
+    """The one place compose reads them: From and Reply-To from the campaign, the unsubscribe
+    address and URL from mailer.toml."""
+    return CampaignAddresses(
+        from_address=campaign.from_address,
+        reply_to=campaign.reply_to,
+        unsubscribe_mailto=settings.setting("campaign", "unsubscribe_mailto"),
+        unsubscribe_url=settings.setting("campaign", "unsubscribe_url"),
+    )
+
+
+# A VERP token's room in the local part (RFC 5321 allows 64 octets): campaign ids up to 2**21
+# and contact ids up to 2**35 give tokens of at most this many characters.
+VERP_TOKEN_ROOM = 34
+MAX_LOCAL_PART = 64
+
+
 class Composer:
     """Renders and builds one campaign's messages; everything constant is worked out once."""
 
@@ -276,29 +312,34 @@ class Composer:
         template_set: TemplateSet,
         settings: Workspace,
         today: dt.date | None = None,
+        keys: tokens.KeyRing | None = None,
     ) -> None:
         self.template_set = template_set
         self.slug = campaign.slug
+        # A campaign not yet stored (never sent) has no id; its tokens name campaign 0.
+        self.campaign_id = int(campaign.id) if campaign.id is not None else 0
         self.view = CampaignView(
             slug=campaign.slug, title=campaign.title, default_language=campaign.default_language
         )
-        self.sender = parse_mailbox(campaign.from_address, what=f"campaign {campaign.slug!r}: From")
+        given = campaign_addresses(campaign, settings)
+        self.sender = parse_mailbox(given.from_address, what=f"campaign {campaign.slug!r}: From")
         # The Message-ID's and List-Id's domain: the sender's, as A-labels (headers are ASCII).
         self.domain = encode_domain(self.sender.address.rpartition("@")[2])
         self.list_id = f"<{campaign.slug}.{self.domain}>"
-        self.reply_rule = campaign.reply_to
+        self.reply_rule = given.reply_to
         # A fixed Reply-To (the rule is None, `signatory` or one mailbox).
         self.fixed_reply_to = (
-            parse_mailbox(campaign.reply_to, what=f"campaign {campaign.slug!r}: Reply-To")
-            if campaign.reply_to not in (None, REPLY_TO_SIGNATORY)
+            parse_mailbox(given.reply_to, what=f"campaign {campaign.slug!r}: Reply-To")
+            if given.reply_to not in (None, REPLY_TO_SIGNATORY)
             else None
         )
         self.today = today or dt.datetime.now(dt.UTC).date()
-        self.unsubscribe_mailto = self._mailto(settings)
-        self._url_template, self._secret = self._url(settings)
+        self.unsubscribe_mailto = self._mailto(given.unsubscribe_mailto)
+        self._url_template = self._url(given.unsubscribe_url)
+        self.verp = self._verp(settings.setting("campaign", "verp"))
+        self.keys = keys if keys is not None else workspace_secret.keyring(settings)
 
-    def _mailto(self, settings: Workspace) -> str:
-        configured = settings.setting("campaign", "unsubscribe_mailto")
+    def _mailto(self, configured: object) -> str:
         if configured is None or str(configured).strip() == "":
             return mailto_url(self.sender.address, query="subject=unsubscribe")
         value = str(configured).strip()
@@ -319,12 +360,9 @@ class Composer:
             f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}"
         )
 
-    def _url(self, settings: Workspace) -> tuple[str | None, bytes]:
-        configured = settings.setting("campaign", "unsubscribe_url")
-        secret = settings.setting("campaign", "unsubscribe_secret")
-        key = unsubscribe.key_for(slug=self.slug, secret=str(secret) if secret else None)
+    def _url(self, configured: object) -> str | None:
         if configured is None or str(configured).strip() == "":
-            return None, key
+            return None
         value = str(configured).strip()
         if not value.lower().startswith("https://") or "{token}" not in value:
             raise InvalidValueError(
@@ -333,22 +371,69 @@ class Composer:
             )
         try:
             # Headers are ASCII: an international host goes as A-labels (IDNA 2008).
-            return ascii_url(value), key
+            return ascii_url(value)
         except InvalidValueError as exc:
             raise InvalidValueError(
                 f"mailer.toml [campaign] unsubscribe_url {value!r}: {exc}"
             ) from None
 
-    def token(self, email: str) -> str:
-        return unsubscribe.make_token(key=self._secret, slug=self.slug, email=email)
+    def _verp(self, configured: object) -> tuple[str, str] | None:
+        """(local part, A-label domain) of the VERP base mailbox, or None when VERP is off."""
+        if configured is None or configured is False:
+            return None
+        what = f"mailer.toml [campaign] verp {configured!r}"
+        if configured is True:
+            base = self.sender.address
+        elif isinstance(configured, str) and "@" in configured:
+            base = configured.strip()
+        else:
+            raise InvalidValueError(
+                f"{what}: give true (bounces to the From address, as office+TOKEN@…) or the "
+                'mailbox that receives them (e.g. verp = "bounces@example.org")'
+            )
+        problem = address_problem(base)
+        local, _, domain = base.rpartition("@")
+        if problem is None and not local.isascii():
+            problem = "the part before @ must be ASCII (an envelope sender every server takes)"
+        if problem is None and len(local) + 1 + VERP_TOKEN_ROOM > MAX_LOCAL_PART:
+            problem = (
+                f"the part before @ is {len(local)} characters; with +TOKEN it must stay within "
+                f"{MAX_LOCAL_PART}, so use at most {MAX_LOCAL_PART - 1 - VERP_TOKEN_ROOM}"
+            )
+        if problem is not None:
+            raise InvalidValueError(f"{what}: {problem}")
+        return local, encode_domain(domain)
 
-    def unsubscribe_url(self, email: str) -> str | None:
+    def token(
+        self, recipient: Recipient, purpose: tokens.Purpose = tokens.Purpose.UNSUBSCRIBE
+    ) -> str:
+        """The signed token naming this campaign's letter to `recipient`."""
+        return tokens.make(
+            self.keys,
+            purpose=purpose,
+            campaign_id=self.campaign_id,
+            contact_id=recipient.contact_id,
+            slug=self.slug,
+            email=recipient.contact.email,
+        )
+
+    def unsubscribe_url(self, recipient: Recipient) -> str | None:
         if self._url_template is None:
             return None
-        return self._url_template.replace("{token}", self.token(email))
+        return self._url_template.replace("{token}", self.token(recipient))
+
+    def envelope_sender(self, recipient: Recipient, *, default: str) -> str:
+        """The MAIL FROM address: `default` (the From address), or the letter's VERP address."""
+        if self.verp is None:
+            return default
+        local, domain = self.verp
+        address = f"{local}+{self.token(recipient, tokens.Purpose.VERP)}@{domain}"
+        if len(address) - len(domain) - 1 > MAX_LOCAL_PART:
+            raise InvalidValueError(f"the VERP address {address} is too long for an envelope")
+        return address
 
     def render(self, recipient: Recipient) -> Rendered:
-        return self._render(recipient, self.unsubscribe_url(recipient.contact.email))
+        return self._render(recipient, self.unsubscribe_url(recipient))
 
     def _render(self, recipient: Recipient, unsubscribe_url: str | None) -> Rendered:
         return self.template_set.render(
@@ -380,7 +465,7 @@ class Composer:
     ) -> Composed:
         email = recipient.contact.email
         # One HMAC per message: the letter and the List-Unsubscribe header share the URL.
-        unsubscribe_url = self.unsubscribe_url(email)
+        unsubscribe_url = self.unsubscribe_url(recipient)
         rendered = rendered or self._render(recipient, unsubscribe_url)
         to_address = to_override or email
         key = email if to_override is None else f"{email}>{to_override}"
@@ -403,7 +488,10 @@ class Composer:
         )
         return Composed(
             data=built.data,
-            mail_from=built.mail_from,
+            # A test letter is recorded nowhere: a bounce of it must not name the real letter.
+            mail_from=built.mail_from
+            if test
+            else self.envelope_sender(recipient, default=built.mail_from),
             rcpt_to=built.rcpt_to,
             smtputf8=built.smtputf8,
             message_id=built.message_id,
@@ -421,8 +509,12 @@ def composer_for(
     template_set: TemplateSet,
     settings: Workspace,
     today: dt.date | None = None,
+    keys: tokens.KeyRing | None = None,
 ) -> Composer:
-    return Composer(campaign=campaign, template_set=template_set, settings=settings, today=today)
+    """`keys`: the token keys, when the caller has them (else read from the workspace)."""
+    return Composer(
+        campaign=campaign, template_set=template_set, settings=settings, today=today, keys=keys
+    )
 
 
 # --------------------------------------------------------------------------- preview
