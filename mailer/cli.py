@@ -1193,8 +1193,14 @@ def inbox_sync(
             settings.with_password(password),
             folders=folders or ("INBOX",),
         )
+    from mailer import workspace_secret
+
     try:
-        report = inbox.sync(engine=engine, source=source)
+        report = inbox.sync(
+            engine=engine,
+            source=source,
+            keys=workspace_secret.keyring(workspace, engine=engine),
+        )
     finally:
         source.close()
     for line in inbox.format_sync_report(report):
