@@ -27,12 +27,22 @@ DEFAULT_CONFIG = """\
 default_language = "en"
 # Mailbox that receives "unsubscribe" requests (the List-Unsubscribe mailto).
 # unsubscribe_mailto = "unsubscribe@example.org"
-# An https page that unsubscribes with one click ({token} is replaced per contact).
+# An https page that unsubscribes with one click ({token} is replaced per letter); serve it
+# with `mailer unsubscribe serve` behind your https web server (see the README).
 # unsubscribe_url = "https://example.org/unsubscribe?t={token}"
+# Bounces come back to office+TOKEN@... (true: the From address; or name a mailbox), so each is
+# matched to its letter even when its content is mangled. The mailbox must accept + addresses.
+# verp = true
 
 [smtp]
 # The server is given to `mailer send --smtp URL`; a password never goes in this file.
 # password_command = "pass show mailer/smtp"
+
+[dkim]
+# Sign every letter (RSA or Ed25519 key, PEM); `mailer check` prints the DNS record to publish.
+# domain = "example.org"
+# selector = "mail2026"
+# key_file = "dkim/mail2026.key"
 """
 
 

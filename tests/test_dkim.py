@@ -76,6 +76,14 @@ def dns_stub(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):  # type: ignor
     return lookup
 
 
+def dkim_section(workspace: Path, lines: str) -> None:
+    """Fill in the [dkim] table of mailer.toml (a new workspace has it, commented out)."""
+    config = workspace / "mailer.toml"
+    text = config.read_text()
+    assert "\n[dkim]\n" in text
+    config.write_text(text.replace("\n[dkim]\n", "\n[dkim]\n" + lines, 1))
+
+
 def configure(
     workspace: Path, key_bytes: bytes | None, *, name: str = "dkim.key", extra: str = ""
 ) -> Path:
@@ -83,12 +91,9 @@ def configure(
     if key_bytes is not None:
         path.write_bytes(key_bytes)
         path.chmod(0o600)
-    config = workspace / "mailer.toml"
-    config.write_text(
-        config.read_text()
-        + f'\n[dkim]\ndomain = "{DOMAIN}"\nselector = "{SELECTOR}"\nkey_file = "{name}"\n'
-    )
+    dkim_section(workspace, f'domain = "{DOMAIN}"\nselector = "{SELECTOR}"\nkey_file = "{name}"\n')
     if extra:
+        config = workspace / "mailer.toml"
         config.write_text(config.read_text().replace("[campaign]\n", f"[campaign]\n{extra}\n"))
     return path
 
@@ -282,8 +287,7 @@ def test_a_key_that_cannot_be_used_blocks_check_and_send(
 def test_incomplete_dkim_settings_are_one_clear_error(
     run: Cli, engine: Engine, workspace: Path
 ) -> None:
-    config = workspace / "mailer.toml"
-    config.write_text(config.read_text() + '\n[dkim]\ndomain = "example.org"\n')
+    dkim_section(workspace, 'domain = "example.org"\n')
     seed_campaign(engine, workspace, count=1)
     result = run("check", SLUG)
     assert result.exit_code == 1
