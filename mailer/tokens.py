@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from mailer.addresses import normalise
 
 MAC_BYTES = 12
+# Ids are 32-bit integer columns: a token naming a larger one is no token (and never reaches SQL).
+MAX_ID = 2**31 - 1
 # Generated secrets take versions 1..GENERATED_MAX; configured ones the versions above.
 GENERATED_MAX = 127
 _B32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
-# The longest token: version, two 9-byte varints (64-bit ids) and the MAC.
-MAX_TOKEN_CHARS = (1 + 9 + 9 + MAC_BYTES) * 8 // 5 + 1
+# The longest token: version, two 5-byte varints (31-bit ids) and the MAC.
+MAX_TOKEN_CHARS = (1 + 5 + 5 + MAC_BYTES) * 8 // 5 + 1
 
 
 class Purpose(enum.Enum):
@@ -82,8 +84,8 @@ class TokenIds:
 
 
 def _varint(n: int) -> bytes:
-    if n < 0:
-        raise ValueError("ids are not negative")
+    if not 0 <= n <= MAX_ID:
+        raise ValueError(f"id {n} is out of range")
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -97,7 +99,7 @@ def _varint(n: int) -> bytes:
 
 def _read_varint(data: bytes, at: int) -> tuple[int, int]:
     value = shift = 0
-    while at < len(data) and shift <= 63:
+    while at < len(data) and shift <= 28:
         byte = data[at]
         at += 1
         value |= (byte & 0x7F) << shift
@@ -148,7 +150,7 @@ def decode(token: str) -> TokenIds | None:
         contact_id, at = _read_varint(raw, at)
     except ValueError:
         return None
-    if at + MAC_BYTES != len(raw):
+    if at + MAC_BYTES != len(raw) or campaign_id > MAX_ID or contact_id > MAX_ID:
         return None
     return TokenIds(version=raw[0], campaign_id=campaign_id, contact_id=contact_id)
 

@@ -8,6 +8,7 @@ matrix and the bad tokens go through the ASGI app directly.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -310,11 +311,15 @@ def test_forged_tampered_and_foreign_tokens_are_refused(
     other = tokens.decode(token_for(workspace, engine, "ob@nuernberg.example.org"))
     assert other is not None
     unknown_campaign = token_for(workspace, engine, "mayor@york.example.org", campaign_id=999)
+    # Well formed, but naming an id no integer column holds (it must never reach the SQL).
+    huge = base64.b32encode(bytes([1]) + bytes([0xFF] * 4 + [0x7F]) + b"\x01" + b"m" * 12)
+    huge_id = huge.decode().rstrip("=").lower()
     cases = {
         f"/unsubscribe?t={tampered}": 403,
         f"/unsubscribe?t={forged}": 403,
         f"/unsubscribe?t={unknown_campaign}": 404,
         "/unsubscribe?t=not-a-token": 400,
+        f"/unsubscribe?t={huge_id}": 400,
         "/unsubscribe?t=": 400,
         "/": 400,
         f"/unsubscribe?t={'7' * 500}": 400,
