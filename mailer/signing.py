@@ -5,8 +5,8 @@ The compose worker signs (compose.py), so the cost stays off the sending process
 what is signed is what is sent: the signature covers the bytes `sendmail` hands over unchanged.
 
 Why the signature is computed here and not by `dkim.sign`: dkimpy parses the whole message again
-and does RSA in pure Python, about 10 ms a letter against OpenSSL's 0.5 ms (measured: see
-benchmarks/RESULTS.md), which alone would cut the send rate by two thirds. Our builder
+and does RSA in pure Python: about 10 ms a letter (Ed25519: 0.3 ms) against 0.5 ms (0.1 ms) here,
+measured on the 2-core machine, where the whole send pipeline costs about 0.3 ms a letter. Our builder
 (message.py) writes every header itself, so the canonicalisation — relaxed headers, simple body,
 the most widely used and the most robust against MTAs that re-fold headers — is a few lines;
 the cryptography comes from OpenSSL (`cryptography`). dkimpy, the reference implementation,
