@@ -204,9 +204,13 @@ def db_upgrade() -> None:
     Example:
       mailer db upgrade
     """
+    from mailer import workspace_secret
+
     engine = state().engine(check_schema=False)
     before = db.current_revision(engine)
     db.upgrade(engine)
+    # A workspace older than its secret gets one now (never printed).
+    workspace_secret.ensure(state().workspace(), engine=engine)
     after = db.current_revision(engine)
     if before == after:
         click.echo(f"Database already at {after}.")

@@ -300,8 +300,8 @@ def campaign_addresses(campaign: Campaign, settings: Workspace) -> CampaignAddre
     )
 
 
-# A VERP token's room in the local part (RFC 5321 allows 64 octets): campaign ids up to 2**21
-# and contact ids up to 2**35 give tokens of at most this many characters.
+# A VERP token's room in the local part (RFC 5321 allows 64 octets): campaign ids below 2**21
+# and contact ids below 2**31 (tokens.MAX_ID) give tokens of at most this many characters.
 VERP_TOKEN_ROOM = 34
 MAX_LOCAL_PART = 64
 

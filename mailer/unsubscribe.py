@@ -59,7 +59,12 @@ def resolve_token(session: Session, keys: tokens.KeyRing, token: str) -> Target:
     """The letter a token names; `BadToken` when it names nobody."""
     ids = tokens.decode(token)
     if ids is None:
-        raise BadToken(TokenProblem.MALFORMED, "this is not an unsubscribe token")
+        shown = token if len(token) <= 60 else token[:57] + "..."
+        raise BadToken(
+            TokenProblem.MALFORMED,
+            f"{shown!r} is no unsubscribe token (the part after ?t= of a letter's link) "
+            "and no address",
+        )
     campaign = session.execute(
         select(Campaign.slug).where(Campaign.id == ids.campaign_id)
     ).scalar_one_or_none()

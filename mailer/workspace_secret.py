@@ -1,7 +1,7 @@
 """The workspace's secret: the keys of unsubscribe and VERP tokens (mailer/tokens.py).
 
-Generated at `mailer init`, or by the first command that needs it in an older workspace; never
-printed. Where it lives:
+Generated at `mailer init`; an older workspace gets it at `mailer db upgrade` (the first command
+it must run), or else from the first command that makes or checks a token. Never printed. Where it lives:
 
 - a SQLite workspace (one office, one machine): the file `mailer.secret` beside mailer.toml,
   created owner-only (0600) and tightened back to that whenever it is found readable by others;

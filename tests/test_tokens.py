@@ -20,7 +20,7 @@ from sqlalchemy import Engine, func, select
 
 from mailer import db, tokens, workspace_secret
 from mailer.cli import cli
-from mailer.config import Workspace, find_workspace
+from mailer.config import Workspace, create_workspace, find_workspace
 from mailer.errors import InvalidValueError, WorkspaceError
 from mailer.message import parse
 from mailer.models import Secret
@@ -137,6 +137,20 @@ def test_an_older_workspace_gets_its_secret_on_first_use(run: Cli, workspace: Pa
     assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
     first = keyring(workspace)
     assert keyring(workspace) == first  # made once, then kept
+
+
+def test_db_upgrade_of_an_older_workspace_makes_its_secret(tmp_path: Path) -> None:
+    # A workspace from before secrets: schema 0004, no secret file.
+    old = create_workspace(root=tmp_path / "old")
+    engine = db.make_engine(old.database_url)
+    db.upgrade(engine, revision="0004_event_actor")
+    engine.dispose()
+    path = old.root / workspace_secret.SECRET_FILE
+    assert not path.exists()
+    result = Cli(old.root).ok("db", "upgrade")
+    assert "upgraded from 0004_event_actor" in result.output
+    assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert workspace_secret._encode(keyring(old.root).signing.secret) not in result.output
 
 
 def test_a_secret_file_readable_by_others_is_made_owner_only_again(workspace: Path) -> None:
