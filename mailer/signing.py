@@ -31,9 +31,11 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import nacl.signing
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
@@ -205,6 +207,7 @@ class _Plan:
     instance of which field is hashed for each name it lists."""
 
     h_text: str
+    h_canonical: str
     picks: tuple[tuple[bytes, int], ...]
 
 
@@ -225,7 +228,10 @@ def _plan(order: tuple[bytes, ...]) -> _Plan:
             picks.append((key, counts[key] - 1 - n))
         used[name] = n + 1
     tokens = [f"h={names[0]}:", *(f"{n}:" for n in names[1:-1]), f"{names[-1]};"]
-    return _Plan(h_text=" " + _fold(tokens, start=1), picks=tuple(picks))
+    h_text = " " + _fold(tokens, start=1)
+    return _Plan(
+        h_text=h_text, h_canonical=h_text.replace("\r\n ", " ").strip(), picks=tuple(picks)
+    )
 
 
 class DkimSigner:
@@ -236,8 +242,25 @@ class DkimSigner:
         self.domain = settings.domain
         self.selector = settings.selector
         self._key = _read_key(settings.key_file)
-        self.algorithm = RSA if isinstance(self._key, rsa.RSAPrivateKey) else ED25519
+        self._sign: Callable[[bytes], bytes]
+        if isinstance(self._key, rsa.RSAPrivateKey):
+            self.algorithm = RSA
+            self._sign = functools.partial(
+                self._key.sign, padding=padding.PKCS1v15(), algorithm=hashes.SHA256()
+            )
+        else:
+            self.algorithm = ED25519
+            # libsodium (PyNaCl) signs Ed25519 in half the time OpenSSL takes here. RFC 8463:
+            # the signature is over the SHA-256 hash of the canonical headers.
+            seed = self._key.private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+            nacl_key = nacl.signing.SigningKey(seed)
+            self._sign = lambda data: nacl_key.sign(hashlib.sha256(data).digest()).signature
         self._head_text = f" v=1; a={self.algorithm}; c=relaxed/simple; d={self.domain};"
+        self._head_canonical = self._head_text.strip()
 
     def dns_record(self) -> DnsRecord:
         public = self._key.public_key()
@@ -262,30 +285,29 @@ class DkimSigner:
         else:
             head, body = data[:end], data[end + 4 :]
         # Simple body canonicalisation: trailing empty lines dropped, one CRLF kept.
-        body_hash = base64.b64encode(hashlib.sha256(body.rstrip(b"\r\n") + b"\r\n").digest())
+        bh = base64.b64encode(hashlib.sha256(body.rstrip(b"\r\n") + b"\r\n").digest()).decode()
         fields: dict[bytes, list[bytes]] = {}
         order = []
         for field in _FIELD_SPLIT.split(head):
-            key, canonical = _relaxed(field)
-            fields.setdefault(key, []).append(canonical)
+            key, line = _relaxed(field)
+            fields.setdefault(key, []).append(line)
             order.append(key)
         plan = _plan(tuple(order))
         # One tag group a line: only t=, bh= and b= change from letter to letter.
+        t = int(at.timestamp())
         value = (
-            f"{self._head_text}\r\n s={self.selector}; t={int(at.timestamp())};\r\n"
-            f"{plan.h_text}\r\n bh={body_hash.decode('ascii')};\r\n b="
+            f"{self._head_text}\r\n s={self.selector}; t={t};\r\n{plan.h_text}\r\n bh={bh};\r\n b="
         )
-        # Relaxed canonical form of this header (its folds are CRLF + one space, its blanks
+        # The same header in relaxed canonical form (its folds are CRLF + one space, its blanks
         # single), without its b= value and without the final CRLF.
-        canonical = b"dkim-signature:" + value.replace("\r\n ", " ").strip().encode("ascii")
-        to_sign = b"".join(fields[key][i] for key, i in plan.picks) + canonical
-        if isinstance(self._key, rsa.RSAPrivateKey):
-            signature = self._key.sign(to_sign, padding.PKCS1v15(), hashes.SHA256())
-        else:
-            signature = self._key.sign(hashlib.sha256(to_sign).digest())
-        b = base64.b64encode(signature).decode("ascii")
-        folded = "\r\n ".join(b[i : i + 72] for i in range(0, len(b), 72))
-        return f"DKIM-Signature:{value}{folded}\r\n".encode("ascii") + data
+        canonical = (
+            f"dkim-signature:{self._head_canonical} s={self.selector}; t={t}; "
+            f"{plan.h_canonical} bh={bh}; b="
+        )
+        to_sign = b"".join([fields[key][i] for key, i in plan.picks]) + canonical.encode()
+        b = base64.b64encode(self._sign(to_sign)).decode()
+        folded = "\r\n ".join([b[i : i + 72] for i in range(0, len(b), 72)])
+        return f"DKIM-Signature:{value}{folded}\r\n".encode() + data
 
 
 def signer_for(*, section: object, root: Path) -> DkimSigner | None:
