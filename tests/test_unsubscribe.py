@@ -438,3 +438,51 @@ def test_every_starter_template_shows_an_unsubscribe_line(workspace: Path) -> No
                 last = rendered.html[rendered.html.rindex("<p") :]
                 assert f'href="{expected}"' in last, (language, last)
     assert html_seen >= 2
+
+
+# --------------------------------------------------------------------------- a shared database
+
+
+def test_on_a_shared_postgresql_database_any_machine_verifies_any_senders_link(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Alice composes on her machine; the endpoint runs from another workspace folder (another
+    machine) on the same database: the secret is the database's, so her link verifies there."""
+    from click.testing import CliRunner
+
+    from mailer import db
+    from mailer.cli import cli
+    from mailer.config import Workspace
+
+    alice = tmp_path / "alice"
+    result = CliRunner().invoke(cli, ["--db", pg_url, "init", str(alice)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = alice / "mailer.toml"
+    config.write_text(
+        config.read_text()
+        .replace("[database]\n", f'[database]\nurl = "{pg_url}"\n')
+        .replace("[campaign]\n", f'[campaign]\nunsubscribe_url = "{URL}"\n')
+    )
+    run = Cli(alice)
+    (tmp_path / "c.csv").write_text("email,language\nmaire@lille.example.org,fr\n")
+    run.ok("import", "contacts", str(tmp_path / "c.csv"))
+    run.ok("campaign", "create", "appeal", "--template", "appeal", "--from", "office@example.org")
+    raw = run.ok("preview", "appeal", "--raw").stdout_bytes
+    link = re.findall(r"<([^>]+)>", " ".join(str(parse(raw)["List-Unsubscribe"]).split()))[1]
+    assert not (alice / workspace_secret.SECRET_FILE).exists()
+
+    (tmp_path / "bob").mkdir()
+    bob = Workspace(
+        root=tmp_path / "bob",
+        settings={"campaign": {"unsubscribe_url": URL}},
+        database_url_override=pg_url,
+    )
+    engine = db.make_engine(pg_url)
+    try:
+        app = unsubscribe_server.create_app(workspace=bob, engine=engine)
+        with TestClient(app) as client:
+            answer = client.post(link.removeprefix("https://www.example.org"))
+        assert answer.status_code == 200 and "Votre désinscription" in answer.text
+        assert suppressed(engine) == {"maire@lille.example.org": "unsubscribed"}
+    finally:
+        engine.dispose()
