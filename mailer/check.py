@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
+from mailer import signing
 from mailer.addresses import (
     REPLY_TO_SIGNATORY,
     address_problem,
@@ -117,6 +118,8 @@ class CheckReport:
     findings: list[Finding] = field(default_factory=list)
     # How each recipient's time zone was found (for sending windows).
     zones: ZoneReport | None = None
+    # What the user should know that is no problem (the DKIM record to publish).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def blocking(self) -> list[Finding]:
@@ -333,6 +336,7 @@ def _check_parallel(
     import multiprocessing
 
     fields = {
+        # The id: the letters' unsubscribe tokens name it.
         "id": campaign.id,
         "slug": campaign.slug,
         "title": campaign.title,
@@ -434,9 +438,12 @@ def check_campaign(
         )
     composer: Composer | None = None
     template_set: TemplateSet | None = None
+    sign = _check_dkim_settings(settings, found)
     try:
         template_set = template_set_for(campaign, templates_dir=templates_dir)
-        composer = composer_for(campaign=campaign, template_set=template_set, settings=settings)
+        composer = composer_for(
+            campaign=campaign, template_set=template_set, settings=settings, sign=sign
+        )
     except (TemplateError, NotFoundError, InvalidValueError) as exc:
         found.add("template_error", str(exc), blocking=True, message=str(exc), example=None)
     if composer is not None:
@@ -510,6 +517,8 @@ def check_campaign(
             example=email,
         )
     _team_findings(found, session, campaign, settings=settings, templates_dir=templates_dir)
+    if composer is not None and composer.signer is not None:
+        _check_dkim_letter(session, composer, ids, found, report)
     report.findings = sorted(found.groups.values(), key=_order)
     try:
         report.zones = zone_report(
@@ -534,6 +543,70 @@ def _suppressed(session: Session, emails: list[str]) -> set[str]:
     if total <= len(emails):
         return set(session.scalars(select(Suppression.email))).intersection(emails)
     return audience_mod.suppressed_among(session, emails)
+
+
+def _check_dkim_settings(settings: Workspace, found: _Findings) -> bool:
+    """Whether letters can be signed as [dkim] asks (True, too, when it asks for nothing)."""
+    try:
+        signing.signer_for(section=settings.settings.get("dkim"), root=settings.root)
+    except signing.DkimError as exc:
+        found.add("dkim", str(exc), blocking=True, message=str(exc), example=None)
+        return False
+    return True
+
+
+def _check_dkim_letter(
+    session: Session, composer: Composer, ids: Sequence[int], found: _Findings, report: CheckReport
+) -> None:
+    """The record to publish; one real letter signed and verified by dkimpy against it; the
+    key file's permissions and the domain's alignment with From (DMARC)."""
+    signer = composer.signer
+    assert signer is not None
+    record = signer.dns_record()
+    report.notes.append(
+        f"DKIM: letters are signed for {signer.domain} with selector {signer.selector} "
+        f"({signer.algorithm}). The selector needs this DNS TXT record (publish it once; "
+        "check looks nothing up):"
+    )
+    report.notes.extend("  " + line for line in signing.format_dns_record(record))
+    if signing.key_file_readable_by_others(signer.settings):
+        found.add(
+            "dkim_key_mode",
+            "",
+            blocking=False,
+            message=f"the DKIM key {signer.settings.key_file} is readable by other users "
+            f"(chmod 600 {signer.settings.key_file})",
+            example=None,
+        )
+    from_domain = composer.domain
+    if from_domain != signer.domain and not from_domain.endswith("." + signer.domain):
+        found.add(
+            "dkim_alignment",
+            "",
+            blocking=False,
+            message=f"the DKIM domain {signer.domain} does not match the From domain "
+            f"{from_domain}: receivers applying DMARC want the same domain (or a parent of it)",
+            example=None,
+        )
+    recipients = RecipientLoader(session).load(list(ids[:1])) if ids else {}
+    for recipient in recipients.values():
+        try:
+            data = composer.compose(recipient).data
+        except MailerError:
+            return  # that letter's own problem is reported above
+        problem = signing.verify(data, record)
+        if problem is None:
+            report.notes.append(
+                "  a letter signed with this key verifies against that record (dkimpy)"
+            )
+        else:
+            found.add(
+                "dkim_verify",
+                problem,
+                blocking=True,
+                message=f"a letter signed with the DKIM key does not verify: {problem}",
+                example=recipient.contact.email,
+            )
 
 
 def _check_sender(composer: Composer, settings: Workspace, found: _Findings) -> None:
@@ -604,7 +677,7 @@ def _check_one(
     email = recipient.contact.email
     try:
         rendered = composer.in_thread(
-            shapes.render(recipient, unsubscribe_url=composer.unsubscribe_url(email)), recipient
+            shapes.render(recipient, unsubscribe_url=composer.unsubscribe_url(recipient)), recipient
         )
     except MissingFieldError as exc:
         where = f"{exc.file}:{exc.line}" if exc.line else exc.file
@@ -809,6 +882,7 @@ def format_report(report: CheckReport) -> list[str]:
     ]
     if languages:
         lines.append(f"  rendered {report.rendered:,}: {languages}")
+    lines.extend(report.notes)
     for title, findings in (
         (PERSONAL_HEADING, report.personal),
         ("Blocking problems:", report.blocking),

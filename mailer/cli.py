@@ -227,12 +227,18 @@ def init(directory: Path, init_db_url: str | None) -> None:
         else:
             status = f"at {current}, older than this mailer: run `mailer db upgrade`"
     workspace = create_workspace(root=directory, db_url=url)
-    if current is None:
-        engine = db.make_engine(workspace.database_url if url is None else url)
-        try:
+    engine = db.make_engine(workspace.database_url if url is None else url)
+    try:
+        if current is None:
             db.upgrade(engine)
-        finally:
-            engine.dispose()
+        if current is None or current == db.head_revision():
+            from mailer import workspace_secret
+
+            # The key of unsubscribe links and VERP addresses: made now, never printed (an
+            # older database gets it at `mailer db upgrade`).
+            workspace_secret.ensure(workspace, engine=engine)
+    finally:
+        engine.dispose()
     click.echo(f"Created workspace {workspace.root}")
     click.echo(f"  settings:  {workspace.root / 'mailer.toml'} (readable by you only)")
     click.echo(f"  database:  {db.redact_url(workspace.database_url)} ({status})")
@@ -270,9 +276,13 @@ def db_upgrade() -> None:
     Example:
       mailer db upgrade
     """
+    from mailer import workspace_secret
+
     engine = state().engine(check_schema=False)
     before = db.current_revision(engine)
     db.upgrade(engine)
+    # A workspace older than its secret gets one now (never printed).
+    workspace_secret.ensure(state().workspace(), engine=engine)
     after = db.current_revision(engine)
     if before == after:
         click.echo(f"Database already at {after}.")
@@ -1773,12 +1783,138 @@ def inbox_sync(
             settings.with_password(password),
             folders=folders or ("INBOX",),
         )
+    from mailer import workspace_secret
+
     try:
-        report = inbox.sync(engine=engine, source=source)
+        report = inbox.sync(
+            engine=engine,
+            source=source,
+            keys=workspace_secret.keyring(workspace, engine=engine),
+        )
     finally:
         source.close()
     for line in inbox.format_sync_report(report):
         click.echo(line)
+
+
+# --------------------------------------------------------------------------- unsubscribe
+# (unsubscribe.py, unsubscribe_server.py, workspace_secret.py)
+
+
+class _UnsubscribeGroup(MailerGroup):
+    """`mailer unsubscribe TOKEN|EMAIL` beside its subcommands: a first word that names no
+    subcommand is the token or address to record."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "record", _unsubscribe_record, args
+        return super().resolve_command(ctx, args)
+
+
+@cli.group(name="unsubscribe", cls=_UnsubscribeGroup)
+def unsubscribe_group() -> None:
+    """Unsubscribe an address: by hand (TOKEN or EMAIL), or by the one-click endpoint.
+
+    `mailer unsubscribe TOKEN` records the request of the letter a token names (the token of
+    its unsubscribe link); `mailer unsubscribe EMAIL` suppresses an address. Either way the
+    address is never written to again, and the event is in the send log.
+
+    \b
+    Example:
+      mailer unsubscribe mayor@city.example.org
+      mailer unsubscribe 6aaqgaj3q2gxvq7w3xkhm5vyzdjq2nz4
+      mailer unsubscribe serve --listen 127.0.0.1:8025
+    """
+
+
+@click.command(name="record")
+@click.argument("token_or_email", metavar="TOKEN|EMAIL")
+@handle_errors
+def _unsubscribe_record(token_or_email: str) -> None:
+    """Record one unsubscribe request by hand.
+
+    \b
+    Example:
+      mailer unsubscribe mayor@city.example.org
+    """
+    from mailer import unsubscribe, workspace_secret
+    from mailer.clock import utcnow
+
+    st = state()
+    engine = st.engine()
+    with _session() as session:
+        if "@" in token_or_email:
+            target = unsubscribe.target_for_email(session, token_or_email)
+            source = "by hand: mailer unsubscribe EMAIL"
+        else:
+            keys = workspace_secret.keyring(st.workspace(), engine=engine)
+            target = unsubscribe.resolve_token(session, keys, token_or_email)
+            source = "by hand: mailer unsubscribe TOKEN"
+        new = unsubscribe.unsubscribe(session, target, at=utcnow(), source=source, via="cli")
+    click.echo(unsubscribe.format_unsubscribed(target, new=new))
+
+
+@unsubscribe_group.command(name="serve")
+@click.option(
+    "--listen",
+    default="127.0.0.1:8025",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to listen on (plain HTTP: put an https reverse proxy in front of it).",
+)
+def unsubscribe_serve(listen: str) -> None:
+    """Serve one-click unsubscribe (RFC 8058) for [campaign] unsubscribe_url.
+
+    A POST with the letter's token unsubscribes at once (what mail programs send); a GET shows
+    a confirmation page in the letter's language. Stop it with Ctrl-C.
+
+    \b
+    Example:
+      mailer unsubscribe serve --listen 127.0.0.1:8025
+    """
+    from mailer import unsubscribe_server
+
+    st = state()
+    workspace = st.workspace()
+
+    def ready(url: str) -> None:
+        click.echo(f"Serving unsubscribe requests on {url} (Ctrl-C stops)", err=False)
+        if workspace.setting("campaign", "unsubscribe_url") is None:
+            click.echo(
+                "Note: [campaign] unsubscribe_url is not set in mailer.toml: letters carry no "
+                "link to this endpoint yet."
+            )
+        sys.stdout.flush()
+
+    unsubscribe_server.serve(workspace=workspace, engine=st.engine(), listen=listen, on_ready=ready)
+
+
+@unsubscribe_group.command(name="rotate-secret")
+def unsubscribe_rotate_secret() -> None:
+    """Sign new unsubscribe links and VERP addresses with a new workspace secret.
+
+    Letters already sent keep working: their tokens name the key they were made with, and the
+    older keys are kept. The secret itself is never shown.
+
+    \b
+    Example:
+      mailer unsubscribe rotate-secret
+    """
+    from mailer import workspace_secret
+
+    st = state()
+    version = workspace_secret.rotate(st.workspace(), engine=st.engine())
+    click.echo(
+        f"New workspace secret, version {version}: new letters are signed with it; "
+        "links in letters already sent keep working."
+    )
+    if st.workspace().setting("campaign", "unsubscribe_secret"):
+        click.echo(
+            "Note: [campaign] unsubscribe_secret in mailer.toml still signs new letters; "
+            "remove it to use the generated secret."
+        )
 
 
 # --------------------------------------------------------------------------- review & demo

@@ -13,8 +13,21 @@ its templates:
   `mailto:` URL); when unset, the campaign's own From address with `?subject=unsubscribe`. That
   mailbox exists for sure (replies already go there), unlike a guessed `+unsubscribe` alias that
   many providers do not route.
-- https one-click: `[campaign] unsubscribe_url` containing `{token}`, which becomes a per-contact
-  token (see unsubscribe.py). Must be https.
+- https one-click: `[campaign] unsubscribe_url` containing `{token}`, which becomes a per-letter
+  signed token (tokens.py, keyed with the workspace secret: workspace_secret.py). Must be https;
+  the letter then also carries `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058),
+  and `mailer unsubscribe serve` is the endpoint behind it.
+
+The envelope sender is the From address, or with `[campaign] verp` a VERP address naming the
+letter (`office+TOKEN@example.org`, or `bounces+TOKEN@…` with `verp = "bounces@example.org"`), so
+inbox sync matches a bounce to its letter even when the returned copy is mangled or missing.
+
+With `[dkim]` in mailer.toml every letter is DKIM-signed here (signing.py), on the finished
+bytes: in the compose worker's process for a large send, so the signing costs the sender's core
+nothing, and what is signed is exactly what the transport sends.
+
+Who the letters come from and where they unsubscribe to are read in one place,
+`campaign_addresses`.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from sqlalchemy import Text, select, type_coerce
 from sqlalchemy.orm import Session, aliased
 
 from mailer import audience as audience_mod
-from mailer import unsubscribe
+from mailer import signing, tokens, workspace_secret
 from mailer.addresses import (
     REPLY_TO_SIGNATORY,
     Mailbox,
@@ -462,11 +475,13 @@ def unsubscribe_settings(settings: Workspace, *, from_address: str) -> tuple[str
     their header form (A-labels, percent-encoding). A campaign freezes both when it is
     created."""
     sender = parse_mailbox(from_address, what="From")
-    return _mailto(settings, sender.address), _url(settings)
+    return (
+        _mailto(settings.setting("campaign", "unsubscribe_mailto"), sender_address=sender.address),
+        _url(settings.setting("campaign", "unsubscribe_url")),
+    )
 
 
-def _mailto(settings: Workspace, sender_address: str) -> str:
-    configured = settings.setting("campaign", "unsubscribe_mailto")
+def _mailto(configured: object, *, sender_address: str) -> str:
     if configured is None or str(configured).strip() == "":
         return mailto_url(sender_address, query="subject=unsubscribe")
     value = str(configured).strip()
@@ -486,8 +501,7 @@ def _mailto(settings: Workspace, sender_address: str) -> str:
     raise InvalidValueError(f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}")
 
 
-def _url(settings: Workspace) -> str | None:
-    configured = settings.setting("campaign", "unsubscribe_url")
+def _url(configured: object) -> str | None:
     if configured is None or str(configured).strip() == "":
         return None
     value = str(configured).strip()
@@ -505,6 +519,40 @@ def _url(settings: Workspace) -> str | None:
         ) from None
 
 
+class CampaignAddresses(NamedTuple):
+    """Who a campaign's letters come from and where they unsubscribe to, as given (checked and
+    encoded by the Composer)."""
+
+    from_address: str
+    reply_to: str | None
+    unsubscribe_mailto: object
+    unsubscribe_url: object
+
+
+def campaign_addresses(campaign: Campaign, settings: Workspace) -> CampaignAddresses:
+    """The one place compose reads them: From and Reply-To from the campaign; the unsubscribe
+    address and URL as frozen in the campaign when it was created (every sender's letters
+    alike), or, for a campaign made before migration 0005_team, from the local mailer.toml."""
+    if campaign.unsubscribe_mailto is not None:
+        mailto: object = campaign.unsubscribe_mailto
+        url: object = campaign.unsubscribe_url
+    else:
+        mailto = settings.setting("campaign", "unsubscribe_mailto")
+        url = settings.setting("campaign", "unsubscribe_url")
+    return CampaignAddresses(
+        from_address=campaign.from_address,
+        reply_to=campaign.reply_to,
+        unsubscribe_mailto=mailto,
+        unsubscribe_url=url,
+    )
+
+
+# A VERP token's room in the local part (RFC 5321 allows 64 octets): campaign ids below 2**21
+# and contact ids below 2**31 (tokens.MAX_ID) give tokens of at most this many characters.
+VERP_TOKEN_ROOM = 34
+MAX_LOCAL_PART = 64
+
+
 class Composer:
     """Renders and builds one campaign's messages; everything constant is worked out once."""
 
@@ -515,45 +563,100 @@ class Composer:
         template_set: TemplateSet,
         settings: Workspace,
         today: dt.date | None = None,
+        keys: tokens.KeyRing | None = None,
+        sign: bool = True,
     ) -> None:
         self.template_set = template_set
         self.slug = campaign.slug
+        # A campaign not yet stored (never sent) has no id; its tokens name campaign 0.
+        self.campaign_id = int(campaign.id) if campaign.id is not None else 0
         self.view = CampaignView(
             slug=campaign.slug, title=campaign.title, default_language=campaign.default_language
         )
-        self.sender = parse_mailbox(campaign.from_address, what=f"campaign {campaign.slug!r}: From")
+        given = campaign_addresses(campaign, settings)
+        self.sender = parse_mailbox(given.from_address, what=f"campaign {campaign.slug!r}: From")
         # The Message-ID's and List-Id's domain: the sender's, as A-labels (headers are ASCII).
         self.domain = encode_domain(self.sender.address.rpartition("@")[2])
         self.list_id = f"<{campaign.slug}.{self.domain}>"
-        self.reply_rule = campaign.reply_to
+        self.reply_rule = given.reply_to
         # A fixed Reply-To (the rule is None, `signatory` or one mailbox).
         self.fixed_reply_to = (
-            parse_mailbox(campaign.reply_to, what=f"campaign {campaign.slug!r}: Reply-To")
-            if campaign.reply_to not in (None, REPLY_TO_SIGNATORY)
+            parse_mailbox(given.reply_to, what=f"campaign {campaign.slug!r}: Reply-To")
+            if given.reply_to not in (None, REPLY_TO_SIGNATORY)
             else None
         )
         self.today = today or dt.datetime.now(dt.UTC).date()
-        if campaign.unsubscribe_mailto is not None:
-            # Frozen at create (see campaigns.create_campaign): every sender's letters alike.
-            self.unsubscribe_mailto = campaign.unsubscribe_mailto
-            self._url_template = campaign.unsubscribe_url
+        self.unsubscribe_mailto = _mailto(
+            given.unsubscribe_mailto, sender_address=self.sender.address
+        )
+        self._url_template = _url(given.unsubscribe_url)
+        self.verp = self._verp(settings.setting("campaign", "verp"))
+        self.keys = keys if keys is not None else workspace_secret.keyring(settings)
+        # DKIM ([dkim] in mailer.toml): the key is read once, here; `sign=False` lets `check`
+        # go on with the rest when the key is the problem it reports.
+        self.signer = (
+            signing.signer_for(section=settings.settings.get("dkim"), root=settings.root)
+            if sign
+            else None
+        )
+
+    def _verp(self, configured: object) -> tuple[str, str] | None:
+        """(local part, A-label domain) of the VERP base mailbox, or None when VERP is off."""
+        if configured is None or configured is False:
+            return None
+        what = f"mailer.toml [campaign] verp {configured!r}"
+        if configured is True:
+            base = self.sender.address
+        elif isinstance(configured, str) and "@" in configured:
+            base = configured.strip()
         else:
-            # A campaign made before migration 0005_team: the local mailer.toml, as it was.
-            self.unsubscribe_mailto = _mailto(settings, self.sender.address)
-            self._url_template = _url(settings)
-        secret = settings.setting("campaign", "unsubscribe_secret")
-        self._secret = unsubscribe.key_for(slug=self.slug, secret=str(secret) if secret else None)
+            raise InvalidValueError(
+                f"{what}: give true (bounces to the From address, as office+TOKEN@…) or the "
+                'mailbox that receives them (e.g. verp = "bounces@example.org")'
+            )
+        problem = address_problem(base)
+        local, _, domain = base.rpartition("@")
+        if problem is None and not local.isascii():
+            problem = "the part before @ must be ASCII (an envelope sender every server takes)"
+        if problem is None and len(local) + 1 + VERP_TOKEN_ROOM > MAX_LOCAL_PART:
+            problem = (
+                f"the part before @ is {len(local)} characters; with +TOKEN it must stay within "
+                f"{MAX_LOCAL_PART}, so use at most {MAX_LOCAL_PART - 1 - VERP_TOKEN_ROOM}"
+            )
+        if problem is not None:
+            raise InvalidValueError(f"{what}: {problem}")
+        return local, encode_domain(domain)
 
-    def token(self, email: str) -> str:
-        return unsubscribe.make_token(key=self._secret, slug=self.slug, email=email)
+    def token(
+        self, recipient: Recipient, purpose: tokens.Purpose = tokens.Purpose.UNSUBSCRIBE
+    ) -> str:
+        """The signed token naming this campaign's letter to `recipient`."""
+        return tokens.make(
+            self.keys,
+            purpose=purpose,
+            campaign_id=self.campaign_id,
+            contact_id=recipient.contact_id,
+            slug=self.slug,
+            email=recipient.contact.email,
+        )
 
-    def unsubscribe_url(self, email: str) -> str | None:
+    def unsubscribe_url(self, recipient: Recipient) -> str | None:
         if self._url_template is None:
             return None
-        return self._url_template.replace("{token}", self.token(email))
+        return self._url_template.replace("{token}", self.token(recipient))
+
+    def envelope_sender(self, recipient: Recipient, *, default: str) -> str:
+        """The MAIL FROM address: `default` (the From address), or the letter's VERP address."""
+        if self.verp is None:
+            return default
+        local, domain = self.verp
+        address = f"{local}+{self.token(recipient, tokens.Purpose.VERP)}@{domain}"
+        if len(address) - len(domain) - 1 > MAX_LOCAL_PART:
+            raise InvalidValueError(f"the VERP address {address} is too long for an envelope")
+        return address
 
     def render(self, recipient: Recipient) -> Rendered:
-        return self._render(recipient, self.unsubscribe_url(recipient.contact.email))
+        return self._render(recipient, self.unsubscribe_url(recipient))
 
     def _render(self, recipient: Recipient, unsubscribe_url: str | None) -> Rendered:
         rendered = self.template_set.render(
@@ -595,8 +698,9 @@ class Composer:
         date: dt.datetime | None = None,
     ) -> Composed:
         email = recipient.contact.email
+        date = date or dt.datetime.now(dt.UTC)
         # One HMAC per message: the letter and the List-Unsubscribe header share the URL.
-        unsubscribe_url = self.unsubscribe_url(email)
+        unsubscribe_url = self.unsubscribe_url(recipient)
         rendered = rendered or self._render(recipient, unsubscribe_url)
         to_address = to_override or email
         key = email if to_override is None else f"{email}>{to_override}"
@@ -611,7 +715,7 @@ class Composer:
                 contact_email=key,
                 domain=self.domain,
             ),
-            date=date or dt.datetime.now(dt.UTC),
+            date=date,
             list_id=self.list_id,
             unsubscribe_mailto=self.unsubscribe_mailto,
             unsubscribe_url=unsubscribe_url,
@@ -619,9 +723,16 @@ class Composer:
             in_reply_to=recipient.previous_letter.message_id if recipient.previous_letter else None,
             references=recipient.references,
         )
+        data = built.data
+        if self.signer is not None:
+            # The exact bytes that go out: sendmail hands them over unchanged.
+            data = self.signer.sign(data, at=date)
         return Composed(
-            data=built.data,
-            mail_from=built.mail_from,
+            data=data,
+            # A test letter is recorded nowhere: a bounce of it must not name the real letter.
+            mail_from=built.mail_from
+            if test
+            else self.envelope_sender(recipient, default=built.mail_from),
             rcpt_to=built.rcpt_to,
             smtputf8=built.smtputf8,
             message_id=built.message_id,
@@ -647,8 +758,19 @@ def composer_for(
     template_set: TemplateSet,
     settings: Workspace,
     today: dt.date | None = None,
+    keys: tokens.KeyRing | None = None,
+    sign: bool = True,
 ) -> Composer:
-    return Composer(campaign=campaign, template_set=template_set, settings=settings, today=today)
+    """`keys`: the token keys, when the caller has them (else read from the workspace).
+    `sign`: DKIM-sign as [dkim] says (False: never, whatever it says)."""
+    return Composer(
+        campaign=campaign,
+        template_set=template_set,
+        settings=settings,
+        today=today,
+        keys=keys,
+        sign=sign,
+    )
 
 
 # --------------------------------------------------------------------------- preview

@@ -37,8 +37,12 @@ quiet_days = 14
 # Mailbox that receives "unsubscribe" requests (the List-Unsubscribe mailto). Frozen into
 # each campaign when it is created.
 # unsubscribe_mailto = "unsubscribe@example.org"
-# An https page that unsubscribes with one click ({token} is replaced per contact).
+# An https page that unsubscribes with one click ({token} is replaced per letter); serve it
+# with `mailer unsubscribe serve` behind your https web server (see the README).
 # unsubscribe_url = "https://example.org/unsubscribe?t={token}"
+# Bounces come back to office+TOKEN@... (true: the From address; or name a mailbox), so each is
+# matched to its letter even when its content is mangled. The mailbox must accept + addresses.
+# verp = true
 
 [smtp]
 # The server and pace `mailer send` uses when given none (a campaign's own, set with
@@ -47,6 +51,12 @@ quiet_days = 14
 # rate = "300/min"
 # daily_cap = 2000
 # password_command = "pass show mailer/smtp"
+
+[dkim]
+# Sign every letter (RSA or Ed25519 key, PEM); `mailer check` prints the DNS record to publish.
+# domain = "example.org"
+# selector = "mail2026"
+# key_file = "dkim/mail2026.key"
 """
 
 # Files of a workspace that hold (or may hold) a secret: created owner-only, and a warning when

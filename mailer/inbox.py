@@ -1,8 +1,9 @@
 """Inbox sync: what comes back from the office's mailbox goes into the record, exactly once.
 
 source (inbox_sources) -> bytes -> classify (inbox_classify) -> seen before? (Message-ID and
-digest, whichever source it came from) -> matched to our letter (Message-ID in In-Reply-To /
-References or in a report's returned copy, failing that the address) -> recorded through the
+digest, whichever source it came from) -> matched to our letter (the VERP address it was
+delivered to, verified with the workspace keys; a Message-ID in In-Reply-To / References or in a
+report's returned copy; failing those the address) -> recorded through the
 outbox's verbs, in batches: each batch's outcomes, the mails it saw and the folder's position
 are committed together, so an interrupted sync resumes where it stopped and a second sync
 changes nothing. After each batch a campaign whose hard bounces spike is paused.
@@ -21,10 +22,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
 
-from sqlalchemy import Engine, Table, insert, select, update
+from sqlalchemy import Engine, Table, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from mailer import db, outbox
+from mailer import db, outbox, tokens
 from mailer.inbox_classify import Failure, Mail, MailKind, classify_all
 from mailer.inbox_sources import Item, MailSource, Position
 from mailer.models import Campaign, Contact, InboxFolder, InboxMessage, Message, utcnow
@@ -131,13 +132,26 @@ def sync(
     clock: Clock = utcnow,
     policy: SyncPolicy | None = None,
     progress: Callable[[SyncReport], None] | None = None,
+    keys: tokens.KeyRing | None = None,
 ) -> SyncReport:
-    """Read every folder of `source` and record what came back (see the module docstring)."""
+    """Read every folder of `source` and record what came back (see the module docstring).
+
+    `keys`: the workspace's token keys (workspace_secret.keyring), to match bounces by their
+    VERP address; without them only Message-IDs and addresses match."""
     policy = policy or SyncPolicy()
     factory = db.session_factory(engine)
     report = SyncReport(source=source.name, folders=source.folders())
     for folder in report.folders:
-        _sync_folder(factory, source, folder, report, clock=clock, policy=policy, progress=progress)
+        _sync_folder(
+            factory,
+            source,
+            folder,
+            report,
+            clock=clock,
+            policy=policy,
+            progress=progress,
+            keys=keys,
+        )
     return report
 
 
@@ -150,6 +164,7 @@ def _sync_folder(
     clock: Clock,
     policy: SyncPolicy,
     progress: Callable[[SyncReport], None] | None,
+    keys: tokens.KeyRing | None,
 ) -> None:
     with factory() as session, session.begin():
         row = session.scalar(
@@ -170,7 +185,9 @@ def _sync_folder(
     batches = _batches(items, policy.batch_size)
     for batch, mails in _classified(batches, worker=policy.worker):
         with factory() as session, session.begin():
-            _record_batch(session, folder_id, batch, mails, report, clock=clock, policy=policy)
+            _record_batch(
+                session, folder_id, batch, mails, report, clock=clock, policy=policy, keys=keys
+            )
         if progress is not None:
             progress(report)
     with factory() as session, session.begin():
@@ -226,9 +243,12 @@ class _Letter:
 
 
 class _Matcher:
-    """Our letters named by a batch of mails: by Message-ID, and the latest sent to an address."""
+    """Our letters named by a batch of mails: by VERP address and Message-ID, and the latest
+    sent to an address."""
 
-    def __init__(self, session: Session, mails: Sequence[Mail]) -> None:
+    def __init__(
+        self, session: Session, mails: Sequence[Mail], *, keys: tokens.KeyRing | None = None
+    ) -> None:
         ids: set[str] = set()
         addresses: set[str] = set()
         for mail in mails:
@@ -265,8 +285,14 @@ class _Matcher:
                 known = self.latest.get(letter.email)
                 if known is None or _later(letter, known):
                     self.latest[letter.email] = letter
+        self.by_verp = _verp_letters(session, mails, keys) if keys is not None else {}
 
     def named(self, mail: Mail) -> _Letter | None:
+        # The envelope names the letter even when the content that came back names another.
+        for token in mail.verp:
+            letter = self.by_verp.get(token)
+            if letter is not None:
+                return letter
         for mid in mail.refers_to:
             letter = self.by_id.get(mid)
             if letter is not None:
@@ -291,6 +317,51 @@ class _Matcher:
         if letter is not None and (len(mail.failures) == 1 or letter.email == failure.recipient):
             return letter
         return self.latest.get(failure.recipient)
+
+
+def _verp_letters(
+    session: Session, mails: Sequence[Mail], keys: tokens.KeyRing
+) -> dict[str, _Letter]:
+    """The letters the batch's VERP tokens name, each token verified (a forged one names none)."""
+    wanted: dict[str, tuple[int, int]] = {}
+    for mail in mails:
+        for token in mail.verp:
+            ids = tokens.decode(token)
+            if ids is not None and keys.candidates(ids.version):
+                wanted[token] = (ids.campaign_id, ids.contact_id)
+    found: dict[tuple[int, int], tuple[_Letter, str]] = {}
+    pairs = sorted(set(wanted.values()))
+    for start in range(0, len(pairs), _IN_CHUNK):
+        rows = session.execute(
+            select(
+                Message.id,
+                Message.campaign_id,
+                Message.contact_id,
+                Contact.email,
+                Message.sent_at,
+                Campaign.slug,
+            )
+            .join(Contact, Contact.id == Message.contact_id)
+            .join(Campaign, Campaign.id == Message.campaign_id)
+            .where(
+                tuple_(Message.campaign_id, Message.contact_id).in_(
+                    pairs[start : start + _IN_CHUNK]
+                )
+            )
+        )
+        for letter_id, campaign_id, contact_id, email, sent_at, slug in rows:
+            found[(campaign_id, contact_id)] = (
+                _Letter(letter_id, campaign_id, email, sent_at),
+                str(slug),
+            )
+    letters: dict[str, _Letter] = {}
+    for token, pair in wanted.items():
+        hit = found.get(pair)
+        if hit is not None and tokens.verify(
+            keys, token, purpose=tokens.Purpose.VERP, slug=hit[1], email=hit[0].email
+        ):
+            letters[token] = hit[0]
+    return letters
 
 
 def _later(a: _Letter, b: _Letter) -> bool:
@@ -336,6 +407,7 @@ def _record_batch(
     *,
     clock: Clock,
     policy: SyncPolicy,
+    keys: tokens.KeyRing | None = None,
 ) -> None:
     """`mails` are the batch's readable items classified, in order."""
     now = clock()
@@ -343,7 +415,7 @@ def _record_batch(
     report.counts[Outcome.READ_ERROR] += len(batch) - len(readable)
     classified = list(zip(readable, mails, strict=True))
     seen_ids, seen_digests = _seen_before(session, mails)
-    matcher = _Matcher(session, mails)
+    matcher = _Matcher(session, mails, keys=keys)
     rows: list[dict[str, object]] = []
     bounced_campaigns: set[int] = set()
     for item, mail in classified:

@@ -78,6 +78,9 @@ class Mail:
     complainant: str | None = None
     # What made it this kind, in words for people.
     why: str = ""
+    # Candidate VERP tokens (tokens.py) of the address it was delivered to: a bounce sent to
+    # `office+TOKEN@…` names our letter whatever its content. Verified against the database.
+    verp: tuple[str, ...] = ()
 
 
 def classify_all(datas: Sequence[bytes]) -> list[Mail]:
@@ -94,6 +97,7 @@ class _Head:
     sender: str | None
     date: dt.datetime | None
     subject: str
+    verp: tuple[str, ...] = ()
 
     def mail(
         self,
@@ -123,6 +127,7 @@ class _Head:
             feedback_type=feedback_type,
             complainant=complainant,
             why=why,
+            verp=self.verp,
         )
 
 
@@ -173,6 +178,7 @@ def _classify(msg: Message, digest: str) -> Mail:
         sender=_address(msg.get("from")),
         date=_date(msg.get("date")),
         subject=_text(msg.get("subject")),
+        verp=verp_tokens(msg),
     )
     content_type = msg.get_content_type()
     report_type = str(msg.get_param("report-type", "") or "").lower()
@@ -219,6 +225,30 @@ def _ids(value: str | None) -> list[str]:
 def _first_id(value: object) -> str | None:
     found = _ids(str(value) if value is not None else None)
     return found[0] if found else None
+
+
+# Where the address a mail was delivered to shows: the delivering server's own headers first
+# (Postfix, Exim, Gmail, Exchange), then To (a bounce is addressed to the envelope sender).
+_DELIVERY_HEADERS = (
+    "delivered-to",
+    "x-original-to",
+    "envelope-to",
+    "x-envelope-to",
+    "x-delivered-to",
+    "original-recipient",
+    "to",
+)
+# `local+TOKEN@`: a token is lower-case base32 (a server may have upper-cased it).
+_VERP = re.compile(r"\+([A-Za-z2-7]{20,60})@")
+
+
+def verp_tokens(msg: Message) -> tuple[str, ...]:
+    """The VERP tokens in the addresses the mail was delivered to (unverified candidates)."""
+    found: list[str] = []
+    for name in _DELIVERY_HEADERS:
+        for value in msg.get_all(name) or ():
+            found.extend(token.lower() for token in _VERP.findall(str(value)))
+    return tuple(dict.fromkeys(found))
 
 
 def _reference_ids(msg: Message) -> tuple[str, ...]:

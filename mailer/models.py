@@ -396,3 +396,20 @@ class ImportRecord(Base):
     rejects: Mapped[list[Any]] = mapped_column(default=list)
     dry_run: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Secret(Base):
+    """A shared workspace's generated secrets (PostgreSQL: every sender signs alike). A
+    single-user workspace keeps them in an owner-only file instead (mailer/workspace_secret.py).
+    Never printed, never exported."""
+
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # What the secret keys: `tokens` (unsubscribe links and VERP addresses, mailer/tokens.py).
+    name: Mapped[str] = mapped_column(String(40))
+    version: Mapped[int] = mapped_column(Integer)
+    # URL-safe base64 of random bytes.
+    value: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -1294,6 +1294,7 @@ def _log(
     contact_id: int | None,
     detail: str | None,
     smtp_code: int | None = None,
+    via: str = VIA_INBOX,
 ) -> None:
     session.connection().execute(
         _EVENT,
@@ -1305,7 +1306,7 @@ def _log(
             "kind": kind.value,
             "smtp_code": smtp_code,
             "detail": detail,
-            "via": VIA_INBOX,
+            "via": via,
         },
     )
 
@@ -1488,38 +1489,50 @@ def record_complaint(
 
 
 def record_unsubscribe(
-    session: Session, *, email: str, message: int | None, at: dt.datetime, source: str
+    session: Session,
+    *,
+    email: str,
+    message: int | None,
+    at: dt.datetime,
+    source: str,
+    via: str = VIA_INBOX,
 ) -> bool:
     """An unsubscribe request: the address is suppressed as `unsubscribed`, with an
     `unsubscribed` event on the letter it answers (or on the contact, when none is known).
-    True if the suppression is new."""
+    True if the suppression is new.
+
+    Idempotent: a request repeated (a second click, a mail program's retry, the same mail
+    read again) for an address already suppressed whose letter (or contact) already has its
+    `unsubscribed` event writes nothing. `via`: where it came from (`inbox`, `web`, `cli`)."""
     address = email.strip().lower()
     new = _suppress(
         session, email=address, reason=SuppressionReason.UNSUBSCRIBED, source=source, at=at
     )
     if message is not None:
         letter = _letter(session, message)
-        _log(
-            session,
-            kind=EventKind.UNSUBSCRIBED,
-            at=at,
-            message=message,
-            campaign_id=letter.campaign_id,
-            contact_id=letter.contact_id,
-            detail=source,
-        )
+        campaign_id: int | None = letter.campaign_id
+        contact_id: int | None = letter.contact_id
+        logged = Event.message_id == message
     else:
-        contact = session.scalar(select(Contact.id).where(Contact.email == address))
-        if contact is not None:
-            _log(
-                session,
-                kind=EventKind.UNSUBSCRIBED,
-                at=at,
-                message=None,
-                campaign_id=None,
-                contact_id=contact,
-                detail=source,
-            )
+        campaign_id = None
+        contact_id = session.scalar(select(Contact.id).where(Contact.email == address))
+        if contact_id is None:
+            return new
+        logged = Event.contact_id == contact_id
+    if not new and session.scalar(
+        select(Event.id).where(logged, Event.kind == EventKind.UNSUBSCRIBED.value).limit(1)
+    ):
+        return new
+    _log(
+        session,
+        kind=EventKind.UNSUBSCRIBED,
+        at=at,
+        message=message,
+        campaign_id=campaign_id,
+        contact_id=contact_id,
+        detail=source,
+        via=via,
+    )
     return new
 
 

@@ -634,8 +634,8 @@ def _sample(
         return sample(error=str(exc))
     subject, text = clean_text(rendered.subject), rendered.text
     # A working unsubscribe link for a real mayor must not travel with a report mailed around.
-    if composer.unsubscribe_url(email) is not None:
-        token = composer.token(email)
+    if composer.unsubscribe_url(recipient) is not None:
+        token = composer.token(recipient)
         subject, text = subject.replace(token, HIDDEN_TOKEN), text.replace(token, HIDDEN_TOKEN)
     return sample(
         subject=subject,
