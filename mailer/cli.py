@@ -902,6 +902,11 @@ def _on_terminal() -> bool:
     is_flag=True,
     help="Allow a login over smtp+plain:// to another machine (the password goes in clear).",
 )
+@click.option(
+    "--acknowledge-bounces",
+    is_flag=True,
+    help="Resume a campaign a bounce spike has paused (you have looked at the bounces).",
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def send(
     slug: str,
@@ -916,6 +921,7 @@ def send(
     ca_file: Path | None,
     timeout: float,
     allow_plaintext_auth: bool,
+    acknowledge_bounces: bool,
     yes: bool,
 ) -> None:
     """Deliver a campaign: every recipient at most once, every outcome in the send log.
@@ -992,6 +998,7 @@ def send(
             test_to=test_to,
             progress=progress,
             handle_signals=True,
+            acknowledge_bounces=acknowledge_bounces,
         )
     for line in format_send_summary(report):
         click.echo(line)
@@ -1044,13 +1051,17 @@ class _send_progress:
         rate = done / (now - self.started) if now > self.started else 0.0
         problems = report.failed + report.uncertain + report.build_errors
         if self.bar is not None:
-            detail = f"{problems} failed · {report.deferred} retry · {rate:,.0f} msg/s"
+            from mailer.send_report import format_database_wait
+
+            waiting = format_database_wait(report)
+            detail = waiting or f"{problems} failed · {report.deferred} retry · {rate:,.0f} msg/s"
             if self.task is None:
                 self.task = self.bar.add_task("send", total=total, detail=detail)
             self.bar.update(self.task, completed=done, total=total, detail=detail)
             return
         tenth = (done * 10 // total) if total else 10
-        if done and (now - self.last_time >= 5 or tenth > self.last_tenth):
+        down = report.database_down is not None
+        if (done or down) and (now - self.last_time >= 5 or tenth > self.last_tenth):
             self.last_time, self.last_tenth = now, tenth
             click.echo(format_progress(report, total=total, rate=rate))
 
@@ -1080,13 +1091,25 @@ def retry(slug: str, failed: bool, uncertain: bool) -> None:
 
     if not (failed or uncertain):
         raise click.UsageError("say what to retry: --failed, --uncertain, or both")
-    moved = outbox.requeue(
-        state().engine(), slug=slug, failed=failed, uncertain=uncertain, now=utcnow()
+    from mailer.identity import Actor
+
+    requeued = outbox.requeue(
+        state().engine(),
+        slug=slug,
+        failed=failed,
+        uncertain=uncertain,
+        now=utcnow(),
+        actor=Actor.current().label,
     )
-    parts = [f"{n} {status}" for status, n in moved.items()]
+    parts = [f"{n} {status}" for status, n in requeued.moved.items()]
     click.echo(
         f"Requeued {' and '.join(parts)} message(s) of {slug}; `mailer send {slug} ...` sends them."
     )
+    if requeued.suppressed:
+        click.echo(
+            f"Left {requeued.suppressed} alone: their address is suppressed (a hard bounce, an "
+            "unsubscribe...), so a retry cannot help; `mailer suppress list` shows why."
+        )
 
 
 # --------------------------------------------------------------------------- inbox
@@ -1274,6 +1297,77 @@ def status(slug: str | None, fmt: str) -> None:
             console.print(renderable)
     else:
         click.echo(review.format_status_text(summaries), nl=False)
+
+
+@cli.command(name="senders")
+@click.argument("slug", required=False)
+@click.option(
+    "--all",
+    "include_stopped",
+    is_flag=True,
+    help="Also the senders that ended, were declared gone, or lost their lease.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+def senders_cmd(slug: str | None, include_stopped: bool, fmt: str) -> None:
+    """Who is sending: the live senders of each campaign (or of SLUG).
+
+    For each: who (OS user, host, process, SMTP login), what it holds (letters claimed and not
+    yet settled), what it has sent, its rate, and its last heartbeat. A sender whose lease has
+    run out is no longer live: the next `send` of the campaign settles what it held.
+
+    \b
+    Example:
+      mailer senders
+      mailer senders appeal-2022 --all
+    """
+    import json
+
+    from mailer import senders
+    from mailer.clock import utcnow
+
+    engine = state().engine()
+    if slug is not None:
+        with db.session_factory(engine)() as session:
+            from mailer import campaigns
+
+            campaigns.get_campaign(session, slug)
+    now = utcnow()
+    views = senders.list_senders(engine, slug=slug, now=now, include_stopped=include_stopped)
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": v.id,
+                        "campaign": v.campaign,
+                        "actor": v.actor,
+                        "via": v.via,
+                        "live": v.live,
+                        "holding": v.holding,
+                        "sent": v.sent,
+                        "rate": v.rate,
+                        "started_at": v.started_at.isoformat(),
+                        "heartbeat_at": v.heartbeat_at.isoformat(),
+                        "lease_until": v.lease_until.isoformat(),
+                        "stopped_at": v.stopped_at.isoformat() if v.stopped_at else None,
+                        "stop_reason": v.stop_reason,
+                    }
+                    for v in views
+                ],
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+        return
+    for line in senders.format_senders(views, now=now, slug=slug):
+        click.echo(line)
 
 
 @cli.command(name="log")

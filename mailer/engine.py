@@ -1,54 +1,79 @@
 """The delivery engine: the run of a send, where compose, a transport and the outbox meet.
 
-A run goes: recover claims left by a dead sender -> freeze the templates -> resolve the audience
-again and queue whoever is missing (skipping the suppressed) -> a pipeline of bounded queues:
+A run goes: register as a sender (senders.py: identity, lease) with its handover journal
+(journal.py) -> settle the claims of senders that are gone -> freeze the templates -> resolve the
+audience again and queue whoever is missing (skipping the suppressed) -> a pipeline of bounded
+queues:
 
     peeker (reads which messages are due; claims nothing) -> composing (renders bytes, in a
     worker process for a large run: see compose_worker) -> claimer (commits `queued -> sending`
-    per composed batch) -> feeder -> N sender workers (the transport) -> recorder (commits
-    results in small batches)
+    per composed batch, just in time: one batch ahead of the senders) -> feeder -> N sender
+    workers (the transport) -> recorder (commits results in small batches)
 
-The claim of a batch is committed before any byte of it goes out, so after a crash a message is
-either untouched (`queued`), known (`sent`, `retry`, `failed`), or `sending` -- which the next run
-turns into `uncertain` and never re-sends on its own. Batches are composed before they are
-claimed, so composing ahead never widens that window; a composed batch that is not claimed (the
-run stopped, another sender took it) is dropped.
+and beside it a watcher: the heartbeat that renews the lease, the check of waiting letters
+against suppressions added since their claim, and the bounce spike.
+
+What a crash leaves: a claim is committed (fsync) before any letter of it leaves; just before a
+letter's payload goes out the sender writes `p <id>` to its journal, and the server's answer
+when it comes. So after a `kill -9` the next run on this machine knows, per claim, whether it
+was never handed over (back to `queued`), answered (its result), or on the wire (`uncertain`:
+at most the connections times the letters in flight on each). Another machine, or this one
+after a reboot, cannot trust the journal and settles every claim of the dead sender as
+`uncertain`. Only a sender whose lease has expired, or whose process is provably gone on this
+machine, is settled by another: never one that is merely quiet (see senders.py).
+
+Promises while it runs:
+- A letter is handed over only while the sender can record results and holds a fresh lease.
+  When the database goes away (a restart, SQLite locked past its busy timeout) the senders stop
+  handing over at once, keep the answers they have, and retry with backoff for up to
+  `policy.db_outage` seconds (shown on the progress line); then they write and go on. Past that
+  the run stops, and the journal keeps what it knew for the next run.
+- A suppression added during the run stops every letter not yet handed over: the claim skips
+  the suppressed, and the watcher re-checks the letters waiting in the pipeline.
+- `--daily-cap` and `--rate` hold across processes: the cap is counted and taken in the claim's
+  transaction, and the rate is a pace kept in the campaign's row that every sender's claim
+  advances (outbox.claim).
+- 5.1.1-class refusals suppress the address (hard bounce) and count toward the bounce spike,
+  which pauses and holds the campaign.
 
 This module holds the run (its stages, signals and shutdown) and no SQL: every read and write
-of messages and events is an `outbox` verb, and what follows an attempt is `policy.next_state`.
-It must not write to the database by any other way.
+of messages and events is an `outbox` verb, of senders a `senders` verb, and what follows an
+attempt is `policy.next_state`. It must not write to the database by any other way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import functools
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer import campaigns, compose, outbox
+from mailer import campaigns, compose, journal, outbox, senders
 from mailer.addresses import address_problem
 from mailer.clock import Clock, utcnow
 from mailer.compose_worker import Batch, BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace
 from mailer.errors import (
+    ClaimsLost,
     DatabaseError,
     Interrupted,
     InvalidValueError,
     MailerError,
     TransportError,
 )
+from mailer.identity import Actor
 from mailer.models import Campaign, MessageStatus
 from mailer.outbox import Claim
 from mailer.policy import RateLimiter, SendPolicy, StopReason, next_state
@@ -61,6 +86,29 @@ _T = TypeVar("_T")
 def _campaign_id(engine: Engine, slug: str) -> int:
     with Session(engine) as session:
         return campaigns.get_campaign(session, slug).id
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database stayed unreachable (or locked) for the whole outage window."""
+
+
+class _JournalBroken(Exception):
+    """The handover mark could not be written: the letter must not leave (not an OSError, so
+    that the transport does not take it for a broken connection)."""
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A database that cannot be reached, restarts, or stays locked: worth waiting for. Other
+    errors (a constraint, a bug) are not."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        name = type(exc.orig).__name__ if exc.orig is not None else ""
+        return name in ("OperationalError", "InterfaceError") or type(exc).__name__ in (
+            "OperationalError",
+            "InterfaceError",
+        )
+    return False
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -80,6 +128,10 @@ class _Job:
     fell_back: bool = False
     error: str | None = None
     handed: bool = False
+    # Its address was suppressed after its claim (the reason): it is never handed over.
+    suppressed: str | None = None
+    # Under a pace: the loop time before which it may not leave.
+    not_before: float = 0.0
 
 
 @dataclass(slots=True)
@@ -92,11 +144,6 @@ _TICK = _Result(job=_Job(claim=Claim(id=-1, contact_id=-1, attempts=0)), outcome
 
 # Peeked (message id, contact id) pairs and their batch being composed.
 _Peeked = tuple[list[tuple[int, int]], "asyncio.Future[Batch]"]
-
-
-def _hand(job: _Job) -> None:
-    # The message itself is leaving: from here on a send cut short is uncertain.
-    job.handed = True
 
 
 class _Run:
@@ -115,6 +162,11 @@ class _Run:
         policy: SendPolicy,
         report: SendReport,
         bucket: RateLimiter | None,
+        me: senders.SenderIdentity,
+        journal: journal.Journal,
+        lease_until: dt.datetime,
+        daily_cap: int | None,
+        pace: float | None,
     ) -> None:
         self.engine = engine
         self.workspace = workspace
@@ -131,11 +183,18 @@ class _Run:
         self.policy = policy
         self.report = report
         self.bucket = bucket
+        self.me = me
+        self.journal = journal
+        self.actor = me.label
+        self.lease_until = lease_until
+        self.daily_cap = daily_cap
+        self.pace = pace
         self.stop = asyncio.Event()
-        # Under a rate limit a batch is what goes out in a few seconds, so claims stay young.
+        # Under a rate a batch is about `claim_horizon` seconds of sending, so claims stay young.
         self.batch_size = policy.batch_size
-        if bucket is not None and bucket.rate > 0:
-            self.batch_size = max(1, min(policy.batch_size, int(bucket.rate * 5)))
+        rate = pace if pace is not None else (bucket.rate if bucket is not None else None)
+        if rate is not None and rate > 0:
+            self.batch_size = max(1, min(policy.batch_size, int(rate * policy.claim_horizon)))
         self.hurry = asyncio.Event()
         self.stop_reason: StopReason | None = None
         self.error: MailerError | None = None
@@ -143,11 +202,9 @@ class _Run:
         self.streak: list[int] = []
         self.streak_key: tuple[int | None, str] | None = None
         self.inflight: set[int] = set()
-        # Claimed and not yet recorded, so a cancelled run can still account for each of them.
+        # Claimed and not yet settled, so a cancelled run can still account for each of them.
         self.outstanding: dict[int, _Job] = {}
-        # At most two batches between claim and the senders' queue: after a crash every claim
-        # not yet recorded becomes `uncertain`, so the window is kept just deep enough to keep
-        # the senders busy.
+        # One batch between claim and the senders' queue: claims are made just in time.
         self.ahead = asyncio.Semaphore(1)
         # One thread: claims and records never wait for each other's write lock.
         self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="mailer-db")
@@ -155,31 +212,119 @@ class _Run:
             BatchComposer(engine=engine, workspace=workspace, campaign=campaign), worker=None
         )
         self.due = outbox.Due(engine, campaign_id=campaign.id)
-        # Results not yet written (see recorder).
-        self.unrecorded: list[_Result] = []
+        # Results settled (counted in the report) and not yet written (see recorder).
+        self.unrecorded: list[outbox.Result] = []
         # Peeked (being composed or waiting for the claimer): not to be peeked again.
         self.peeked: set[int] = set()
         # Set once no further batch will be claimed (a budget ran out): the peeker stops.
         self.claiming_over = False
+        # Letters may be handed over: the database answers and the lease is fresh.
+        self.handing = asyncio.Event()
+        self.handing.set()
+        # Loop time the database stopped answering (None: it answers), and the database
+        # steps under way with the loop time each was asked for.
+        self.db_down_since: float | None = None
+        self.db_pending: dict[object, float] = {}
+        # The database stayed away past the outage window: nothing more can be written.
+        self.db_gone = False
+        # Hard bounces written to the database, and how many the last spike check saw.
+        self.bounces_written = 0
+        self.bounces_checked = 0
 
     def halt(self, reason: StopReason, error: MailerError | None = None) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.error = error
         self.stop.set()
+        # Wakes the senders waiting for the gate: they give their letters back.
+        self.handing.set()
 
-    # ----- peeker and claimer
+    # ----- the database: one thread, and patience when it goes away
     #
     # Claims and results are written on one database thread (db_thread), so the event loop
     # keeps the SMTP sessions moving while SQLite works and syncs. Each of their statements is
     # one driver step (see outbox): every step gives up the GIL and must wait to get it back
     # from the busy loop, and per-row steps made a claim take 20 ms (see benchmarks/RESULTS.md,
-    # Send). The peek, a read, stays on the loop.
+    # Send).
+
+    async def _on_db(self, call: Callable[[], _T]) -> _T:
+        loop = asyncio.get_running_loop()
+        token = object()
+        self.db_pending[token] = loop.time()
+        try:
+            return await loop.run_in_executor(self.db_thread, call)
+        finally:
+            del self.db_pending[token]
+            if self.db_down_since is None and not self._db_stalled():
+                self._open_gate()
+
+    def _db_stalled(self) -> bool:
+        """A database step has waited longer than `policy.db_stall` (a lock held elsewhere, a
+        connection that hangs): until it is through, nothing is handed over."""
+        if not self.db_pending:
+            return False
+        oldest = min(self.db_pending.values())
+        return asyncio.get_running_loop().time() - oldest > self.policy.db_stall
+
+    async def _db(self, call: Callable[[], _T]) -> _T:
+        return await self._patiently(lambda: self._on_db(call))
+
+    async def _patiently(self, make: Callable[[], Awaitable[_T]]) -> _T:
+        """`make()` awaited until it succeeds; while the database cannot be reached, no letter
+        is handed over and the attempt is repeated with backoff, for up to `policy.db_outage`
+        seconds from the first failure (then DatabaseUnavailable)."""
+        loop = asyncio.get_running_loop()
+        pause = 0.1
+        while True:
+            try:
+                result = await make()
+            except Exception as exc:
+                if self.db_gone or not _unreachable(exc):
+                    raise
+                now = loop.time()
+                if self.db_down_since is None:
+                    self.db_down_since = now
+                    self.handing.clear()
+                waited = now - self.db_down_since
+                limit = self.policy.db_outage
+                self.report.database_down = (waited, limit)
+                if self.progress is not None:
+                    self.progress(self.report)
+                if waited >= limit:
+                    self.db_gone = True
+                    raise DatabaseUnavailable(
+                        f"the database {_where(self.engine)} could not be reached for "
+                        f"{limit:.0f} s ({_reason(exc)})"
+                    ) from exc
+                await asyncio.sleep(min(pause, limit - waited))
+                pause = min(pause * 2, 5.0)
+                continue
+            if self.db_down_since is not None:
+                self.db_down_since = None
+                self.report.database_down = None
+                self._open_gate()
+            return result
+
+    def _lease_fresh(self) -> bool:
+        return self.clock() + self.policy.lease_margin < self.lease_until
+
+    def _open_gate(self) -> None:
+        if self.stop.is_set() or (
+            self.db_down_since is None and not self._db_stalled() and self._lease_fresh()
+        ):
+            self.handing.set()
+        else:
+            self.handing.clear()
+
+    # ----- peeker and claimer
 
     async def peeker(self, out: asyncio.Queue[_Peeked | None]) -> None:
         try:
             while not self.stop.is_set() and not self.claiming_over:
-                rows = self.due.peek(self.batch_size, skip=frozenset(self.peeked), now=self.clock())
+                skip = frozenset(self.peeked)
+                rows = await self._db(
+                    functools.partial(self.due.peek, self.batch_size, skip=skip, now=self.clock())
+                )
                 if not rows:
                     break
                 self.peeked.update(mid for mid, _ in rows)
@@ -194,21 +339,46 @@ class _Run:
         future.cancel()
         self.peeked.difference_update(mid for mid, _ in rows)
 
+    async def _composed(self, future: asyncio.Future[Batch], contact_ids: list[int]) -> Batch:
+        first = True
+
+        def attempt() -> Awaitable[Batch]:
+            nonlocal first
+            if first:
+                first = False
+                return self.composing.result(future, contact_ids)
+            return self.composing.here(contact_ids)
+
+        return await self._patiently(attempt)
+
     async def _claim(self, rows: list[tuple[int, int]], batch: Batch) -> list[_Job]:
         """Claims the batch, and records the results that came in since the last commit in the
         same transaction: one commit (one fsync on SQLite) for both."""
+        ids = [mid for mid, _ in rows]
+        try:
+            self.journal.claiming(ids)
+        except OSError as exc:
+            raise MailerError(
+                f"cannot write the handover journal {self.journal.path}: {exc.strerror}; "
+                "nothing more is sent"
+            ) from None
         results, self.unrecorded = self.unrecorded, []
         try:
-            claims = await self._on_db(
-                functools.partial(self._claim_and_record, [mid for mid, _ in rows], results)
-            )
+            claimed = await self._db(functools.partial(self._claim_and_record, ids, results))
         except BaseException:
             # Not written: the recorder tries them again.
             self.unrecorded[:0] = results
             raise
+        self.report.suppressed += claimed.skipped
+        if claimed.capped:
+            self._end_of_budget(StopReason.DAILY_CAP)
         jobs = []
-        for claim in claims:
+        loop_now, wall_now = asyncio.get_running_loop().time(), self.clock()
+        for index, claim in enumerate(claimed.claims):
             job = _Job(claim=claim)
+            if claimed.pace_start is not None and self.pace:
+                at = claimed.pace_start + dt.timedelta(seconds=index / self.pace)
+                job.not_before = loop_now + (at - wall_now).total_seconds()
             composed = batch.get(claim.contact_id, f"contact {claim.contact_id} no longer exists")
             if isinstance(composed, str):
                 job.error = composed
@@ -225,25 +395,36 @@ class _Run:
             jobs.append(job)
         return jobs
 
-    def _claim_and_record(self, ids: list[int], results: list[_Result]) -> list[Claim]:
-        now = self.clock()
-        return outbox.claim(
+    def _claim_and_record(self, ids: list[int], results: list[outbox.Result]) -> outbox.Claimed:
+        claimed = outbox.claim(
             self.engine,
             campaign_id=self.campaign.id,
             ids=ids,
-            run_id=self.report.run_id,
-            now=now,
-            results=self._settle(results, now),
+            sender_id=self.me.id,
+            now=self.clock(),
+            results=results,
+            actor=self.actor,
+            daily_cap=self.daily_cap,
+            pace=self.pace,
         )
+        self._written(results)
+        return claimed
 
-    def _record(self, results: list[_Result]) -> None:
-        now = self.clock()
+    def _record(self, results: list[outbox.Result]) -> None:
         outbox.record(
-            self.engine, campaign_id=self.campaign.id, results=self._settle(results, now), now=now
+            self.engine,
+            campaign_id=self.campaign.id,
+            results=results,
+            now=self.clock(),
+            sender_id=self.me.id,
+            actor=self.actor,
         )
+        self._written(results)
 
-    async def _on_db(self, call: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self.db_thread, call)
+    def _written(self, results: Sequence[outbox.Result]) -> None:
+        self.bounces_written += sum(
+            1 for r in results if isinstance(r, outbox.Attempted) and r.state.hard_bounce
+        )
 
     async def claimer(
         self, inbox: asyncio.Queue[_Peeked | None], out: asyncio.Queue[list[_Job] | None]
@@ -258,11 +439,11 @@ class _Run:
                     n = min(len(rows), self.budget - self.report.claimed)
                     if n <= 0:
                         self._drop(item)
-                        self._end_of_budget()
+                        self._end_of_budget(self.budget_reason)
                         continue
                     rows = rows[:n]
                 try:
-                    batch = await self.composing.result(future, [cid for _, cid in rows])
+                    batch = await self._composed(future, [cid for _, cid in rows])
                 except Exception as exc:
                     self._drop(item)
                     self.halt(StopReason.ERROR, _as_mailer_error(exc))
@@ -277,13 +458,13 @@ class _Run:
                 finally:
                     self._drop(item)
                 if not jobs:
-                    # Another sender claimed them since they were peeked.
+                    # Another sender claimed them since they were peeked (or they were skipped).
                     self.ahead.release()
                     continue
                 self.report.claimed += len(jobs)
                 self.outstanding.update((job.claim.id, job) for job in jobs)
                 if self.budget is not None and self.report.claimed >= self.budget:
-                    self._end_of_budget()
+                    self._end_of_budget(self.budget_reason)
                 await out.put(jobs)
         except Exception as exc:  # a database failure must still release what was claimed
             self.halt(StopReason.ERROR, _as_mailer_error(exc))
@@ -293,11 +474,11 @@ class _Run:
         finally:
             await out.put(None)
 
-    def _end_of_budget(self) -> None:
+    def _end_of_budget(self, reason: StopReason | None) -> None:
         # A budget ends claiming only; what is in flight still goes out.
         self.claiming_over = True
         if self.stop_reason is None and self.due.any(now=self.clock()):
-            self.stop_reason = self.budget_reason or StopReason.LIMIT
+            self.stop_reason = reason or StopReason.LIMIT
 
     # ----- feeder: claimed batches to the senders, one message at a time
 
@@ -323,18 +504,76 @@ class _Run:
 
     # ----- senders
 
+    def _may_go(self, job: _Job) -> bool:
+        """Whether this letter may be handed over now (asked once more, at the last moment,
+        by the transport when a connection is free)."""
+        return (
+            not self.stop.is_set()
+            and job.suppressed is None
+            and self.handing.is_set()
+            and self._lease_fresh()
+            and not self._db_stalled()
+        )
+
+    async def _gate(self, job: _Job) -> bool:
+        """Waits until the letter may be handed over; False if it never will be (the run
+        stops, or its address was suppressed meanwhile)."""
+        while True:
+            if self.stop.is_set() or job.suppressed is not None:
+                return False
+            if self.handing.is_set() and self._lease_fresh() and not self._db_stalled():
+                return True
+            if self.handing.is_set():
+                # The lease ran short (the heartbeat could not renew it) or the database is
+                # stuck on a step: wait for it.
+                self.handing.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.handing.wait(), timeout=self.policy.suppression_poll)
+
+    async def _until(self, when: float) -> None:
+        delay = when - asyncio.get_running_loop().time()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=delay)
+
+    def _hand(self, job: _Job) -> None:
+        # The message itself is leaving: from here on a send cut short is uncertain, and the
+        # journal says so before the first byte of it is written.
+        try:
+            self.journal.handing(job.claim.id)
+        except OSError as exc:
+            self.halt(
+                StopReason.ERROR,
+                MailerError(
+                    f"cannot write the handover journal {self.journal.path}: {exc.strerror}; "
+                    "nothing more is sent"
+                ),
+            )
+            raise _JournalBroken(str(exc)) from None
+        job.handed = True
+
     async def sender(
         self, inbox: asyncio.Queue[_Job | None], results: asyncio.Queue[_Result | None]
     ) -> None:
         while (job := await inbox.get()) is not None:
-            if self.stop.is_set():
+            outcome = await self._send_one(job)
+            if outcome is None:
+                # Never handed over: back to the queue (or skipped, if suppressed meanwhile).
+                job.handed = False
                 self._emit(results, _Result(job=job, outcome=None))
                 continue
-            if self.bucket is not None:
-                await self.bucket.acquire()
-                if self.stop.is_set():
-                    self._emit(results, _Result(job=job, outcome=None))
-                    continue
+            # The database gets the answer anyway; only a crash would miss it.
+            with contextlib.suppress(OSError):
+                self.journal.outcome(job.claim.id, outcome, _letter(job))
+            self._watch(job, outcome)
+            self._emit(results, _Result(job=job, outcome=outcome))
+
+    async def _send_one(self, job: _Job) -> Outcome | None:
+        if job.not_before:
+            await self._until(job.not_before)
+        if self.bucket is not None and not self.stop.is_set():
+            await self.bucket.acquire()
+        while await self._gate(job):
             self.inflight.add(job.claim.id)
             try:
                 outcome = await self.transport.send(
@@ -343,21 +582,22 @@ class _Run:
                     data=job.data,
                     smtputf8=job.smtputf8,
                     ref=job.message_id,
-                    go=self.going,
-                    on_payload=functools.partial(_hand, job),
+                    go=functools.partial(self._may_go, job),
+                    on_payload=functools.partial(self._hand, job),
                 )
+            except _JournalBroken:
+                # Stopped before the payload was written: nothing of it left.
+                return None
             except TransportError as exc:
                 # Systemic (the server went away, refused the login on reconnect): this message
                 # never reached a server, so it goes back to the queue like the rest.
-                job.handed = False
                 self.halt(StopReason.SYSTEMIC, exc)
-                self._emit(results, _Result(job=job, outcome=None))
-                continue
+                return None
             except Exception as exc:
                 # A fault of our own mid-send: the bytes may be out, so never re-send on our own.
                 job.handed = True
                 self.halt(StopReason.ERROR, _as_mailer_error(exc))
-                outcome = Outcome(
+                return Outcome(
                     kind=OutcomeKind.UNCERTAIN,
                     code=None,
                     reply=f"internal error while sending: {type(exc).__name__}: {exc}",
@@ -365,16 +605,11 @@ class _Run:
                 )
             finally:
                 self.inflight.discard(job.claim.id)
-            if outcome is None:
-                # The run stopped while this message waited for a connection: never sent.
-                job.handed = False
-                self._emit(results, _Result(job=job, outcome=None))
-                continue
-            self._watch(job, outcome)
-            self._emit(results, _Result(job=job, outcome=outcome))
-
-    def going(self) -> bool:
-        return not self.stop.is_set()
+            if outcome is not None:
+                return outcome
+            # Not handed over: it waited for a connection while the gate closed (the database
+            # went away, the lease ran short, its address was suppressed) or the run stopped.
+        return None
 
     def _watch(self, job: _Job, outcome: Outcome) -> None:
         failed = outcome.kind is not OutcomeKind.ACCEPTED
@@ -403,80 +638,80 @@ class _Run:
 
     # ----- recorder
 
-    def _settle(self, results: Sequence[_Result], now: dt.datetime) -> list[outbox.Result]:
-        """What each result makes of its message (policy.next_state), counted in the report."""
-        settled: list[outbox.Result] = []
+    def _settle(self, result: _Result, now: dt.datetime) -> outbox.Result:
+        """What a result makes of its message (policy.next_state), counted in the report."""
         report = self.report
-        for result in results:
-            job, outcome = result.job, result.outcome
-            if outcome is None and job.error is None:
-                # Never handed to the transport: back to the queue, the attempt not counted.
-                report.released += 1
-                settled.append(
-                    outbox.Released(
-                        claim=job.claim,
-                        reason=str(self.stop_reason or "stopped"),
-                        message_id=job.message_id,
-                        language=job.language,
-                        subject=job.subject,
-                        body_hash=job.body_hash,
-                    )
-                )
-                continue
-            if outcome is None:
-                report.build_errors += 1
-                settled.append(outbox.Unbuildable(claim=job.claim, error=str(job.error)))
-                continue
-            if job.fell_back:
-                report.fell_back += 1
-            state = next_state(outcome, attempts=job.claim.attempts, policy=self.policy, now=now)
-            if state.status is MessageStatus.SENT:
-                report.sent += 1
-            elif state.status is MessageStatus.RETRY:
-                report.deferred += 1
-                self.due.expect_retries()
-            elif state.status is MessageStatus.UNCERTAIN:
-                report.uncertain += 1
-            else:
-                report.failed += 1
-            settled.append(
-                outbox.Attempted(
-                    claim=job.claim,
-                    state=state,
-                    code=outcome.code,
-                    reply=outcome.reply,
-                    via=outcome.via,
-                    message_id=job.message_id,
-                    language=job.language,
-                    subject=job.subject,
-                    body_hash=job.body_hash,
-                )
+        job, outcome = result.job, result.outcome
+        if outcome is None and job.error is None:
+            if job.suppressed is not None:
+                report.suppressed += 1
+                return outbox.Skipped(claim=job.claim, reason=job.suppressed)
+            # Never handed to the transport: back to the queue, the attempt not counted.
+            report.released += 1
+            return outbox.Released(
+                claim=job.claim,
+                reason=str(self.stop_reason or "stopped"),
+                message_id=job.message_id,
+                language=job.language,
+                subject=job.subject,
+                body_hash=job.body_hash,
             )
-        return settled
+        if outcome is None:
+            report.build_errors += 1
+            return outbox.Unbuildable(claim=job.claim, error=str(job.error))
+        if job.fell_back:
+            report.fell_back += 1
+        state = next_state(outcome, attempts=job.claim.attempts, policy=self.policy, now=now)
+        if state.status is MessageStatus.SENT:
+            report.sent += 1
+        elif state.status is MessageStatus.RETRY:
+            report.deferred += 1
+            self.due.expect_retries()
+        elif state.status is MessageStatus.UNCERTAIN:
+            report.uncertain += 1
+        else:
+            report.failed += 1
+            report.hard_bounces += int(state.hard_bounce)
+        return outbox.Attempted(
+            claim=job.claim,
+            state=state,
+            code=outcome.code,
+            reply=outcome.reply,
+            via=outcome.via,
+            message_id=job.message_id,
+            language=job.language,
+            subject=job.subject,
+            body_hash=job.body_hash,
+        )
 
     async def recorder(self, inbox: asyncio.Queue[_Result | None]) -> None:
         # Results reach the database with the next claim, in its transaction (one commit for
-        # both), or here once `record_every` have gathered: what a crash leaves `sending` (and
-        # so `uncertain`) stays within a claimed batch, the messages under way and these.
+        # both), or here once `record_every` have gathered or `record_interval` has passed.
         loop = asyncio.get_running_loop()
         last = loop.time()
         finished = False
+        writing = True
         while not finished:
             item = await inbox.get()
             if item is None:
                 finished = True
             elif item is not _TICK:
-                self.unrecorded.append(item)
+                self.unrecorded.append(self._settle(item, self.clock()))
             due = loop.time() - last >= self.policy.record_interval
-            if self.unrecorded and (
-                finished or due or len(self.unrecorded) >= self.policy.record_every
+            if (
+                writing
+                and self.unrecorded
+                and (finished or due or len(self.unrecorded) >= self.policy.record_every)
             ):
                 batch, self.unrecorded = self.unrecorded, []
                 try:
-                    await self._on_db(functools.partial(self._record, batch))
-                except BaseException:
+                    await self._db(functools.partial(self._record, batch))
+                except Exception as exc:
+                    # Kept in memory and in the journal: the next run on this machine records
+                    # them (see journal.py). Nothing more is handed over.
                     self.unrecorded[:0] = batch
-                    raise
+                    writing = False
+                    self.halt(StopReason.ERROR, _as_mailer_error(exc))
             if finished or due:
                 last = loop.time()
                 if self.progress is not None:
@@ -494,6 +729,82 @@ class _Run:
             await asyncio.sleep(self.policy.record_interval)
             await inbox.put(_TICK)
 
+    # ----- the watcher: heartbeat, suppressions, bounce spike
+
+    async def watcher(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + self.policy.heartbeat
+        next_spike = loop.time()
+        try:
+            while True:
+                await asyncio.sleep(self.policy.suppression_poll)
+                if self.db_gone:
+                    return
+                self._open_gate()
+                if loop.time() >= next_beat:
+                    next_beat = loop.time() + self.policy.heartbeat
+                    await self._heartbeat()
+                await self._check_suppressions()
+                if self.bounces_written > self.bounces_checked and loop.time() >= next_spike:
+                    next_spike = loop.time() + self.policy.spike_check
+                    await self._check_spike()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.halt(StopReason.ERROR, _as_mailer_error(exc))
+
+    async def _heartbeat(self) -> None:
+        now = self.clock()
+        alive = await self._db(
+            functools.partial(
+                senders.renew,
+                self.engine,
+                sender_id=self.me.id,
+                now=now,
+                lease=self.policy.lease,
+                holding=len(self.outstanding),
+                sent=self.report.sent,
+            )
+        )
+        if not alive:
+            raise ClaimsLost(
+                "another sender declared this one gone (its lease had expired) and settled the "
+                "letters it held; nothing more is sent"
+            )
+        self.lease_until = now + self.policy.lease
+        self._open_gate()
+
+    async def _check_suppressions(self) -> None:
+        waiting = {
+            job.claim.contact_id: job
+            for job in list(self.outstanding.values())
+            if not job.handed and job.suppressed is None and job.error is None
+        }
+        if not waiting:
+            return
+        found = await self._db(
+            functools.partial(outbox.suppressed_contacts, self.engine, sorted(waiting))
+        )
+        for contact_id, reason in found.items():
+            job = waiting[contact_id]
+            if not job.handed:
+                job.suppressed = f"{reason}; found before it was handed over"
+
+    async def _check_spike(self) -> None:
+        seen = self.bounces_written
+        spike = await self._db(
+            functools.partial(
+                outbox.pause_on_bounce_spike,
+                self.engine,
+                campaign_id=self.campaign.id,
+                now=self.clock(),
+            )
+        )
+        self.bounces_checked = seen
+        if spike is not None:
+            self.report.spike = spike
+            self.halt(StopReason.BOUNCE_SPIKE)
+
     # ----- the whole
 
     async def run(self) -> None:
@@ -505,19 +816,22 @@ class _Run:
         results: asyncio.Queue[_Result | None] = asyncio.Queue()
         recorder = asyncio.create_task(self.recorder(results))
         ticker = asyncio.create_task(self.ticker(results))
-        senders = [
+        watcher = asyncio.create_task(self.watcher())
+        senders_ = [
             asyncio.create_task(self.sender(built, results)) for _ in range(self.sender_tasks)
         ]
         tasks = [
             asyncio.create_task(self.peeker(peeked)),
             asyncio.create_task(self.claimer(peeked, claimed)),
             asyncio.create_task(self.feeder(claimed, built, results)),
-            *senders,
+            *senders_,
         ]
         try:
             await self._until_stopped_then_grace(tasks, results)
         finally:
             ticker.cancel()
+            watcher.cancel()
+            await asyncio.gather(ticker, watcher, return_exceptions=True)
             await results.put(None)
             await recorder
 
@@ -561,13 +875,153 @@ class _Run:
                 )
             self._emit(results, _Result(job=job, outcome=outcome))
 
+    @property
+    def all_written(self) -> bool:
+        return not self.db_gone and not self.unrecorded and not self.outstanding
+
+
+def _letter(job: _Job) -> journal.Letter:
+    return journal.Letter(
+        message_id=job.message_id,
+        language=job.language,
+        subject=job.subject,
+        body_hash=job.body_hash,
+    )
+
+
+def _where(engine: Engine) -> str:
+    from mailer.db import redact_url
+
+    return redact_url(str(engine.url))
+
+
+def _reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return " ".join(str(orig).split())[:200] or type(orig).__name__
+
 
 def _as_mailer_error(exc: BaseException) -> MailerError:
     if isinstance(exc, MailerError):
         return exc
     if isinstance(exc, SQLAlchemyError):
-        return DatabaseError(f"database error while sending: {getattr(exc, 'orig', None) or exc}")
+        return DatabaseError(f"database error while sending: {_reason(exc)}")
     return MailerError(f"{type(exc).__name__}: {exc}")
+
+
+# --------------------------------------------------------------------------- gone senders
+
+
+def _settle_gone_senders(
+    *,
+    engine: Engine,
+    campaign_id: int,
+    me: senders.SenderIdentity,
+    now: dt.datetime,
+    policy: SendPolicy,
+    report: SendReport,
+) -> None:
+    """The claims of senders that are gone (senders.gone): a claim its sender's journal shows
+    never handed over goes back to the queue, one it shows answered gets that answer, and any
+    other -- handed over without an answer, or a sender whose journal cannot be read here --
+    becomes `uncertain`. A live sender's claims are never touched."""
+    for holder in senders.holders(engine, campaign_id=campaign_id):
+        if holder.id == me.id:
+            continue
+        gone = senders.gone(holder, now=now)
+        if gone is None:
+            continue
+        claims = outbox.claims_held_by(engine, campaign_id=campaign_id, holder=holder.id)
+        taken = (
+            journal.take_abandoned(holder.journal, sender_id=holder.id, boot=holder.boot)
+            if holder.id is not None
+            else None
+        )
+        try:
+            results: list[outbox.Result] = []
+            counts = collections.Counter[str]()
+            for claim in claims:
+                result = _recovered(claim, holder, gone, taken, now=now, policy=policy)
+                counts[type(result).__name__] += 1
+                if isinstance(result, outbox.Attempted) and result.state.status in (
+                    MessageStatus.UNCERTAIN,
+                ):
+                    counts["uncertain"] += 1
+                results.append(result)
+            settled = outbox.settle_for_gone(
+                engine,
+                campaign_id=campaign_id,
+                holder=holder.id,
+                results=results,
+                now=now,
+                actor=me.label,
+                why=gone.why,
+                lease_expired=gone.by_lease,
+            )
+            if settled is None:
+                continue  # it renewed its lease meanwhile: it lives
+            if taken is not None:
+                taken.remove()
+            report.recovered += counts["uncertain"]
+            report.recovered_requeued += counts["Released"]
+            report.recovered_known += counts["Attempted"] - counts["uncertain"]
+        finally:
+            if taken is not None:
+                taken.release()
+
+
+def _recovered(
+    claim: Claim,
+    holder: senders.Holder,
+    gone: senders.Gone,
+    taken: journal.Abandoned | None,
+    *,
+    now: dt.datetime,
+    policy: SendPolicy,
+) -> outbox.Result:
+    who = holder.name
+    if taken is not None:
+        known = taken.trail.outcomes.get(claim.id)
+        if known is not None:
+            state = next_state(known.outcome, attempts=claim.attempts, policy=policy, now=now)
+            return outbox.Attempted(
+                claim=claim,
+                state=state,
+                code=known.outcome.code,
+                reply=known.outcome.reply,
+                via=known.outcome.via,
+                message_id=known.letter.message_id,
+                language=known.letter.language,
+                subject=known.letter.subject,
+                body_hash=known.letter.body_hash,
+            )
+        if claim.id not in taken.trail.handed:
+            return outbox.Released(claim=claim, reason=f"{who} stopped before handing it over")
+        detail = (
+            f"handed over by {who}, which stopped before the server answered ({gone.why}): "
+            "it may or may not have been delivered; `mailer retry --uncertain` re-sends"
+        )
+    else:
+        detail = (
+            f"found in `sending` left by {who} ({gone.why}): it may or may not have been "
+            "delivered; `mailer retry --uncertain` re-sends"
+        )
+    state = next_state(
+        Outcome(kind=OutcomeKind.UNCERTAIN, code=None, reply=detail, via=""),
+        attempts=claim.attempts,
+        policy=policy,
+        now=now,
+    )
+    return outbox.Attempted(
+        claim=claim,
+        state=state,
+        code=None,
+        reply="the sender stopped while this message was being sent",
+        via=None,
+        message_id=None,
+        language=None,
+        subject=None,
+        body_hash=None,
+    )
 
 
 # --------------------------------------------------------------------------- public API
@@ -583,9 +1037,7 @@ def plan_send(*, workspace: Workspace, engine: Engine, slug: str) -> SendPlan:
         subject = to = None
         if first:
             recipients = compose.load_recipients(session, first)
-            template_set = compose.template_set_for(
-                campaign, templates_dir=workspace.templates_dir
-            )
+            template_set = compose.template_set_for(campaign, templates_dir=workspace.templates_dir)
             composer = compose.composer_for(
                 campaign=campaign, template_set=template_set, settings=workspace
             )
@@ -623,9 +1075,13 @@ def send_campaign(
     policy: SendPolicy | None = None,
     handle_signals: bool = False,
     bucket: RateLimiter | None = None,
+    acknowledge_bounces: bool = False,
 ) -> SendReport:
     """Deliver a campaign (see the module docstring). Raises TransportError on a systemic failure
-    and Interrupted on SIGINT/SIGTERM, after recording everything; otherwise returns the report."""
+    and Interrupted on SIGINT/SIGTERM, after recording everything; otherwise returns the report.
+
+    `rate` (letters per second) is the campaign's pace, shared with every other sender of it;
+    `bucket` is a rate limit of this process only (a test send uses it)."""
     policy = policy or SendPolicy()
     if concurrency < 1:
         raise InvalidValueError("--concurrency must be at least 1")
@@ -633,11 +1089,13 @@ def send_campaign(
         raise InvalidValueError("--limit must be at least 1")
     if daily_cap is not None and daily_cap < 1:
         raise InvalidValueError("--daily-cap must be at least 1")
-    if bucket is None and rate is not None:
-        from mailer.transport import TokenBucket
-
-        bucket = TokenBucket(rate=rate)
+    if rate is not None and rate <= 0:
+        raise InvalidValueError("--rate must be more than zero")
     if test_to is not None:
+        if bucket is None and rate is not None:
+            from mailer.transport import TokenBucket
+
+            bucket = TokenBucket(rate=rate)
         return send_test(
             workspace=workspace,
             engine=engine,
@@ -662,10 +1120,25 @@ def send_campaign(
                 policy=policy,
                 handle_signals=handle_signals,
                 bucket=bucket,
+                pace=rate,
+                acknowledge_bounces=acknowledge_bounces,
             )
         )
     except SQLAlchemyError as exc:
         raise _as_mailer_error(exc) from exc
+
+
+def _identity(transport: Transport, workspace: Workspace) -> senders.SenderIdentity:
+    sender_id = senders.new_sender_id()
+    settings = getattr(transport, "settings", None)
+    return senders.SenderIdentity(
+        id=sender_id,
+        actor=Actor.current(),
+        smtp_user=getattr(settings, "username", None),
+        via=transport.via,
+        boot=journal.boot_id(),
+        journal=str(journal.journal_dir(workspace.root) / f"{sender_id}.journal"),
+    )
 
 
 async def _send_campaign(
@@ -682,23 +1155,52 @@ async def _send_campaign(
     policy: SendPolicy,
     handle_signals: bool,
     bucket: RateLimiter | None,
+    pace: float | None,
+    acknowledge_bounces: bool,
 ) -> SendReport:
-    report = SendReport(campaign=slug, via=transport.via, run_id=outbox.new_run_id())
+    me = _identity(transport, workspace)
+    report = SendReport(campaign=slug, via=transport.via, run_id=me.id)
     started = asyncio.get_running_loop().time()
     signals = _Signals(asyncio.get_running_loop(), install=handle_signals)
     run: _Run | None = None
     worker: ComposeWorker | None = None
+    campaign_id = await asyncio.to_thread(_campaign_id, engine, slug)
     try:
-        campaign_id = await asyncio.to_thread(_campaign_id, engine, slug)
-        now = clock()
-        report.recovered = await asyncio.to_thread(
+        jr = journal.Journal.create(
+            journal.journal_dir(workspace.root), sender_id=me.id, boot=me.boot
+        )
+    except OSError as exc:
+        signals.remove()
+        raise MailerError(
+            f"cannot write the handover journal in {journal.journal_dir(workspace.root)}: "
+            f"{exc.strerror}; nothing was sent"
+        ) from None
+    now = clock()
+    # Registered before anything else: from here on, others see this sender and its lease.
+    lease_until = now + policy.lease
+    registered = False
+    try:
+        await asyncio.to_thread(
             functools.partial(
-                outbox.recover_stale_claims,
+                senders.register,
                 engine,
+                identity=me,
                 campaign_id=campaign_id,
                 now=now,
-                run_id=report.run_id,
-                stale=policy.stale_claim,
+                lease=policy.lease,
+                rate=pace,
+            )
+        )
+        registered = True
+        await asyncio.to_thread(
+            functools.partial(
+                _settle_gone_senders,
+                engine=engine,
+                campaign_id=campaign_id,
+                me=me,
+                now=now,
+                policy=policy,
+                report=report,
             )
         )
         campaign = await asyncio.to_thread(
@@ -708,6 +1210,7 @@ async def _send_campaign(
                 slug=slug,
                 templates_dir=workspace.templates_dir,
                 now=now,
+                acknowledge_bounces=acknowledge_bounces,
             )
         )
         signals.check(slug)
@@ -736,12 +1239,11 @@ async def _send_campaign(
         if limit is not None:
             budget, budget_reason = limit, StopReason.LIMIT
         if daily_cap is not None:
+            # For the progress line only: the cap itself is taken in each claim (outbox.claim).
             sent_today, _ = await asyncio.to_thread(
                 functools.partial(outbox.sent_in_window, engine, now=now)
             )
-            left_today = max(0, daily_cap - sent_today)
-            if budget is None or left_today < budget:
-                budget, budget_reason = left_today, StopReason.DAILY_CAP
+            report.due = min(report.due, max(0, daily_cap - sent_today))
         if budget is not None:
             report.due = min(report.due, budget)
         run = _Run(
@@ -757,6 +1259,11 @@ async def _send_campaign(
             policy=policy,
             report=report,
             bucket=bucket,
+            me=me,
+            journal=jr,
+            lease_until=lease_until,
+            daily_cap=daily_cap,
+            pace=pace,
         )
         if progress is not None:
             progress(report)
@@ -770,11 +1277,12 @@ async def _send_campaign(
         sys.setswitchinterval(min(switch, 0.0005))
         try:
             await run.run()
+            if not run.db_gone:
+                await run._patiently(lambda: _finish(run, daily_cap=daily_cap))
         finally:
             sys.setswitchinterval(switch)
             run.db_thread.shutdown(wait=True)
     finally:
-        outbox.end_run(report.run_id)
         signals.remove()
         await transport.close()
         if run is not None:
@@ -782,33 +1290,36 @@ async def _send_campaign(
             report.composed_by_worker = run.composing.by_worker
         elif worker is not None:
             await worker.close()
+        done = run is not None and run.all_written
+        if registered and (run is None or done):
+            # Everything this sender held is in the database: it is over, and its journal too.
+            why = str(run.stop_reason or "finished") if run is not None else "did not start"
+            try:
+                await asyncio.to_thread(
+                    functools.partial(
+                        senders.stop,
+                        engine,
+                        sender_id=me.id,
+                        now=clock(),
+                        reason=why,
+                        sent=report.sent,
+                    )
+                )
+            except SQLAlchemyError:
+                done = False
+        jr.close(remove=(registered and (run is None or done)) or not registered)
     assert run is not None
     elapsed = asyncio.get_running_loop().time() - started
     report.rate = report.done / elapsed if elapsed > 0 else 0.0
     report.stopped = run.stop_reason
-    if run.stop_reason is StopReason.SYSTEMIC and run.streak:
-        report.failed -= await asyncio.to_thread(
-            functools.partial(
-                outbox.requeue_streak,
-                engine,
-                campaign_id=campaign.id,
-                ids=run.streak,
-                now=clock(),
-            )
+    if run.db_gone:
+        kept = len(run.unrecorded) + len(run.outstanding)
+        raise DatabaseUnavailable(
+            f"{run.error or 'the database could not be reached'}; campaign {slug}: "
+            f"{report.sent} sent this run; nothing more was handed over, and the "
+            f"{kept} answer(s) and claim(s) not yet recorded are kept in {jr.path}: run "
+            f"`mailer send {slug}` again on this machine once the database is back to record them"
         )
-    if run.stop_reason is StopReason.DAILY_CAP and daily_cap is not None:
-        report.resume_at = await asyncio.to_thread(
-            functools.partial(outbox.cap_resume_at, engine, now=clock(), cap=daily_cap)
-        )
-    report.totals = await asyncio.to_thread(
-        functools.partial(
-            outbox.finish_sending,
-            engine,
-            campaign_id=campaign.id,
-            paused=run.stop_reason in (StopReason.PAUSED, StopReason.INTERRUPTED),
-            now=clock(),
-        )
-    )
     if run.error is not None:
         if run.stop_reason is StopReason.SYSTEMIC:
             kind = type(run.error) if isinstance(run.error, TransportError) else TransportError
@@ -824,6 +1335,48 @@ async def _send_campaign(
             f"run `mailer send {slug}` again to continue"
         )
     return report
+
+
+async def _finish(run: _Run, *, daily_cap: int | None) -> None:
+    """After the pipeline: what the run's end writes and reads (retried while the database is
+    away, like every other step)."""
+    report, engine, campaign_id, clock = run.report, run.engine, run.campaign.id, run.clock
+    if run.stop_reason is StopReason.SYSTEMIC and run.streak:
+        report.failed -= await run._on_db(
+            functools.partial(
+                outbox.requeue_streak, engine, campaign_id=campaign_id, ids=run.streak, now=clock()
+            )
+        )
+        run.streak = []
+    if run.stop_reason is StopReason.DAILY_CAP and daily_cap is not None:
+        report.resume_at = await run._on_db(
+            functools.partial(outbox.cap_resume_at, engine, now=clock(), cap=daily_cap)
+        )
+    if run.all_written:
+        report.released += await run._on_db(
+            functools.partial(
+                outbox.release_unhanded,
+                engine,
+                campaign_id=campaign_id,
+                sender_id=run.me.id,
+                now=clock(),
+                actor=run.actor,
+            )
+        )
+    report.totals = await run._on_db(
+        functools.partial(
+            outbox.finish_sending,
+            engine,
+            campaign_id=campaign_id,
+            paused=run.stop_reason in (StopReason.PAUSED, StopReason.INTERRUPTED),
+            now=clock(),
+        )
+    )
+    report.live_senders = await run._on_db(
+        functools.partial(
+            senders.live_others, engine, campaign_id=campaign_id, me=run.me.id, now=clock()
+        )
+    )
 
 
 class _Signals:
@@ -877,7 +1430,9 @@ def send_test(
     if problem is not None:
         raise InvalidValueError(f"--test-to {to!r} is not a valid address: {problem}")
     to = to.strip()
-    report = SendReport(campaign=slug, via=transport.via, run_id=outbox.new_run_id(), test_to=to)
+    report = SendReport(
+        campaign=slug, via=transport.via, run_id=senders.new_sender_id(), test_to=to
+    )
     # What goes out: envelope sender, envelope recipient, the bytes, and whether SMTPUTF8.
     jobs: list[tuple[str, str, bytes, bool]] = []
     with Session(engine) as session:
@@ -942,7 +1497,9 @@ def dry_run(
 ) -> SendReport:
     """Render and build every message that a send would send; send nothing, change nothing."""
     transport = DryRun()
-    report = SendReport(campaign=slug, via=transport.via, run_id=outbox.new_run_id(), dry_run=True)
+    report = SendReport(
+        campaign=slug, via=transport.via, run_id=senders.new_sender_id(), dry_run=True
+    )
     with Session(engine) as session:
         campaign = campaigns.get_campaign(session, slug)
         ids = audience_mod.contact_ids(session, audience_mod.Audience.from_json(campaign.audience))

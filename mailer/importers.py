@@ -94,7 +94,6 @@ _LOST_LETTER = (
 )
 
 
-
 class StrictImportFailed(StrictImportError):
     """`--strict` refused the file; carries the summary so the caller can list the rejects."""
 

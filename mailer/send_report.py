@@ -20,7 +20,12 @@ class SendReport:
     via: str
     run_id: str
     due: int = 0
+    # Claims of senders that were gone (see senders.gone), settled at the start of this run:
+    # `uncertain` (handed over, no answer known), back in the queue (never handed over), or
+    # with the answer their sender's journal kept.
     recovered: int = 0
+    recovered_requeued: int = 0
+    recovered_known: int = 0
     newly_queued: int = 0
     skipped: int = 0
     claimed: int = 0
@@ -29,6 +34,11 @@ class SendReport:
     failed: int = 0
     uncertain: int = 0
     released: int = 0
+    # Letters skipped because their address was suppressed after they were queued (found by
+    # the claim or while they waited to be handed over).
+    suppressed: int = 0
+    # 5.1.1-class refusals: the address is suppressed as `hard_bounce`.
+    hard_bounces: int = 0
     build_errors: int = 0
     fell_back: int = 0
     # Messages composed by the worker process (see compose_worker), not by the sender itself.
@@ -45,6 +55,14 @@ class SendReport:
     # Message counts per status after the run.
     totals: dict[str, int] = field(default_factory=dict)
     rate: float = 0.0
+    # While the database cannot be reached: since when (seconds) and for how long the sender
+    # keeps trying, for the progress line; None when it can.
+    database_down: tuple[float, float] | None = None
+    # Other senders of the campaign with a live lease when this run ended (their labels):
+    # letters they hold are under way, so no advice may suggest re-sending them.
+    live_senders: list[str] = field(default_factory=list)
+    # Why a bounce spike held the campaign (StopReason.BOUNCE_SPIKE).
+    spike: str | None = None
 
     @property
     def test(self) -> bool:
@@ -63,7 +81,11 @@ class SendReport:
             self.totals.get(s.value, 0)
             for s in (MessageStatus.FAILED, MessageStatus.UNCERTAIN, MessageStatus.RETRY)
         )
-        return bool(left) or self.stopped in (StopReason.DAILY_CAP, StopReason.PAUSED)
+        return bool(left) or self.stopped in (
+            StopReason.DAILY_CAP,
+            StopReason.PAUSED,
+            StopReason.BOUNCE_SPIKE,
+        )
 
 
 Progress = Callable[[SendReport], None]
@@ -120,9 +142,22 @@ def format_progress(report: SendReport, *, total: int, rate: float) -> str:
     done = report.done + report.released
     percent = done * 100 // total if total else 100
     problems = report.failed + report.uncertain + report.build_errors
-    return (
+    line = (
         f"sent {report.sent}/{total} ({percent}%), {problems} failed, {report.deferred} retry, "
         f"{rate:,.0f} msg/s"
+    )
+    waiting = format_database_wait(report)
+    return f"{line}; {waiting}" if waiting else line
+
+
+def format_database_wait(report: SendReport) -> str | None:
+    """While the database cannot be reached: what the sender does about it, for the progress."""
+    if report.database_down is None:
+        return None
+    down, limit = report.database_down
+    return (
+        f"database unreachable for {down:.0f} s: nothing is handed over, the answers are kept; "
+        f"retrying for up to {limit:.0f} s"
     )
 
 
@@ -149,10 +184,30 @@ def format_send_summary(report: SendReport) -> list[str]:
             *(f"  {e}" for e in report.errors),
         ]
     lines = []
+    if report.recovered_requeued or report.recovered_known:
+        lines.append(
+            f"{report.recovered_requeued + report.recovered_known} message(s) left `sending` by "
+            f"a sender that stopped: {report.recovered_requeued} never handed over, back in the "
+            f"queue; {report.recovered_known} with the answer its journal kept"
+        )
     if report.recovered:
+        advice = (
+            f"`mailer retry {report.campaign} --uncertain` re-sends them"
+            if not report.live_senders
+            else "wait until the other sender(s) of this campaign finish before any retry"
+        )
         lines.append(
             f"{report.recovered} message(s) left `sending` by an earlier run are now `uncertain` "
-            f"(they may have been delivered); `mailer retry {report.campaign} --uncertain` re-sends them"
+            f"(they may have been delivered); {advice}"
+        )
+    if report.suppressed:
+        lines.append(
+            f"Skipped {report.suppressed} message(s) whose address was suppressed during the send"
+        )
+    if report.live_senders:
+        lines.append(
+            f"Still sending this campaign: {', '.join(report.live_senders)} "
+            f"(`mailer senders {report.campaign}` shows them)"
         )
     if report.newly_queued or report.skipped:
         lines.append(
@@ -193,10 +248,21 @@ def format_incomplete_reason(report: SendReport) -> str:
             f"paused {slug}: more than half of the recent messages failed; see "
             f"`mailer log {slug} --status failed`, then run send again"
         )
+    if report.stopped is StopReason.BOUNCE_SPIKE:
+        return (
+            f"paused {slug}: {report.spike or 'bounce spike'}; see `mailer log {slug} --status "
+            f"failed`; to send anyway, run send again with --acknowledge-bounces"
+        )
     if report.test:
         return f"{report.failed + report.build_errors} test message(s) were not accepted"
     t = report.totals
     left = ", ".join(f"{t.get(k, 0)} {k}" for k in ("failed", "uncertain", "retry") if t.get(k, 0))
+    if report.live_senders:
+        # Letters another sender holds are under way: a retry now could send them twice.
+        return (
+            f"campaign {slug} is not complete: {left}; another sender is still at work on it "
+            f"(`mailer senders {slug}`): wait until it finishes before `mailer retry`"
+        )
     return (
         f"campaign {slug} is not complete: {left}; retries go out on a later `mailer send`, "
         f"`mailer retry {slug} --failed/--uncertain` requeues the others"
@@ -207,6 +273,7 @@ __all__ = [
     "Progress",
     "SendPlan",
     "SendReport",
+    "format_database_wait",
     "format_incomplete_reason",
     "format_progress",
     "format_send_counts",

@@ -457,7 +457,7 @@ def test_retry_needs_a_flag_and_moves_only_what_was_asked(
     run: Cli, workspace: Path, engine: Engine, server: SmtpTestServer
 ) -> None:
     emails = seed_campaign(engine, workspace, count=3)
-    server.on_rcpt = {emails[0]: "550 5.1.1 no"}.get
+    server.on_rcpt = {emails[0]: "550 5.7.1 refused by policy"}.get
     server.on_data = lambda env: DROP if env.rcpt_tos == [emails[1]] else None
     assert run("send", SLUG, "--smtp", server.url(), "--yes").exit_code == 3
     assert run("retry", SLUG).exit_code == 2
