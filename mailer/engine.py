@@ -1352,6 +1352,9 @@ async def _finish(run: _Run, *, daily_cap: int | None) -> None:
         report.resume_at = await run._on_db(
             functools.partial(outbox.cap_resume_at, engine, now=clock(), cap=daily_cap)
         )
+    if run.bounces_written > run.bounces_checked:
+        # The last hard bounces of the run count toward the spike as well.
+        await run._check_spike()
     if run.all_written:
         report.released += await run._on_db(
             functools.partial(
