@@ -322,8 +322,9 @@ class _Run:
         try:
             while not self.stop.is_set() and not self.claiming_over:
                 skip = frozenset(self.peeked)
-                rows = await self._db(
-                    functools.partial(self.due.peek, self.batch_size, skip=skip, now=self.clock())
+                # A read, on the loop: a hop to the database thread per batch costs more.
+                rows = await self._patiently(
+                    functools.partial(self._peek, self.batch_size, skip=skip)
                 )
                 if not rows:
                     break
@@ -333,6 +334,9 @@ class _Run:
             self.halt(StopReason.ERROR, _as_mailer_error(exc))
         finally:
             await out.put(None)
+
+    async def _peek(self, n: int, *, skip: frozenset[int]) -> list[tuple[int, int]]:
+        return self.due.peek(n, skip=skip, now=self.clock())
 
     def _drop(self, item: _Peeked) -> None:
         rows, future = item
