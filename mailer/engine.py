@@ -481,7 +481,11 @@ class _Run:
     def _end_of_budget(self, reason: StopReason | None) -> None:
         # A budget ends claiming only; what is in flight still goes out.
         self.claiming_over = True
-        if self.stop_reason is None and self.due.any(now=self.clock()):
+        try:
+            left = self.due.any(now=self.clock())
+        except SQLAlchemyError:
+            left = True  # cannot tell now: say why claiming stopped
+        if self.stop_reason is None and left:
             self.stop_reason = reason or StopReason.LIMIT
 
     # ----- feeder: claimed batches to the senders, one message at a time
@@ -1205,6 +1209,15 @@ async def _send_campaign(
                 now=now,
                 policy=policy,
                 report=report,
+            )
+        )
+        # Journals left here by senders whose claims are all settled (by another machine, or
+        # after a reboot) hold nothing of use any more.
+        await asyncio.to_thread(
+            functools.partial(
+                journal.sweep,
+                journal.journal_dir(workspace.root),
+                settled=functools.partial(senders.settled, engine, now=now),
             )
         )
         campaign = await asyncio.to_thread(

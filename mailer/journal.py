@@ -30,7 +30,7 @@ import fcntl
 import json
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,6 +231,29 @@ def is_abandoned(path: str | None, *, sender_id: str, boot: str | None) -> bool:
     return True
 
 
+def sweep(directory: Path, *, settled: Callable[[str], bool]) -> int:
+    """Removes the journals in `directory` whose sender is gone (their lock is free) and
+    `settled` (nothing of theirs is left to recover). Returns how many."""
+    removed = 0
+    for path in directory.glob("*.journal"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            header = os.read(fd, 400).split(b"\n", 1)[0].decode("utf-8", errors="replace")
+            parts = header.split(" ")
+            if len(parts) == 4 and " ".join(parts[:2]) == _MAGIC and settled(parts[2]):
+                path.unlink()
+                removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _read(fd: int, *, sender_id: str, boot: str) -> Trail | None:
     chunks = []
     while chunk := os.read(fd, 1 << 20):
@@ -294,5 +317,6 @@ __all__ = [
     "boot_id",
     "is_abandoned",
     "journal_dir",
+    "sweep",
     "take_abandoned",
 ]

@@ -206,6 +206,28 @@ def gone(holder: Holder, *, now: dt.datetime) -> Gone | None:
     return None
 
 
+def settled(engine: Engine, sender_id: str, *, now: dt.datetime) -> bool:
+    """For a sender whose process is known to be gone (its journal's lock was free): whether
+    nothing of it is left to recover (it holds no `sending` claim). Its row, if it still
+    looks live, is marked gone."""
+    with engine.connect() as conn:
+        held = conn.execute(
+            select(Message.id)
+            .where(Message.claimed_by == sender_id, Message.status == MessageStatus.SENDING.value)
+            .limit(1)
+        ).first()
+    if held is not None:
+        return False
+    mark_gone(
+        engine,
+        sender_id=sender_id,
+        now=now,
+        why="its process on this machine is gone; it held nothing",
+        by="a later sender",
+    )
+    return True
+
+
 def mark_gone(engine: Engine, *, sender_id: str, now: dt.datetime, why: str, by: str) -> None:
     with engine.begin() as conn:
         conn.execute(
@@ -375,5 +397,6 @@ __all__ = [
     "new_sender_id",
     "register",
     "renew",
+    "settled",
     "stop",
 ]

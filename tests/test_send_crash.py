@@ -505,3 +505,20 @@ def test_three_senders_on_one_postgresql_campaign_share_the_cap_and_the_rate(
         assert busiest <= 2 * 30 + 12
     finally:
         engine.dispose()
+
+
+def test_a_dead_senders_journal_that_holds_nothing_is_swept(
+    run: Cli, workspace: Path, engine: Engine, server: SmtpTestServer
+) -> None:
+    seed_campaign(engine, workspace, count=3)
+    folder = journal.journal_dir(workspace)
+    # A sender that died before it claimed anything: its journal is unlocked and holds nothing.
+    orphan = journal.Journal.create(folder, sender_id="deadbeef00000000", boot=journal.boot_id())
+    orphan.close(remove=False)
+    # A live one's journal (locked) is left alone.
+    live = journal.Journal.create(folder, sender_id="feedface00000000", boot=journal.boot_id())
+    try:
+        assert run("send", SLUG, "--smtp", server.url(), "--yes").exit_code == 0
+        assert [p.name for p in folder.glob("*.journal")] == ["feedface00000000.journal"]
+    finally:
+        live.close(remove=True)

@@ -250,3 +250,78 @@ def test_sqlite_locked_past_the_busy_timeout_is_waited_out(
     with Session(engine) as s:
         assert set(s.scalars(select(Message.status))) == {"sent"}
     engine.dispose()
+
+
+def test_answers_kept_past_the_outage_window_are_recorded_by_the_next_run(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database stays locked longer than the sender waits: it stops with one error line,
+    hands nothing more over, and the answers it had are in its journal -- the next run on this
+    machine records them (sent stays sent, never uncertain), and sends the rest."""
+    from mailer import journal
+    from mailer.errors import DatabaseError
+
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    engine = db.make_engine(f"sqlite:///{workspace / 'mailer.db'}")
+    emails = seed_campaign(engine, workspace, count=60)
+    release = threading.Event()
+    with SmtpTestServer(pipelining=True) as server:
+
+        def hold_the_lock() -> None:
+            while len(server.received) < 10:
+                time.sleep(0.002)
+            conn = sqlite3.connect(workspace / "mailer.db", isolation_level=None)
+            conn.execute("BEGIN EXCLUSIVE")
+            release.wait(30)
+            conn.execute("COMMIT")
+            conn.close()
+
+        locker = threading.Thread(target=hold_the_lock)
+        locker.start()
+        try:
+            with pytest.raises(DatabaseError, match="could not be reached") as stopped:
+                send_engine.send_campaign(
+                    workspace=Workspace(root=workspace),
+                    engine=engine,
+                    slug=SLUG,
+                    transport=SmtpPool(parse_smtp_url(server.url()), size=2),
+                    concurrency=2,
+                    rate=30,
+                    policy=SendPolicy(db_outage=1.5),
+                )
+        finally:
+            release.set()
+            locker.join()
+        assert "kept in" in str(stopped.value) and "run `mailer send appeal` again" in str(
+            stopped.value
+        )
+        kept = list(journal.journal_dir(workspace).glob("*.journal"))
+        assert len(kept) == 1
+        first = collections.Counter(server.arrived_recipients())
+        with Session(engine) as s:
+            recorded_sent = set(
+                s.scalars(
+                    select(Contact.email).join(Message.contact).where(Message.status == "sent")
+                )
+            )
+            held = len(s.scalars(select(Message.id).where(Message.status == "sending")).all())
+        # Some answers came while the database was locked: known to the journal only.
+        unrecorded = set(first) - recorded_sent
+        assert unrecorded
+        report = send_engine.send_campaign(
+            workspace=Workspace(root=workspace),
+            engine=engine,
+            slug=SLUG,
+            transport=SmtpPool(parse_smtp_url(server.url()), size=2),
+            concurrency=2,
+        )
+        received = collections.Counter(server.arrived_recipients())
+    # Each answer the journal kept is recorded as it was; what was never handed over goes
+    # back to the queue; nothing is left uncertain.
+    assert report.recovered_known == len(unrecorded) and report.recovered == 0
+    assert report.recovered_known + report.recovered_requeued == held
+    assert sorted(received) == sorted(emails) and set(received.values()) == {1}
+    with Session(engine) as s:
+        assert set(s.scalars(select(Message.status))) == {"sent"}
+    assert not list(journal.journal_dir(workspace).glob("*.journal"))
+    engine.dispose()
