@@ -227,6 +227,8 @@ class _Run:
         self.db_pending: dict[object, float] = {}
         # The database stayed away past the outage window: nothing more can be written.
         self.db_gone = False
+        # One re-reservation of stale slots at a time (see _repace).
+        self.repacing = asyncio.Lock()
         # Hard bounces written to the database, and how many the last spike check saw.
         self.bounces_written = 0
         self.bounces_checked = 0
@@ -359,6 +361,10 @@ class _Run:
         """Claims the batch, and records the results that came in since the last commit in the
         same transaction: one commit (one fsync on SQLite) for both."""
         ids = [mid for mid, _ in rows]
+        # A claim-time eligibility check (sending windows, follow-ups) fits here, on the
+        # composed batch: leave out of `ids` what may not leave now (the outbox gives it its
+        # due time), so it is neither claimed nor counted against the cap or the pace. A check
+        # that needs the database at the claim's moment goes into outbox.claim (see there).
         try:
             self.journal.claiming(ids)
         except OSError as exc:
@@ -381,8 +387,7 @@ class _Run:
         for index, claim in enumerate(claimed.claims):
             job = _Job(claim=claim)
             if claimed.pace_start is not None and self.pace:
-                at = claimed.pace_start + dt.timedelta(seconds=index / self.pace)
-                job.not_before = loop_now + (at - wall_now).total_seconds()
+                job.not_before = self._slot(claimed.pace_start, index, loop_now, wall_now)
             composed = batch.get(claim.contact_id, f"contact {claim.contact_id} no longer exists")
             if isinstance(composed, str):
                 job.error = composed
@@ -398,6 +403,51 @@ class _Run:
                 job.fell_back = composed.fell_back
             jobs.append(job)
         return jobs
+
+    def _slot(
+        self, start: dt.datetime, index: int, loop_now: float, wall_now: dt.datetime
+    ) -> float:
+        """The loop time the `index`-th letter of a reservation starting at `start` may leave:
+        its slot on the campaign's pace, and never sooner than `index` gaps after now (a
+        reservation that began in the past -- the claim waited for a lock -- must not leave in
+        a burst)."""
+        assert self.pace
+        gap = 1.0 / self.pace
+        at = (start - wall_now).total_seconds() + index * gap
+        return loop_now + max(at, index * gap)
+
+    async def _repace(self) -> None:
+        """Letters whose slots passed while this process could not send them (it was starved
+        of CPU, or waited for the database) take new slots at the end of the campaign's pace:
+        sent at once, they would come in a burst on top of the other senders' letters."""
+        assert self.pace
+        async with self.repacing:
+            loop = asyncio.get_running_loop()
+            slack = 1.0 / self.pace + 0.25
+            late = sorted(
+                (
+                    job
+                    for job in self.outstanding.values()
+                    if not job.handed and job.not_before and loop.time() - job.not_before > slack
+                ),
+                key=lambda job: job.not_before,
+            )
+            if not late:
+                return
+            now = self.clock()
+            start = await self._db(
+                functools.partial(
+                    outbox.reserve_pace,
+                    self.engine,
+                    campaign_id=self.campaign.id,
+                    count=len(late),
+                    rate=self.pace,
+                    now=now,
+                )
+            )
+            loop_now, wall_now = loop.time(), self.clock()
+            for index, job in enumerate(late):
+                job.not_before = self._slot(start, index, loop_now, wall_now)
 
     def _claim_and_record(self, ids: list[int], results: list[outbox.Result]) -> outbox.Claimed:
         claimed = outbox.claim(
@@ -576,12 +626,28 @@ class _Run:
             self._watch(job, outcome)
             self._emit(results, _Result(job=job, outcome=outcome))
 
+    def _stale(self, job: _Job) -> bool:
+        """Its slot on the pace passed well before it could leave (see _repace)."""
+        if not job.not_before or not self.pace:
+            return False
+        late = asyncio.get_running_loop().time() - job.not_before
+        return late > 1.0 / self.pace + 0.25
+
     async def _send_one(self, job: _Job) -> Outcome | None:
-        if job.not_before:
-            await self._until(job.not_before)
         if self.bucket is not None and not self.stop.is_set():
             await self.bucket.acquire()
-        while await self._gate(job):
+        while True:
+            if job.not_before:
+                await self._until(job.not_before)
+                if self._stale(job) and not self.stop.is_set():
+                    await self._repace()
+                    continue
+            if not await self._gate(job):
+                return None
+            if self._stale(job):
+                # The gate was shut (the database went away) long enough for its slot to pass.
+                await self._repace()
+                continue
             self.inflight.add(job.claim.id)
             try:
                 outcome = await self.transport.send(
@@ -617,7 +683,6 @@ class _Run:
                 return outcome
             # Not handed over: it waited for a connection while the gate closed (the database
             # went away, the lease ran short, its address was suppressed) or the run stopped.
-        return None
 
     def _watch(self, job: _Job, outcome: Outcome) -> None:
         failed = outcome.kind is not OutcomeKind.ACCEPTED

@@ -26,7 +26,7 @@ Knows nothing of the database; imports only `transport` (the Outcome it writes d
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import json
 import mmap
 import os
@@ -35,6 +35,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailer.transport import Outcome, OutcomeKind
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock, and no boot id either (see boot_id)
+    fcntl = None  # type: ignore[assignment]
+
+
+def _try_lock(fd: int) -> bool:
+    """An exclusive lock on the open file, without waiting; False if another process holds
+    it (or the system has no flock: then nothing can be proved from the lock)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
 
 # Tests only: makes this process look like another machine (another boot), so that it can
 # neither read a journal written here nor prove its sender dead.
@@ -87,7 +105,8 @@ class Journal:
         path = directory / f"{_safe(sender_id)}.journal"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _try_lock(fd) and fcntl is not None:
+                raise OSError(errno.EAGAIN, f"{path} is locked by another process")
             header = f"{_MAGIC} {sender_id} {boot or '-'}\n".encode()
             os.write(fd, header)
             os.fsync(fd)
@@ -101,11 +120,12 @@ class Journal:
 
     def _grow(self, end: int) -> None:
         size = max(end, self._size + self._STEP)
-        os.posix_fallocate(self._fd, 0, size)
-        if self._map is None:
-            self._map = mmap.mmap(self._fd, size)
-        else:
-            self._map.resize(size)
+        _reserve(self._fd, self._size, size)
+        # A new map of the larger file (mmap.resize is not available everywhere); what was
+        # stored through the old one is in the same pages of the file.
+        if self._map is not None:
+            self._map.close()
+        self._map = mmap.mmap(self._fd, size)
         self._size = size
 
     def _append(self, data: bytes) -> None:
@@ -212,8 +232,7 @@ def take_abandoned(path: str | None, *, sender_id: str, boot: str | None) -> Aba
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        trail = _read(fd, sender_id=sender_id, boot=boot)
+        trail = _read(fd, sender_id=sender_id, boot=boot) if _try_lock(fd) else None
     except OSError:
         trail = None
     if trail is None:
@@ -241,7 +260,8 @@ def sweep(directory: Path, *, settled: Callable[[str], bool]) -> int:
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _try_lock(fd):
+                continue
             header = os.read(fd, 400).split(b"\n", 1)[0].decode("utf-8", errors="replace")
             parts = header.split(" ")
             if len(parts) == 4 and " ".join(parts[:2]) == _MAGIC and settled(parts[2]):
@@ -293,6 +313,23 @@ def _read(fd: int, *, sender_id: str, boot: str) -> Trail | None:
             # A line this version cannot read proves nothing: the claims stay conservative.
             return None
     return Trail(handed=frozenset(handed), outcomes=outcomes)
+
+
+def _reserve(fd: int, start: int, end: int) -> None:
+    """Disk space for bytes `start`..`end` of the file, taken now: a store into a mapped page
+    the disk has no room for would kill the process (SIGBUS) instead of raising an error."""
+    try:
+        os.posix_fallocate(fd, start, end - start)
+        return
+    except AttributeError:  # pragma: no cover - macOS has no posix_fallocate
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    zeros = bytes(1 << 16)
+    # Never over what is written already.
+    for offset in range(max(start, os.fstat(fd).st_size), end, len(zeros)):
+        os.pwrite(fd, zeros[: min(len(zeros), end - offset)], offset)
 
 
 def _safe(sender_id: str) -> str:

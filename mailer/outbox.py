@@ -852,6 +852,15 @@ def _reserve_pace(
     return start
 
 
+def reserve_pace(
+    engine: Engine, *, campaign_id: int, count: int, rate: float, now: dt.datetime
+) -> dt.datetime:
+    """New departures on the campaign's pace for letters a sender holds already (their slots
+    passed while it could not send them). Returns when the first may leave."""
+    with _writing(engine) as conn:
+        return _reserve_pace(conn, campaign_id=campaign_id, count=count, rate=rate, now=now)
+
+
 def _claim_rows(
     conn: Connection,
     *,
@@ -1555,6 +1564,7 @@ __all__ = [
     "release_unhanded",
     "requeue",
     "requeue_streak",
+    "reserve_pace",
     "sent_in_window",
     "settle_for_gone",
     "settled_contacts",
