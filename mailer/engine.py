@@ -1234,10 +1234,10 @@ async def _send_campaign(
     me = _identity(transport, workspace)
     report = SendReport(campaign=slug, via=transport.via, run_id=me.id)
     started = asyncio.get_running_loop().time()
+    campaign_id = await asyncio.to_thread(_campaign_id, engine, slug)
     signals = _Signals(asyncio.get_running_loop(), install=handle_signals)
     run: _Run | None = None
     worker: ComposeWorker | None = None
-    campaign_id = await asyncio.to_thread(_campaign_id, engine, slug)
     try:
         jr = journal.Journal.create(
             journal.journal_dir(workspace.root), sender_id=me.id, boot=me.boot
