@@ -22,6 +22,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
 
+from mailer.addresses import Mailbox
 from mailer.config import data_path
 from mailer.message import build_message, make_message_id
 from mailer.render import (
@@ -147,7 +148,7 @@ def main() -> None:
     def build(r: Recipient, rendered: Rendered) -> bytes:
         return build_message(
             rendered=rendered,
-            sender="Campaign Office <office@example.org>",
+            sender=Mailbox("Campaign Office", "office@example.org"),
             to_address=r.contact.email,
             to_name=r.contact.name,
             reply_to=None,

@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+from typing import NamedTuple
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import idna
 
@@ -84,10 +86,13 @@ def encode_domain(domain: str) -> str:
 def normalise(address: str) -> str:
     """The form an address is stored and looked up in (never raises: an invalid address is
     only trimmed and lower-cased, so it matches nothing valid)."""
+    lowered = address.strip().lower()
+    if lowered.isascii() and "xn--" not in lowered:
+        return lowered  # the common case: nothing to map
     address = address.strip()
     local, at, domain = address.rpartition("@")
     if not at:
-        return address.lower()
+        return lowered
     if domain.isascii() and "xn--" not in domain.lower():
         domain = domain.lower()
     else:
@@ -204,35 +209,157 @@ def wire_address(address: str, *, what: str) -> tuple[str, bool]:
 # --------------------------------------------------------------------------- mailboxes
 
 
-def split_mailbox(value: str) -> tuple[str | None, str]:
-    """`Name <addr>` or `addr` to (name or None, addr). The address is not validated here."""
-    value = value.strip()
-    if value.endswith(">") and "<" in value:
-        name, _, rest = value[:-1].rpartition("<")
-        name = name.strip()
-        if len(name) >= 2 and name[0] == name[-1] == '"':
-            name = re.sub(r"\\(.)", r"\1", name[1:-1])
-        return (name or None), rest.strip()
-    return None, value
+class Mailbox(NamedTuple):
+    """One mailbox: an optional display name and an address (as written, trimmed)."""
+
+    name: str | None
+    address: str
+
+    def __str__(self) -> str:
+        return f"{self.name} <{self.address}>" if self.name else self.address
 
 
-def check_mailbox(value: str, flag: str) -> None:
-    """`InvalidValueError` naming `flag` unless `value` is a usable `Name <addr>` or `addr`."""
-    _, address = split_mailbox(value)
+# Outside a quoted name these end a mailbox or start another: a second address, never a name.
+_LIST_SEPARATORS = frozenset(",;")
+_ANGLES = frozenset("<>")
+
+
+def parse_mailbox(value: str, *, what: str) -> Mailbox:
+    """Exactly one mailbox: `addr`, `Name <addr>` or `"Name, with specials" <addr>`.
+
+    `InvalidValueError` naming `what` (e.g. `--from`) for a list of addresses, a stray bracket
+    or comma, an unclosed quote, or an address that cannot be sent.
+    """
+    text = value.strip()
+    if not text:
+        raise InvalidValueError(f"{what} is empty: give one address, e.g. office@example.org")
+    if _CONTROL.search(text):
+        raise InvalidValueError(f"{what} {value!r} contains a line break or control character")
+    name: str | None = None
+    address = text
+    if text.endswith(">"):
+        name_part, address = _split_angle(text, value, what)
+        name = _phrase(name_part, value, what)
+    elif '"' in text or any(ch in _ANGLES for ch in text):
+        raise InvalidValueError(
+            f"{what} {value!r}: write one mailbox as Name <address> or as address"
+        )
+    if any(ch in _LIST_SEPARATORS for ch in address):
+        raise _more_than_one(value, what)
     problem = address_problem(address)
     if problem:
-        raise InvalidValueError(f"{flag} {value!r} is not a valid address: {problem}")
+        raise InvalidValueError(f"{what} {value!r} is not a valid address: {problem}")
+    return Mailbox(name=name, address=address)
+
+
+def _more_than_one(value: str, what: str) -> InvalidValueError:
+    return InvalidValueError(
+        f"{what} {value!r}: more than one address; {what} takes exactly one "
+        '(quote a name that has a comma: "Office, Kyiv" <office@example.org>)'
+    )
+
+
+def _split_angle(text: str, value: str, what: str) -> tuple[str, str]:
+    """(the part before `<`, the address inside `<…>`), quotes respected."""
+    quoted = False
+    escaped = False
+    opening = None
+    for index, ch in enumerate(text[:-1]):
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif ch == "<":
+            if opening is not None:
+                raise _more_than_one(value, what)
+            opening = index
+        elif ch == ">" or (ch in _LIST_SEPARATORS and opening is None):
+            raise _more_than_one(value, what)
+    if quoted:
+        raise InvalidValueError(f"{what} {value!r}: a quote in the name is not closed")
+    if opening is None:
+        raise InvalidValueError(f"{what} {value!r}: a > without its <")
+    return text[:opening].strip(), text[opening + 1 : -1].strip()
+
+
+def _phrase(text: str, value: str, what: str) -> str | None:
+    """A display name: quoted parts unquoted, unquoted parts free of address punctuation."""
+    out: list[str] = []
+    quoted = False
+    escaped = False
+    for ch in text:
+        if escaped:
+            out.append(ch)
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif not quoted and (ch in _LIST_SEPARATORS or ch in _ANGLES):
+            raise _more_than_one(value, what)
+        elif not quoted and ch in "@:":
+            raise InvalidValueError(
+                f"{what} {value!r}: a name with {ch!r} must be quoted "
+                '(e.g. "Office: Kyiv" <office@example.org>)'
+            )
+        else:
+            out.append(ch)
+    name = " ".join("".join(out).split())
+    return name or None
 
 
 def reply_to_rule(value: str | None) -> str | None:
-    """A campaign's Reply-To rule: None, `signatory`, or one checked mailbox."""
+    """A campaign's Reply-To rule: None, `signatory`, or one checked mailbox (as written)."""
     if value is None:
         return None
     value = value.strip()
     if value.lower() == REPLY_TO_SIGNATORY:
         return REPLY_TO_SIGNATORY
-    check_mailbox(value, "--reply-to")
+    parse_mailbox(value, what="--reply-to")
     return value
+
+
+def mailto_url(address: str, *, query: str = "") -> str:
+    """A `mailto:` URL fit for a header: A-label domain, non-ASCII local part percent-encoded
+    (RFC 6068), `query` appended as given (e.g. `subject=unsubscribe`)."""
+    local, _, domain = address.strip().rpartition("@")
+    url = f"mailto:{quote(local, safe=_MAILTO_SAFE)}@{encode_domain(domain)}"
+    return f"{url}?{query}" if query else url
+
+
+def ascii_url(url: str) -> str:
+    """An http(s) URL fit for a header: the host as A-labels, other non-ASCII percent-encoded
+    (UTF-8). `InvalidValueError` for a host that is no valid international domain name."""
+    if url.isascii():
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = parts.netloc
+    if host and not host.isascii():
+        userinfo = netloc.rpartition("@")[0]
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:
+            raise InvalidValueError(f"URL {url!r}: the port is not a number") from None
+        netloc = (f"{userinfo}@" if userinfo else "") + encode_domain(host) + port
+    safe = "/?&=#%:@!$'()*+,;~-._"
+    return urlunsplit(
+        (
+            parts.scheme,
+            quote(netloc, safe=safe),
+            quote(parts.path, safe=safe),
+            quote(parts.query, safe=safe + "{}"),
+            quote(parts.fragment, safe=safe),
+        )
+    )
+
+
+# RFC 6068 `some-delims` and unreserved characters may stay as they are in a mailto local part.
+_MAILTO_SAFE = "!$'()*+,;=.-_~"
 
 
 def display(address: str) -> str:

@@ -44,6 +44,7 @@ CORE_FIELDS = (
     "city",
     "region",
     "country",
+    "timezone",
 )
 
 
@@ -137,9 +138,11 @@ def _condition(session: Session, field: str, value: str) -> ColumnElement[bool]:
     if field == "city":
         return Contact.city_id.in_(select(City.id).where(City.name_key == city_key(value)))
     if field == "country":
-        return Contact.city_id.in_(select(City.id).where(City.country == value.upper()))
+        return Contact.city_id.in_(select(City.id).where(City.country == _country_code(value)))
     if field == "region":
         return Contact.city_id.in_(select(City.id).where(func.lower(City.region) == value.lower()))
+    if field in ("timezone", "time_zone"):
+        return func.lower(Contact.timezone) == value.strip().lower()
     if field in ("tag", "tags"):
         return exists().where(and_(ContactTag.contact_id == Contact.id, ContactTag.tag == value))
     attribute = Contact.attributes[field].as_string()
@@ -151,6 +154,17 @@ def _condition(session: Session, field: str, value: str) -> ColumnElement[bool]:
         )
     condition: ColumnElement[bool] = attribute == value
     return condition
+
+
+def _country_code(value: str) -> str:
+    """`--where country=Germany` reads the value as import reads a country (fields.parse_country:
+    ISO codes and names in our languages); what it cannot read is taken as a code."""
+    from mailer.fields import parse_country
+
+    try:
+        return parse_country(value)
+    except ValueError:
+        return value.strip().upper()
 
 
 def contacts_query(session: Session, audience: Audience) -> Select[Contact]:

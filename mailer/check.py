@@ -19,13 +19,14 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer.addresses import address_problem, split_mailbox
+from mailer.addresses import address_problem, display, needs_smtputf8, normalise
 from mailer.audience import Audience
 from mailer.compose import Composer, RecipientLoader, composer_for, template_set_for
 from mailer.config import Workspace
 from mailer.errors import InvalidValueError, MailerError, NotFoundError, TemplateError
+from mailer.greetings import generic_greeting
 from mailer.message import clean_text
-from mailer.models import Campaign
+from mailer.models import Campaign, utcnow
 from mailer.render import (
     MissingFieldError,
     Recipient,
@@ -33,6 +34,7 @@ from mailer.render import (
     TemplateSet,
     leftover_markup,
 )
+from mailer.timing import ZoneReport, format_zone_report, zone_report
 
 # Longer subjects are cut by most mail clients' lists (and read as spam); a warning, not a block.
 SUBJECT_WARN_LENGTH = 120
@@ -66,6 +68,8 @@ class CheckReport:
     # template language used -> recipients
     languages: Counter[str] = field(default_factory=Counter)
     findings: list[Finding] = field(default_factory=list)
+    # How each recipient's time zone was found (for sending windows).
+    zones: ZoneReport | None = None
 
     @property
     def blocking(self) -> list[Finding]:
@@ -126,10 +130,12 @@ def _check_slice(
     batch_size: int,
     *,
     progress: Callable[[int, int], None] | None = None,
+    campaign_id: int | None = None,
 ) -> _Partial:
     part = _Partial()
     found = part.found
-    loader = RecipientLoader(session)
+    # A follow-up's letters are checked with the thread they answer (its subject, its dates).
+    loader = RecipientLoader(session, campaign_id=campaign_id)
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         batch = loader.load(chunk)
@@ -138,7 +144,7 @@ def _check_slice(
             if recipient is None:  # deleted since the audience was resolved
                 continue
             email = recipient.contact.email
-            part.emails.append(email.strip().lower())
+            part.emails.append(normalise(email))
             problem = address_problem(email.strip())
             if problem:
                 found.add(
@@ -146,6 +152,15 @@ def _check_slice(
                     problem,
                     blocking=False,
                     message=f"invalid addresses, skipped when sending: {problem}",
+                    example=email,
+                )
+            elif not email.isascii() and needs_smtputf8(email):
+                found.add(
+                    "smtputf8",
+                    "",
+                    blocking=False,
+                    message="addresses with a non-ASCII local part need SMTPUTF8 (RFC 6531); "
+                    "sent only through a server that offers it, failed otherwise",
                     example=email,
                 )
             name = recipient.contact.name
@@ -201,7 +216,9 @@ def _run_slice_job(job: _SliceJob) -> _Partial:
             campaign=campaign, template_set=template_set, settings=job.settings
         )
     with db.transaction(db.session_factory(engine)) as session:
-        return _check_slice(session, composer, job.ids, job.batch_size)
+        return _check_slice(
+            session, composer, job.ids, job.batch_size, campaign_id=job.campaign.get("id")
+        )
 
 
 def _composer_key(campaign: dict[str, Any], sources: dict[str, str]) -> str:
@@ -234,12 +251,15 @@ def _check_parallel(
     import multiprocessing
 
     fields = {
+        "id": campaign.id,
         "slug": campaign.slug,
         "title": campaign.title,
         "template": campaign.template,
         "from_address": campaign.from_address,
         "reply_to": campaign.reply_to,
         "default_language": campaign.default_language,
+        "unsubscribe_mailto": campaign.unsubscribe_mailto,
+        "unsubscribe_url": campaign.unsubscribe_url,
     }
     jobs = [
         _SliceJob(
@@ -314,6 +334,8 @@ def check_campaign(
         composer = composer_for(campaign=campaign, template_set=template_set, settings=settings)
     except (TemplateError, NotFoundError, InvalidValueError) as exc:
         found.add("template_error", str(exc), blocking=True, message=str(exc), example=None)
+    if composer is not None:
+        _check_sender(composer, settings, found)
 
     if workers is None:
         workers = (
@@ -339,7 +361,11 @@ def check_campaign(
             # No worker processes here (a sandbox, a resource limit): one process is only slower.
             parts = None
     if parts is None:
-        parts = [_check_slice(session, composer, ids, batch_size, progress=progress)]
+        parts = [
+            _check_slice(
+                session, composer, ids, batch_size, progress=progress, campaign_id=campaign.id
+            )
+        ]
 
     emails: list[str] = []
     for part in parts:
@@ -368,10 +394,77 @@ def check_campaign(
             "skipped when sending",
             example=email,
         )
+    _team_findings(found, session, campaign, settings=settings, templates_dir=templates_dir)
     report.findings = sorted(
         found.groups.values(), key=lambda f: (not f.blocking, f.kind, -f.count, f.message)
     )
+    try:
+        report.zones = zone_report(
+            session,
+            campaign,
+            contact_ids=ids,
+            default_zone=settings.setting("campaign", "default_zone"),
+            today=utcnow().date(),
+        )
+    except InvalidValueError as exc:
+        found.add("timing", str(exc), blocking=True, message=str(exc), example=None)
+        report.findings.insert(0, found.groups[("timing", str(exc))])
     return report
+
+
+def _check_sender(composer: Composer, settings: Workspace, found: _Findings) -> None:
+    """A From or fixed Reply-To with a non-ASCII local part puts every letter on SMTPUTF8."""
+    known = settings.setting("smtp", "smtputf8") is True
+    for header, mailbox in (("From", composer.sender), ("Reply-To", composer.fixed_reply_to)):
+        if mailbox is None or not needs_smtputf8(mailbox.address):
+            continue
+        address = display(mailbox.address)
+        if known:
+            message = (
+                f"the {header} address {address} has a non-ASCII local part: every letter "
+                "needs SMTPUTF8 (RFC 6531); [smtp] smtputf8 = true in mailer.toml says the "
+                "server offers it"
+            )
+        else:
+            message = (
+                f"the {header} address {address} has a non-ASCII local part: every letter "
+                "would need SMTPUTF8 (RFC 6531), which many servers do not offer; use an "
+                "ASCII address, or set [smtp] smtputf8 = true in mailer.toml if yours does"
+            )
+        found.add(f"smtputf8_{header}", "", blocking=not known, message=message, example=None)
+
+
+def _team_findings(
+    found: _Findings,
+    session: Session,
+    campaign: Campaign,
+    *,
+    settings: Workspace,
+    templates_dir: Path,
+) -> None:
+    """Warnings about the campaign rather than one letter (issues 14 and 16): the local
+    template folder differs from the frozen copy, the remembered server has no rate, and
+    recipients another campaign wrote to lately."""
+    from mailer import campaigns
+
+    drift = campaigns.template_drift(campaign, templates_dir=templates_dir)
+    if drift:
+        found.add("template_drift", "", blocking=False, message=drift, example=None)
+    defaults = campaigns.send_defaults(campaign, settings)
+    host = campaigns.unpaced_host(defaults.smtp_url, defaults.rate)
+    if host:
+        message = campaigns.format_no_rate(host).replace("SLUG", campaign.slug)
+        found.add("no_rate", "", blocking=False, message=message, example=None)
+    quiet = (campaign.settings or {}).get("quiet_days")
+    recent = campaigns.recently_contacted(
+        session,
+        campaign=campaign,
+        audience=Audience.from_json(campaign.audience),
+        days=int(quiet) if quiet else campaigns.quiet_days_setting(settings),
+    )
+    line = campaigns.format_recently_contacted(recent, slug=campaign.slug)
+    if line:
+        found.add("recently_contacted", "", blocking=False, message=line, example=None)
 
 
 def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None:
@@ -395,14 +488,23 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
     part.rendered += 1
     part.languages[rendered.language] += 1
     reply_to = composer.reply_to(recipient)
-    if reply_to:
-        problem = address_problem(split_mailbox(reply_to)[1])
+    if reply_to is not None and reply_to is not composer.fixed_reply_to:
+        problem = address_problem(reply_to.address)
         if problem:
             found.add(
                 "reply_to",
-                reply_to,
+                reply_to.address,
                 blocking=True,
-                message=f"Reply-To {reply_to!r} is not a valid address: {problem}",
+                message=f"Reply-To {reply_to.address!r} is not a valid address: {problem}",
+                example=email,
+            )
+        elif needs_smtputf8(reply_to.address):
+            found.add(
+                "smtputf8_reply_to",
+                "",
+                blocking=False,
+                message="letters whose Reply-To (the signatory) has a non-ASCII local part "
+                "need SMTPUTF8 (RFC 6531); sent only through a server that offers it",
                 example=email,
             )
     if rendered.language not in part.built and not address_problem(email.strip()):
@@ -420,6 +522,16 @@ def _check_one(composer: Composer, recipient: Recipient, part: _Partial) -> None
             blocking=False,
             message=f"contacts asking for {rendered.requested_language!r} get the "
             f"{rendered.language!r} variant (the template has no {rendered.requested_language})",
+            example=email,
+        )
+    if rendered.generic_greeting:
+        generic = generic_greeting(rendered.language) or ""
+        found.add(
+            "generic_greeting",
+            rendered.language,
+            blocking=False,
+            message=f"letters with the generic greeting {generic!r} (no name, office or form "
+            f"of address known; {rendered.language} variant)",
             example=email,
         )
     if not rendered.subject:
@@ -480,6 +592,8 @@ def format_report(report: CheckReport) -> list[str]:
                 more = finding.count - len(finding.examples)
                 tail = f" and {more:,} more" if more > 0 else ""
                 lines.append(f"      e.g. {', '.join(finding.examples)}{tail}")
+    if report.zones is not None:
+        lines.extend(format_zone_report(report.zones))
     if report.ok:
         n = len(report.warnings)
         note = f" ({n} warning{'s' if n != 1 else ''})" if n else ""

@@ -73,6 +73,20 @@ def state() -> CliState:
     return click.get_current_context().find_object(CliState)  # type: ignore[return-value]
 
 
+def warn_about_secrets(workspace: Workspace) -> None:
+    """Files holding a secret that others may read: one `Warning:` line each, on stderr."""
+    from mailer.config import secret_warnings
+
+    for line in secret_warnings(workspace):
+        click.echo(f"Warning: {line}", err=True)
+
+
+def actor() -> Any:
+    from mailer.identity import Actor
+
+    return Actor.current()
+
+
 def fail(message: str, *, code: int = 1) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
@@ -91,6 +105,20 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except Exception as exc:
+            # A database that is busy, full, read-only or unreachable where no library call
+            # expected it: still one line that says what to do, never a traceback.
+            if not type(exc).__module__.startswith("sqlalchemy"):
+                raise
+            from sqlalchemy.exc import OperationalError
+
+            if isinstance(exc, OperationalError):
+                message = db.explain_operational_error(exc, what="nothing was changed")
+            else:
+                detail = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+                message = f"database error: {detail}"
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -157,26 +185,68 @@ def main() -> None:
 
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
-def init(directory: Path) -> None:
+@click.option(
+    "--db",
+    "init_db_url",
+    metavar="URL",
+    help="Use this (shared) database: written to mailer.toml without its password; an empty "
+    "database is migrated, one already in use is joined.",
+)
+def init(directory: Path, init_db_url: str | None) -> None:
     """Make a workspace: mailer.toml, the database, and the starter templates.
+
+    With --db URL (e.g. a team's PostgreSQL database) the workspace uses that database, and
+    no SQLite file is made: an empty database is migrated to the newest schema, one another
+    workspace made is joined as it is. The password stays out of mailer.toml: give it in
+    ~/.pgpass or PGPASSWORD.
 
     \b
     Example:
       mailer init campaign-office
+      mailer init laptop-b --db postgresql+psycopg://mailer@db.example.org/campaigns
     """
+    from mailer.config import strip_password
+
     st = state()
-    workspace = create_workspace(root=directory, db_url=st.db_url)
-    engine = db.make_engine(workspace.database_url)
-    try:
-        db.upgrade(engine)
-    finally:
-        engine.dispose()
+    url = init_db_url or st.db_url
+    status = "migrated to head"
+    current: str | None = None
+    if url is not None and not db.is_new_sqlite_file(url):
+        # Looked at before anything is written: a database newer than this mailer, or one
+        # that cannot be reached, leaves no half-made workspace behind.
+        probe = db.make_engine(url)
+        try:
+            current = db.current_revision(probe)
+            db.check_known_revision(probe, current)
+        finally:
+            probe.dispose()
+        if current is None:
+            status = "empty: migrated to head"
+        elif current == db.head_revision():
+            status = f"in use: joined (schema {current})"
+        else:
+            status = f"at {current}, older than this mailer: run `mailer db upgrade`"
+    workspace = create_workspace(root=directory, db_url=url)
+    if current is None:
+        engine = db.make_engine(workspace.database_url if url is None else url)
+        try:
+            db.upgrade(engine)
+        finally:
+            engine.dispose()
     click.echo(f"Created workspace {workspace.root}")
-    click.echo(f"  settings:  {workspace.root / 'mailer.toml'}")
-    click.echo(f"  database:  {db.redact_url(workspace.database_url)} (migrated to head)")
+    click.echo(f"  settings:  {workspace.root / 'mailer.toml'} (readable by you only)")
+    click.echo(f"  database:  {db.redact_url(workspace.database_url)} ({status})")
     click.echo(f"  templates: {workspace.templates_dir}")
+    if url is not None and strip_password(url) != url:
+        click.echo(
+            "  note:      the database password is not written to mailer.toml; give it in "
+            "~/.pgpass or PGPASSWORD"
+        )
     click.echo("Next steps:")
     click.echo(f"  cd {directory}")
+    if url is not None and status.startswith("in use"):
+        click.echo("  mailer status                 # the team's campaigns")
+        return
     click.echo("  mailer import contacts your-list.csv")
     click.echo("  mailer campaign create appeal-2022 --template appeal --from you@example.org")
     click.echo("  mailer check appeal-2022")
@@ -502,7 +572,8 @@ def suppress_add(emails: tuple[str, ...], reason: str) -> None:
     Example:
       mailer suppress add mayor@example.org office@example.org --reason manual
     """
-    from mailer import audience, importers
+    from mailer import audience, importers, outbox
+    from mailer.clock import utcnow
     from mailer.errors import InvalidValueError
 
     parsed = audience.parse_reason(reason)
@@ -513,9 +584,39 @@ def suppress_add(emails: tuple[str, ...], reason: str) -> None:
             valid.append(check(email))
         except ValueError as exc:
             raise InvalidValueError(f"not an email address: {exc}") from None
-    with db.transaction(db.session_factory(state().engine())) as session:
-        added = audience.suppress(session, emails=valid, reason=parsed, source="cli")
+    who = actor()
+    with db.writing(state().engine(), what="nothing was suppressed") as session:
+        added = outbox.add_suppressions(
+            session, emails=valid, reason=parsed, source="cli", actor=who, now=utcnow()
+        )
     click.echo(f"{added} address(es) suppressed, {len(set(valid)) - added} already suppressed.")
+
+
+@suppress_group.command(name="remove")
+@click.argument("email")
+@click.option(
+    "--reason",
+    "why",
+    required=True,
+    metavar="TEXT",
+    help="Why this address may be written to again (kept in the log).",
+)
+def suppress_remove(email: str, why: str) -> None:
+    """Let a suppressed address be written to again; the removal and its reason stay in the log.
+
+    \b
+    Example:
+      mailer suppress remove mayor@example.org --reason "asked to hear from us again (phone, 3 May)"
+    """
+    from mailer import outbox
+    from mailer.clock import utcnow
+
+    with db.writing(state().engine(), what="nothing was changed") as session:
+        gone = outbox.remove_suppression(session, email=email, why=why, actor=actor(), now=utcnow())
+    click.echo(
+        f"{gone.email} is no longer suppressed (was {gone.reason}); "
+        "`mailer log --events --all` keeps the change and its reason."
+    )
 
 
 @suppress_group.command(name="list")
@@ -572,6 +673,54 @@ def suppress_import(file: Path, reason: str, encoding: str | None, delimiter: st
 
 def _session() -> Any:
     return db.transaction(db.session_factory(state().engine()))
+
+
+_SENDING_OPTIONS = (
+    click.option(
+        "--smtp",
+        "smtp_url",
+        metavar="URL",
+        help="The server `mailer send SLUG` uses when given none (no password in it).",
+    ),
+    click.option(
+        "--rate",
+        metavar="N/s|N/min|N/h",
+        help="The pace `mailer send SLUG` keeps when given none, e.g. 300/min.",
+    ),
+    click.option(
+        "--daily-cap",
+        type=click.IntRange(min=1),
+        help="At most this many sent in any 24 hours, when send is given no --daily-cap.",
+    ),
+    click.option(
+        "--skip-contacted-within",
+        "skip_within",
+        metavar="DAYS",
+        help="Leave out recipients another campaign wrote to in the last DAYS (e.g. 14d); "
+        "re-checked whenever the campaign is sent.",
+    ),
+)
+
+
+def _sending_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_SENDING_OPTIONS):
+        func = option(func)
+    return func
+
+
+def _sending_settings(
+    smtp_url: str | None, rate: str | None, daily_cap: int | None, skip_within: str | None
+) -> Any:
+    from mailer import campaigns
+
+    return campaigns.SendingSettings(
+        smtp_url=smtp_url.strip() if smtp_url else None,
+        rate=rate.strip() if rate else None,
+        daily_cap=daily_cap,
+        quiet_days=campaigns.parse_days(skip_within, flag="--skip-contacted-within")
+        if skip_within
+        else None,
+    )
 
 
 @cli.group(name="campaign")
@@ -633,6 +782,37 @@ def campaign_group() -> None:
     help="Only contacts who have not answered campaign SLUG (an out-of-office answer is no "
     "answer; repeatable).",
 )
+@_sending_options
+@click.option(
+    "--window",
+    "windows",
+    multiple=True,
+    metavar="'DAYS HH:MM-HH:MM'",
+    help="Default sending window, e.g. 'Mon-Fri 09:00-17:00' (repeatable; `send --window` "
+    "overrides it).",
+)
+@click.option(
+    "--window-zone",
+    metavar="recipient|ZONE",
+    help="Whose time the windows are in: each recipient's own (default) or one IANA zone.",
+)
+@click.option(
+    "--default-zone",
+    metavar="ZONE",
+    help="Time zone of recipients whose own cannot be told (default: [campaign] default_zone "
+    "in mailer.toml, else UTC).",
+)
+@click.option(
+    "--follow-up-of",
+    metavar="SLUG",
+    help="A follow-up of campaign SLUG: to its recipients, in the same thread (Re: its subject "
+    "unless the template sets one).",
+)
+@click.option(
+    "--after",
+    metavar="DURATION",
+    help="With --follow-up-of: due this long after each contact's first letter, e.g. 7d, 36h.",
+)
 def campaign_create(
     slug: str,
     template: str,
@@ -646,8 +826,22 @@ def campaign_create(
     not_contacted_in: tuple[str, ...],
     replied_to: tuple[str, ...],
     not_replied_to: tuple[str, ...],
+    smtp_url: str | None,
+    rate: str | None,
+    daily_cap: int | None,
+    skip_within: str | None,
+    windows: tuple[str, ...],
+    window_zone: str | None,
+    default_zone: str | None,
+    follow_up_of: str | None,
+    after: str | None,
 ) -> None:
     """Create a draft campaign; its audience is a filter, resolved whenever needed.
+
+    The letter is frozen in the database now: the template's files, From, Reply-To, the
+    default language and the unsubscribe address and URL of mailer.toml. Every sender of the
+    team sends exactly this; `mailer campaign update SLUG --template NAME` changes it.
+    --smtp, --rate and --daily-cap are remembered for `mailer send SLUG`.
 
     A follow-up is a campaign whose audience comes from the record of another: bounced and
     unsubscribed addresses are suppressed anyway.
@@ -658,11 +852,16 @@ def campaign_create(
           --reply-to signatory --where country=DE --tag mayor
       mailer campaign create appeal-again --template appeal --from office@example.org \\
           --contacted-in appeal-de --not-replied-to appeal-de
+      mailer campaign create appeal-eu --template appeal --from office@example.org \\
+          --window 'Mon-Thu 09:00-12:00' --window 'Mon-Thu 14:00-17:00'
+      mailer campaign create follow-1 --template follow-up --from office@example.org \\
+          --follow-up-of appeal-de --after 7d --not-replied-to appeal-de
     """
-    from mailer import campaigns
+    from mailer import campaigns, timing
     from mailer.audience import Audience, parse_where
 
     workspace = state().workspace()
+    sending = _sending_settings(smtp_url, rate, daily_cap, skip_within)
     audience = Audience(
         where=parse_where(where),
         tags=tuple(tags),
@@ -672,7 +871,8 @@ def campaign_create(
         not_replied_to=tuple(not_replied_to),
     )
     default_language = language or str(workspace.setting("campaign", "default_language", "en"))
-    with _session() as session:
+    quiet_days = sending.quiet_days or campaigns.quiet_days_setting(workspace)
+    with db.writing(state().engine(), what="the campaign was not created") as session:
         campaign = campaigns.create_campaign(
             session,
             slug=slug,
@@ -683,12 +883,41 @@ def campaign_create(
             title=title,
             default_language=default_language,
             templates_dir=workspace.templates_dir,
+            settings=workspace,
+            sending=sending,
+            actor=actor(),
         )
+        timing.configure(
+            session,
+            campaign,
+            windows=windows,
+            window_zone=window_zone,
+            default_zone=default_zone,
+            follow_up_of=follow_up_of,
+            after=after,
+        )
+        audience = campaigns.audience_of(campaign)
         size = campaigns.audience_size(session, audience)
+        recent = campaigns.recently_contacted(
+            session, campaign=campaign, audience=audience, days=quiet_days
+        )
+        defaults = campaigns.send_defaults(campaign, workspace)
     click.echo(
         f"Created campaign {campaign.slug} (draft): template {template}, "
         f"{size:,} recipients ({audience.describe()})."
     )
+    click.echo(
+        f"  frozen: {len(campaign.template_sources)} template file(s), From, Reply-To, "
+        f"language {default_language}, unsubscribe {campaign.unsubscribe_mailto}"
+    )
+    if sending.describe():
+        click.echo(f"  remembered for send: {sending.describe()}")
+    line = campaigns.format_recently_contacted(recent, slug=slug)
+    if line:
+        click.echo(f"  {line}")
+    host = campaigns.unpaced_host(defaults.smtp_url, defaults.rate)
+    if host:
+        click.echo(f"  note: {campaigns.format_no_rate(host).replace('SLUG', slug)}")
     click.echo(f"Next: mailer check {slug}   then   mailer preview {slug}")
 
 
@@ -720,26 +949,202 @@ def campaign_show(slug: str) -> None:
     Example:
       mailer campaign show appeal-2022
     """
-    from mailer import campaigns
+    from mailer import campaigns, timing
 
     workspace = state().workspace()
     with _session() as session:
         campaign = campaigns.get_campaign(session, slug)
         summary = campaigns.summarise(session, campaign, templates_dir=workspace.templates_dir)
+        timing_lines = timing.describe_campaign(session, campaign)
     frozen = "frozen copy" if campaign.template_sources else f"live from {workspace.templates_dir}"
+    drift = campaigns.template_drift(campaign, templates_dir=workspace.templates_dir)
     click.echo(f"Campaign:  {campaign.slug}" + (f" ({campaign.title})" if campaign.title else ""))
     click.echo(f"Status:    {campaign.status}")
     variants = ", ".join(summary.template_languages) or "none"
     click.echo(f"Template:  {campaign.template} ({frozen}); variants: {variants}")
     if summary.template_error:
         click.echo(f"           problem: {summary.template_error}")
+    if drift:
+        click.echo(f"           note: {drift}")
     click.echo(f"From:      {campaign.from_address}")
     click.echo(f"Reply-To:  {campaign.reply_to or '(none)'}")
     click.echo(f"Language:  {campaign.default_language} (default)")
+    if campaign.pause_reason:
+        click.echo(f"Stopped:   {campaign.pause_reason}")
+    if campaign.unsubscribe_mailto is not None:
+        url = campaign.unsubscribe_url or "no one-click URL"
+        click.echo(f"Unsubscribe: {campaign.unsubscribe_mailto}; {url} (frozen)")
+    remembered = campaigns.SendingSettings.from_json(campaign.settings).describe()
+    defaults = campaigns.send_defaults(campaign, workspace)
+    click.echo(
+        f"Send uses: {defaults.smtp_url or '(no server: give --smtp)'}"
+        + (f" ({defaults.smtp_from})" if defaults.smtp_from else "")
+        + (f", rate {defaults.rate} ({defaults.rate_from})" if defaults.rate else ", no rate")
+        + (
+            f", daily cap {defaults.daily_cap} ({defaults.daily_cap_from})"
+            if defaults.daily_cap
+            else ""
+        )
+    )
+    if remembered:
+        click.echo(f"Remembers: {remembered}")
+    for line in timing_lines:
+        click.echo(line)
     click.echo(f"Audience:  {summary.audience}: {summary.size:,} contacts")
     for lang, n, used in summary.languages:
         arrow = f" -> {used}" if used and used != lang else ""
         click.echo(f"           {lang or '(no language)':<14} {n:>8,}{arrow}")
+
+
+@campaign_group.command(name="update")
+@click.argument("slug")
+@click.option(
+    "--template",
+    "template",
+    metavar="NAME",
+    help="Freeze the letter again from templates/NAME/ (the same name takes your edits).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Change the template even though letters were sent (the rest read differently).",
+)
+@_sending_options
+def campaign_update(
+    slug: str,
+    template: str | None,
+    force: bool,
+    smtp_url: str | None,
+    rate: str | None,
+    daily_cap: int | None,
+    skip_within: str | None,
+) -> None:
+    """Change a campaign: its frozen letter, or what send remembers. Logged as an event.
+
+    The template can be changed while nothing is sent; after that only with --force. The
+    server, pace and quiet days can be changed any time.
+
+    \b
+    Example:
+      mailer campaign update appeal-2022 --template appeal
+      mailer campaign update appeal-2022 --rate 200/min --skip-contacted-within 14d
+    """
+    from mailer import campaigns
+
+    sending = _sending_settings(smtp_url, rate, daily_cap, skip_within)
+    if template is None and not sending.to_json():
+        raise click.UsageError(
+            "say what to change: --template, --smtp, --rate, --daily-cap or --skip-contacted-within"
+        )
+    workspace = state().workspace()
+    with db.writing(state().engine(), what="the campaign was not changed") as session:
+        update = campaigns.update_campaign(
+            session,
+            slug=slug,
+            templates_dir=workspace.templates_dir,
+            template=template,
+            sending=sending if sending.to_json() else None,
+            force=force,
+            actor=actor(),
+        )
+    if not update.changes:
+        click.echo(f"Campaign {slug}: nothing changed.")
+        return
+    click.echo(f"Campaign {slug} updated:")
+    for change in update.changes:
+        click.echo(f"  {change}")
+
+
+@campaign_group.command(name="pause")
+@click.argument("slug")
+@click.option("--reason", metavar="TEXT", help="Why (shown to whoever tries to send it).")
+def campaign_pause(slug: str, reason: str | None) -> None:
+    """Pause a campaign for the whole team: every running sender stops within seconds.
+
+    Letters on the wire finish; the rest go back to the queue. No `send` starts until
+    `mailer campaign resume SLUG`.
+
+    \b
+    Example:
+      mailer campaign pause appeal-2022 --reason "wrong partner city in the Polish letter"
+    """
+    from mailer import outbox
+    from mailer.clock import utcnow
+
+    done = outbox.pause_campaign(
+        state().engine(), slug=slug, actor=actor(), reason=reason, now=utcnow()
+    )
+    click.echo(f"Campaign {slug} {done.pause_reason}.")
+    click.echo(
+        f"Running senders stop within seconds; `mailer campaign resume {slug}` lets it go on."
+    )
+
+
+@campaign_group.command(name="resume")
+@click.argument("slug")
+@click.option(
+    "--acknowledge-bounces",
+    is_flag=True,
+    help="Resume a campaign a bounce spike paused (you looked at the bounces).",
+)
+def campaign_resume(slug: str, acknowledge_bounces: bool) -> None:
+    """Let a paused campaign be sent again (by the next `mailer send SLUG`).
+
+    \b
+    Example:
+      mailer campaign resume appeal-2022
+    """
+    from mailer import outbox
+    from mailer.clock import utcnow
+
+    outbox.resume_campaign(
+        state().engine(),
+        slug=slug,
+        actor=actor(),
+        acknowledge_bounces=acknowledge_bounces,
+        now=utcnow(),
+    )
+    click.echo(f"Campaign {slug} resumed; `mailer send {slug}` goes on.")
+
+
+@campaign_group.command(name="cancel")
+@click.argument("slug")
+@click.option("--reason", metavar="TEXT", help="Why (kept in the log).")
+def campaign_cancel(slug: str, reason: str | None) -> None:
+    """Cancel a campaign (and its follow-ups): every letter still waiting is skipped.
+
+    Running senders stop within seconds. What was sent stays in the record.
+
+    \b
+    Example:
+      mailer campaign cancel appeal-2022 --reason "sent from the wrong list"
+    """
+    from mailer import outbox
+    from mailer.clock import utcnow
+
+    skipped = outbox.cancel_campaign(
+        state().engine(), slug=slug, actor=actor(), reason=reason, now=utcnow()
+    )
+    for name, count in skipped.items():
+        click.echo(f"Campaign {name} cancelled: {count:,} waiting letter(s) skipped.")
+
+
+@campaign_group.command(name="delete")
+@click.argument("slug")
+def campaign_delete(slug: str) -> None:
+    """Delete a campaign none of whose letters was ever sent or tried (a mistake, a test).
+
+    A campaign with letters sent stays: it is the record (`campaign cancel` stops the rest).
+
+    \b
+    Example:
+      mailer campaign delete appeal-typo
+    """
+    from mailer import outbox
+    from mailer.clock import utcnow
+
+    dropped = outbox.delete_campaign(state().engine(), slug=slug, actor=actor(), now=utcnow())
+    click.echo(f"Campaign {slug} deleted ({dropped:,} unsent letter(s) dropped).")
 
 
 class _CheckProgress:
@@ -786,6 +1191,7 @@ def check(slug: str) -> None:
     from mailer.errors import CheckFailed
 
     workspace = state().workspace()
+    warn_about_secrets(workspace)
     with _session() as session, _CheckProgress() as progress:
         campaign = campaigns.get_campaign(session, slug)
         report = checking.check_campaign(
@@ -829,6 +1235,9 @@ def preview(slug: str, contact: str | None, raw: bool) -> None:
             settings=workspace,
         )
         notes = compose.recipient_notes(session, composed.rcpt_to)
+        drift = campaigns.template_drift(campaign, templates_dir=workspace.templates_dir)
+    if drift:
+        click.echo(f"Note: {drift}", err=True)
     if raw:
         # click.echo writes bytes to the binary stream untouched: the exact message.
         click.echo(composed.data, nl=False)
@@ -854,7 +1263,8 @@ def _on_terminal() -> bool:
     "--smtp",
     "smtp_url",
     metavar="URL",
-    help="smtp://user@host:587 (STARTTLS), smtps://user@host:465, or smtp+plain://host:25.",
+    help="smtp://user@host:587 (STARTTLS), smtps://user@host:465, or smtp+plain://host:25. "
+    "Default: the campaign's (campaign create --smtp), else [smtp] url in mailer.toml.",
 )
 @click.option(
     "--outbox",
@@ -872,12 +1282,16 @@ def _on_terminal() -> bool:
     help="SMTP connections.",
 )
 @click.option(
-    "--rate", metavar="N/s|N/min|N/h", help="At most this many messages per second, minute or hour."
+    "--rate",
+    metavar="N/s|N/min|N/h",
+    help="At most this many messages per second, minute or hour. Default: the campaign's, "
+    "else [smtp] rate in mailer.toml.",
 )
 @click.option(
     "--daily-cap",
     type=click.IntRange(min=1),
-    help="At most this many sent in any 24 hours (all campaigns).",
+    help="At most this many sent in any 24 hours (all campaigns). Default: the campaign's, "
+    "else [smtp] daily_cap in mailer.toml.",
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most this many in this run.")
 @click.option(
@@ -905,9 +1319,38 @@ def _on_terminal() -> bool:
 @click.option(
     "--acknowledge-bounces",
     is_flag=True,
-    help="Resume a campaign a bounce spike has paused (you have looked at the bounces).",
+    help="Send a campaign a bounce spike paused (you looked at the bounces).",
 )
-@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--window",
+    "windows",
+    multiple=True,
+    metavar="'DAYS HH:MM-HH:MM'",
+    help="Send only inside this window, e.g. 'Mon-Fri 09:00-17:00' (repeatable; default: the "
+    "campaign's). Others wait, queued, for their window.",
+)
+@click.option(
+    "--window-zone",
+    metavar="recipient|ZONE",
+    help="Whose time the windows are in: each recipient's own (default) or one IANA zone.",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for the next window (or follow-up delay) instead of ending with exit 3.",
+)
+@click.option(
+    "--spread",
+    is_flag=True,
+    help="Spread the --daily-cap evenly over the window (with a little jitter) instead of "
+    "sending in a burst when it opens.",
+)
+@click.option(
+    "--yes",
+    "-y",
+    is_flag=True,
+    help="Do not ask for confirmation (needed where there is no terminal to ask on).",
+)
 def send(
     slug: str,
     smtp_url: str | None,
@@ -922,31 +1365,52 @@ def send(
     timeout: float,
     allow_plaintext_auth: bool,
     acknowledge_bounces: bool,
+    windows: tuple[str, ...],
+    window_zone: str | None,
+    wait: bool,
+    spread: bool,
     yes: bool,
 ) -> None:
     """Deliver a campaign: every recipient at most once, every outcome in the send log.
 
-    Exit status: 0 all sent; 3 messages left failed, uncertain, retrying or held by a cap;
-    130 interrupted (run send again to continue).
+    Asks before it sends, on a terminal; in a script it sends only with --yes. With no
+    --smtp/--outbox, the campaign's remembered server is used, else [smtp] url in mailer.toml
+    (likewise --rate and --daily-cap), so after a Ctrl-C `mailer send SLUG` goes on.
+
+    With a sending window, each letter goes when the window is open in its recipient's time
+    zone (their timezone column, else their city and country, else the campaign's default
+    zone); the others stay queued until theirs opens. Public holidays are not known.
+
+    Exit status: 0 all sent; 3 messages left failed, uncertain, retrying, held by a cap or
+    waiting for their window, or the campaign was paused or cancelled by someone; 130
+    interrupted (send again to go on).
 
     \b
     Example:
       MAILER_SMTP_PASSWORD=... mailer send appeal-2022 --smtp smtp://office@mail.example.org:587 --rate 300/min
+      mailer send appeal-2022            # the server and rate remembered in mailer.toml
       mailer send appeal-2022 --outbox out/
       mailer send appeal-2022 --smtp smtp+plain://127.0.0.1:1025 --test-to me@example.org
+      mailer send appeal-2022 --smtp URL --window 'Mon-Fri 09:00-17:00' --daily-cap 500 --spread --wait
     """
+    import shlex
+
+    from mailer import campaigns, smtp, timing
     from mailer import engine as send_engine
-    from mailer import smtp
+    from mailer import outbox as outbox_verbs
     from mailer import transport as tr
-    from mailer.errors import SendIncomplete
+    from mailer.clock import utcnow
+    from mailer.errors import MailerError, SendIncomplete
     from mailer.send_report import (
+        SendPaused,
         format_incomplete_reason,
+        format_paused,
         format_send_plan,
         format_send_summary,
     )
 
-    if sum((smtp_url is not None, outbox is not None, dry_run)) != 1:
-        raise click.UsageError("give exactly one of --smtp URL, --outbox DIR or --dry-run")
+    if sum((smtp_url is not None, outbox is not None, dry_run)) > 1:
+        raise click.UsageError("give at most one of --smtp URL, --outbox DIR or --dry-run")
     st = state()
     workspace = st.workspace()
     engine = st.engine()
@@ -958,8 +1422,69 @@ def send(
         if report.incomplete:
             raise SendIncomplete(format_incomplete_reason(report))
         return
+    if not yes and not terminal:
+        raise MailerError(
+            f"`mailer send` asks before it sends, and there is no terminal here to ask on "
+            f"(a script, or input from a file or pipe): add --yes to send {slug} without asking"
+        )
+    warn_about_secrets(workspace)
+    with db.session_factory(engine)() as session:
+        defaults = campaigns.send_defaults(campaigns.get_campaign(session, slug), workspace)
+    again = ["mailer", "send", slug]
+    transport_from = None
+    if smtp_url is None and outbox is None:
+        if defaults.smtp_url is None:
+            raise click.UsageError(
+                "no server to send to: give --smtp URL (or --outbox DIR, --dry-run), or "
+                f"remember one: [smtp] url in mailer.toml, or `mailer campaign update {slug} "
+                "--smtp URL`"
+            )
+        smtp_url, transport_from = defaults.smtp_url, defaults.smtp_from
+    elif smtp_url is not None and smtp_url != defaults.smtp_url:
+        again += ["--smtp", smtp_url]
+    elif outbox is not None:
+        again += ["--outbox", str(outbox)]
+    rate_from = None
+    if rate is None:
+        rate, rate_from = defaults.rate, defaults.rate_from
+    elif rate != defaults.rate:
+        again += ["--rate", rate]
+    cap_from = None
+    if daily_cap is None:
+        daily_cap, cap_from = defaults.daily_cap, defaults.daily_cap_from
+    elif daily_cap != defaults.daily_cap:
+        again += ["--daily-cap", str(daily_cap)]
+    for flag, on in (("--yes", yes), ("--allow-plaintext-auth", allow_plaintext_auth)):
+        if on and (flag != "--yes" or not terminal):
+            again.append(flag)
+    if ca_file is not None:
+        again += ["--ca-file", str(ca_file)]
+    if concurrency != 4:
+        again += ["--concurrency", str(concurrency)]
+    if timeout != 60.0:
+        again += ["--timeout", f"{timeout:g}"]
+    for window in windows:
+        again += ["--window", window]
+    if window_zone is not None:
+        again += ["--window-zone", window_zone]
+    again += [flag for flag, on in (("--wait", wait), ("--spread", spread)) if on]
     per_second = tr.parse_rate(rate) if rate else None
+    if test_to is None:
+        # Paused by someone, cancelled, or held by a bounce spike: said before anything else.
+        outbox_verbs.ensure_sendable(
+            engine,
+            slug=slug,
+            acknowledge_bounces=acknowledge_bounces,
+            actor=actor(),
+            now=utcnow(),
+        )
+    run_timing = timing.RunTiming(
+        windows=windows, window_zone=window_zone, wait=wait, spread=spread, notify=click.echo
+    )
+    # Bad windows, zones or combinations are refused before a password is asked for.
+    timing.check_run(engine, slug=slug, run=run_timing, daily_cap=daily_cap, settings=workspace)
     transport: tr.Transport
+    notes: list[str] = []
     if smtp_url is not None:
         settings = smtp.parse_smtp_url(
             smtp_url,
@@ -973,41 +1498,92 @@ def send(
             prompt=(lambda text: str(click.prompt(text, hide_input=True))) if terminal else None,
         )
         transport = smtp.SmtpPool(settings.with_password(password), size=concurrency)
-        shown = settings.display
+        shown = settings.display + (f" (from {transport_from})" if transport_from else "")
+        host = campaigns.unpaced_host(smtp_url, rate)
+        if host is not None:
+            notes.append(campaigns.format_no_rate(host).replace("SLUG", slug))
     else:
         assert outbox is not None
         transport = tr.MaildirOutbox(outbox)
         shown = f"Maildir {outbox}"
     plan = send_engine.plan_send(workspace=workspace, engine=engine, slug=slug)
+    shown_rate = f"{rate} ({rate_from})" if rate and rate_from else rate
+    shown_cap = daily_cap
     for line in format_send_plan(
-        plan, transport=shown, test_to=test_to, limit=limit, rate=rate, daily_cap=daily_cap
+        plan,
+        transport=shown,
+        test_to=test_to,
+        limit=limit,
+        rate=shown_rate,
+        daily_cap=shown_cap,
+        notes=tuple(notes),
     ):
         click.echo(line)
+    if cap_from and daily_cap:
+        click.echo(f"  (daily cap from {cap_from})")
     if terminal and not yes:
+        if notes and per_second is None and smtp_url is not None:
+            rate, per_second = _ask_rate()
+            if rate is not None:
+                again += ["--rate", rate]
         click.confirm("Send now?", abort=True)
     with _send_progress(terminal=terminal) as progress:
-        report = send_engine.send_campaign(
-            workspace=workspace,
-            engine=engine,
-            slug=slug,
-            transport=transport,
-            concurrency=concurrency,
-            rate=per_second,
-            daily_cap=daily_cap,
-            limit=limit,
-            test_to=test_to,
-            progress=progress,
-            handle_signals=True,
-            acknowledge_bounces=acknowledge_bounces,
-        )
+        try:
+            report = send_engine.send_campaign(
+                workspace=workspace,
+                engine=engine,
+                slug=slug,
+                transport=transport,
+                concurrency=concurrency,
+                rate=per_second,
+                daily_cap=daily_cap,
+                limit=limit,
+                test_to=test_to,
+                progress=progress,
+                handle_signals=True,
+                timing_options=run_timing,
+            )
+        except SendPaused as paused:
+            paused.report.again = shlex.join(again)
+            progress.finish()
+            if paused.report.totals:
+                for line in format_send_summary(paused.report):
+                    click.echo(line)
+            click.echo(format_paused(paused.report))
+            sys.exit(paused.exit_code)
+    report.again = shlex.join(again)
     for line in format_send_summary(report):
         click.echo(line)
     if report.incomplete:
         raise SendIncomplete(format_incomplete_reason(report))
 
 
+def _ask_rate() -> tuple[str | None, float | None]:
+    """On the confirmation screen: the pace for a send to a provider that has none set."""
+    from mailer import transport as tr
+    from mailer.errors import InvalidValueError
+
+    while True:
+        answer = str(
+            click.prompt(
+                "Rate for this send (e.g. 300/min; `none` to send as fast as the server takes)",
+                default="",
+                show_default=False,
+            )
+        ).strip()
+        if answer.lower() == "none":
+            return None, None
+        if not answer:
+            continue
+        try:
+            return answer, tr.parse_rate(answer)
+        except InvalidValueError as exc:
+            click.echo(f"  {exc}")
+
+
 class _send_progress:
-    """A rich progress bar on a terminal; elsewhere a plain line every 5 s or 10 %."""
+    """A rich progress bar on a terminal (`sent 12 of 300`); elsewhere a plain line every 5 s
+    or 10 %. A letter handed back to the queue is never counted as done."""
 
     def __init__(self, *, terminal: bool) -> None:
         self.terminal = terminal
@@ -1016,48 +1592,41 @@ class _send_progress:
         self.last_time = 0.0
         self.last_tenth = -1
         self.started = 0.0
+        self.finished = False
 
-    def __enter__(self) -> Callable[[SendReport], None]:
+    def __enter__(self) -> _send_progress:
         import time
 
         self.started = time.monotonic()
         if self.terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("sending"),
+                TextColumn("sent {task.fields[sent]:,} of {task.total:,.0f}"),
                 BarColumn(),
-                MofNCompleteColumn(),
                 TextColumn("{task.fields[detail]}"),
                 TimeRemainingColumn(),
             )
             self.bar.start()
-        return self.update
+        return self
 
-    def update(self, report: SendReport) -> None:
+    def __call__(self, report: SendReport) -> None:
         import time
 
-        from mailer.send_report import format_progress
+        from mailer.send_report import format_progress, format_progress_detail, progress_done
 
-        done = report.done + report.released
+        if self.finished:
+            # After the interrupt: what is put back in the queue must not move the count.
+            return
+        done = progress_done(report)
         total = max(report.due, done)
         now = time.monotonic()
         rate = done / (now - self.started) if now > self.started else 0.0
-        problems = report.failed + report.uncertain + report.build_errors
         if self.bar is not None:
-            from mailer.send_report import format_database_wait
-
-            waiting = format_database_wait(report)
-            detail = waiting or f"{problems} failed · {report.deferred} retry · {rate:,.0f} msg/s"
+            detail = format_progress_detail(report, rate=rate)
             if self.task is None:
-                self.task = self.bar.add_task("send", total=total, detail=detail)
-            self.bar.update(self.task, completed=done, total=total, detail=detail)
+                self.task = self.bar.add_task("send", total=total, sent=0, detail=detail)
+            self.bar.update(self.task, completed=done, total=total, sent=report.sent, detail=detail)
             return
         tenth = (done * 10 // total) if total else 10
         down = report.database_down is not None
@@ -1065,9 +1634,14 @@ class _send_progress:
             self.last_time, self.last_tenth = now, tenth
             click.echo(format_progress(report, total=total, rate=rate))
 
-    def __exit__(self, *exc: object) -> None:
+    def finish(self) -> None:
+        self.finished = True
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
 
 
 @cli.command()
@@ -1272,8 +1846,9 @@ def contacts_show(email: str, fmt: str) -> None:
 def status(slug: str | None, fmt: str) -> None:
     """Progress of each campaign, per message state.
 
-    Messages per state, progress, start and end, the recent send rate, and the top failure
-    reasons (SMTP code and reply, counted). Without SLUG, every campaign. The JSON keys are campaign, status, total and one per
+    Messages per state, progress, start and end (in your local time), the recent send rate
+    over the span actually sent with the configured limit, and the top failure reasons (SMTP
+    code and reply, counted). Without SLUG, every campaign. The JSON keys are campaign, status, total and one per
     state (queued, sending, sent, retry, failed, skipped, uncertain).
 
     \b
@@ -1285,8 +1860,14 @@ def status(slug: str | None, fmt: str) -> None:
 
     from mailer import review
 
+    workspace = state().workspace()
     with db.session_factory(state().engine())() as session:
-        summaries = review.campaign_status(session, slug)
+        summaries = review.campaign_status(
+            session,
+            slug,
+            default_rate=review.configured_rate(workspace.setting("smtp", "rate")),
+            default_daily_cap=review.configured_cap(workspace.setting("smtp", "daily_cap")),
+        )
     if fmt == "json":
         click.echo(json.dumps([s.to_json() for s in summaries], indent=2, ensure_ascii=False))
     elif sys.stdout.isatty():
@@ -1371,7 +1952,7 @@ def senders_cmd(slug: str | None, include_stopped: bool, fmt: str) -> None:
 
 
 @cli.command(name="log")
-@click.argument("slug")
+@click.argument("slug", required=False)
 @click.option(
     "--status",
     "statuses",
@@ -1388,10 +1969,18 @@ def senders_cmd(slug: str | None, include_stopped: bool, fmt: str) -> None:
 @click.option(
     "--since",
     metavar="WHEN",
-    help="Only activity since then: 2026-03-14, 2026-03-14T09:30, or an age: 30m, 2h, 3d, 1w.",
+    help="Only activity since then: 2026-03-14, 2026-03-14T09:30 (your local time, or with an "
+    "offset: +01:00), or an age: 30m, 2h, 3d, 1w.",
 )
 @click.option(
     "--events", is_flag=True, help="One line per send-log event instead of per recipient."
+)
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="With --events, no SLUG: the whole log of every campaign, import, suppression change "
+    "and campaign change, with who did it and from which machine (the audit export).",
 )
 @click.option(
     "--format",
@@ -1409,9 +1998,10 @@ def log_command(
     country: str | None,
     since: str | None,
     events: bool,
+    everything: bool,
     fmt: str,
 ) -> None:
-    """Who was sent what, when, and the server's answer.
+    """Who was sent what, when, and the server's answer; with --events --all, the audit log.
 
     One line per recipient with its state, attempts, sent time, SMTP code and reply, and
     Message-ID. With --events, one line per send-log event (queued, claimed, sent, deferred, ...),
@@ -1422,8 +2012,16 @@ def log_command(
       mailer log appeal-2022 --status failed
       mailer log appeal-2022 --country DE --since 2d --format csv > sent.csv
       mailer log appeal-2022 --contact mayor@city.example.org --events
+      mailer log --events --all --format csv > audit.csv
     """
     from mailer import review
+
+    if everything and slug is not None:
+        raise click.UsageError("--all is every campaign: give it without SLUG")
+    if everything and not events:
+        raise click.UsageError("--all lists the events of everything: add --events")
+    if not everything and slug is None:
+        raise click.UsageError("name a campaign (SLUG), or give --events --all for everything")
 
     flt = review.LogFilter(
         statuses=review.parse_statuses(statuses),
@@ -1433,10 +2031,15 @@ def log_command(
         since=review.parse_since(since) if since is not None else None,
     )
     with db.session_factory(state().engine())() as session:
-        if events:
+        if everything:
+            rows = review.audit_rows(session, flt=flt)
+            columns, table_columns = review.AUDIT_COLUMNS, review.AUDIT_TABLE_COLUMNS
+        elif events:
+            assert slug is not None
             rows = review.event_rows(session, slug=slug, flt=flt)
             columns, table_columns = review.EVENT_COLUMNS, review.EVENT_TABLE_COLUMNS
         else:
+            assert slug is not None
             rows = review.log_rows(session, slug=slug, flt=flt)
             columns, table_columns = review.LOG_COLUMNS, review.LOG_TABLE_COLUMNS
         writer = {"csv": review.write_csv, "json": review.write_json}.get(fmt)
@@ -1458,30 +2061,35 @@ def log_command(
 @click.option(
     "--output",
     "-o",
-    required=True,
     # Not dir_okay=False: the library names a folder given here in its one `Error:` line.
     type=click.Path(path_type=Path),
     metavar="FILE.html",
-    help="Where to write the report (one self-contained HTML file).",
+    help="Where to write the report (one self-contained HTML file). Default: SLUG-report.html "
+    "in the current folder.",
 )
-def report(slug: str, output: Path) -> None:
+def report(slug: str, output: Path | None) -> None:
     """Write a one-file HTML report anyone can open.
 
-    Totals, a chart of sends over time, results by country and language, failures grouped
-    by reason, and the failed and uncertain recipients with the server's answers. The file
-    needs nothing else (no internet, no scripts): mail it, open it in any browser.
+    Totals and the recent rate; what came back (replies with their first lines, bounces by
+    reason, unsubscribes, reply rate by country and language); who to follow up; who is
+    waiting, refused or skipped and why; who was contacted (city, partner city, when); a chart
+    of sends over time; and one sample letter per language. Times are in your local time zone.
+    The file needs nothing else (no internet, no scripts): mail it, open it in any browser.
 
     \b
     Example:
-      mailer report appeal-2022 --output appeal-2022.html
+      mailer report appeal-2022
+      mailer report appeal-2022 --output ~/reports/appeal-2022.html
     """
     from mailer.report import write_report
 
+    target = output if output is not None else Path(f"{slug}-report.html")
+    workspace = state().workspace()
     with db.session_factory(state().engine())() as session:
-        data = write_report(session, slug=slug, output=output)
+        data = write_report(session, slug=slug, output=target, workspace=workspace)
     s = data.summary
     click.echo(
-        f"Wrote {output}: {s.total:,} recipients, {s.counts['sent']:,} sent, "
+        f"Wrote {target}: {s.total:,} recipients, {s.counts['sent']:,} sent, "
         f"{s.counts['failed']:,} failed, {s.counts['uncertain']:,} uncertain."
     )
 

@@ -5,7 +5,9 @@ campaign's messages, `preview` composes one. The sender (engine, compose_worker)
 `preview` all compose through here, so what is checked and previewed is what is sent. Must not
 import `campaigns`, `check` or `engine` (they import this).
 
-Unsubscribe defaults, documented here because every message carries them:
+Unsubscribe defaults (every message carries them), read from mailer.toml on the laptop that
+creates the campaign and frozen in it (`campaigns.unsubscribe_mailto`/`unsubscribe_url`), like
+its templates:
 
 - `List-Unsubscribe` mailto: `[campaign] unsubscribe_mailto` in mailer.toml (an address or a
   `mailto:` URL); when unset, the campaign's own From address with `?subject=unsubscribe`. That
@@ -17,11 +19,14 @@ Unsubscribe defaults, documented here because every message carries them:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import re
 import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
@@ -30,19 +35,23 @@ from mailer import audience as audience_mod
 from mailer import unsubscribe
 from mailer.addresses import (
     REPLY_TO_SIGNATORY,
+    Mailbox,
     address_problem,
-    check_mailbox,
-    split_mailbox,
+    ascii_url,
+    encode_domain,
+    mailto_url,
+    parse_mailbox,
 )
 from mailer.audience import Audience
 from mailer.config import Workspace
 from mailer.errors import InvalidValueError, NotFoundError
 from mailer.message import build_message, clean_text, make_message_id
-from mailer.models import Campaign, City, Contact, Partnership, Signatory
+from mailer.models import Campaign, City, Contact, Message, Partnership, Signatory
 from mailer.render import (
     CampaignView,
     CityView,
     ContactView,
+    LetterView,
     PartnershipView,
     Recipient,
     Rendered,
@@ -51,6 +60,12 @@ from mailer.render import (
     load_template_set,
     normalise_sources,
 )
+from mailer.zones import Place, ZoneResolver, zone_info
+
+# A follow-up's thread is read at most this many campaigns up (a follow-up of a follow-up ...).
+_THREAD_DEPTH = 20
+
+_URL_UNSAFE = re.compile(r"[\s<>\"]")
 
 
 def template_set_for(campaign: Campaign, *, templates_dir: Path) -> TemplateSet:
@@ -73,12 +88,27 @@ def _mayor_first(title: str | None) -> int:
 class RecipientLoader:
     """Builds render views for pages of contacts with a few queries each.
 
-    The signatories are read once per loader; `load_recipients` makes a one-off loader.
+    The signatories are read once per loader; `load_recipients` makes a one-off loader. For a
+    follow-up (`campaign_id` of a campaign with a parent) each recipient also gets the thread:
+    the earlier letters to them (`first_letter`, `previous_letter`, `references`), their dates
+    in the recipient's own time zone (`default_zone` where it cannot be told).
     """
 
-    def __init__(self, session: Session, *, today: dt.date | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        *,
+        today: dt.date | None = None,
+        campaign_id: int | None = None,
+        default_zone: str | None = None,
+    ) -> None:
         self.session = session
         self.today = today or dt.datetime.now(dt.UTC).date()
+        self.campaign_id = campaign_id
+        self.default_zone = default_zone
+        # The campaigns this one follows, oldest first (None: not looked up yet).
+        self._thread: tuple[int, ...] | None = None
+        self._zones: ZoneResolver | None = None
         self._signatories: tuple[SignatoryView, ...] | None = None
         self._by_city: dict[int, SignatoryView] = {}
         # Pages of one audience share cities: their views and ties are built once per loader.
@@ -130,6 +160,7 @@ class RecipientLoader:
                     City.name,
                     City.country,
                     City.region,
+                    Contact.timezone,
                 )
                 .outerjoin(City, City.id == Contact.city_id)
                 .where(Contact.id.in_(ids))
@@ -137,6 +168,7 @@ class RecipientLoader:
             .all()
         )
         self._load_partnerships({row[9] for row in rows if row[9] is not None})
+        threads = self._load_threads(rows)
         ties = self._ties
         cities = self._cities
         result: dict[int, Recipient] = {}
@@ -154,6 +186,7 @@ class RecipientLoader:
             city_name,
             country,
             region,
+            _timezone,
         ) in rows:
             city = None
             if city_id is not None:
@@ -174,8 +207,89 @@ class RecipientLoader:
                 city=city,
                 partnerships=ties.get(city_id, ()) if city_id is not None else (),
                 signatories=signatories,
+                **threads.get(contact_id, {}),
             )
         return result
+
+    def _thread_campaigns(self) -> tuple[int, ...]:
+        if self._thread is None:
+            chain: list[int] = []
+            settings: dict[str, object] = {}
+            current = self.campaign_id
+            if current is not None:
+                row = self.session.execute(
+                    select(Campaign.parent_id, Campaign.settings).where(Campaign.id == current)
+                ).first()
+                if row is not None:
+                    current, settings = row[0], dict(row[1] or {})
+                else:
+                    current = None
+            while current is not None and current not in chain and len(chain) < _THREAD_DEPTH:
+                chain.append(current)
+                current = self.session.scalar(
+                    select(Campaign.parent_id).where(Campaign.id == current)
+                )
+            self._thread = tuple(reversed(chain))
+            zone = str(settings.get("default_zone") or self.default_zone or "UTC")
+            self._zones = ZoneResolver(default=zone, today=self.today) if chain else None
+        return self._thread
+
+    def _load_threads(self, rows: Sequence[Any]) -> dict[int, dict[str, Any]]:
+        """Per contact, the thread a follow-up answers: the letters of the campaigns it follows
+        that went out to them (see the class docstring)."""
+        thread = self._thread_campaigns()
+        if not thread or not rows:
+            return {}
+        assert self._zones is not None
+        order = {campaign_id: i for i, campaign_id in enumerate(thread)}
+        letters: dict[int, list[tuple[int, str, str, dt.datetime]]] = {}
+        found = self.session.connection().execute(
+            select(
+                Message.contact_id,
+                Message.campaign_id,
+                Message.message_id,
+                Message.subject,
+                Message.sent_at,
+            ).where(
+                Message.campaign_id.in_(thread),
+                Message.contact_id.in_([row[0] for row in rows]),
+                Message.sent_at.is_not(None),
+                Message.message_id.is_not(None),
+            )
+        )
+        for contact_id, campaign_id, message_id, subject, sent_at in found:
+            if message_id and sent_at is not None:
+                letters.setdefault(contact_id, []).append(
+                    (order[campaign_id], message_id, subject or "", sent_at)
+                )
+        threads: dict[int, dict[str, Any]] = {}
+        for row in rows:
+            sent = sorted(letters.get(row[0], ()))
+            if not sent:
+                continue
+            place = Place.of(
+                timezone=row[13],
+                attributes=row[7] if isinstance(row[7], dict) else None,
+                city=row[10],
+                country=row[11],
+                region=row[12],
+            )
+            zone = zone_info(self._zones.resolve(place).zone)
+            views = [
+                LetterView(
+                    sent_at=sent_at.astimezone(zone),
+                    date=sent_at.astimezone(zone).date(),
+                    subject=subject,
+                    message_id=message_id,
+                )
+                for _, message_id, subject, sent_at in sent
+            ]
+            threads[row[0]] = {
+                "first_letter": views[0],
+                "previous_letter": views[-1],
+                "references": tuple(v.message_id for v in views),
+            }
+        return threads
 
     def _city(self, city_id: int, name: str, country: str | None, region: str | None) -> CityView:
         view = self._cities.get(city_id)
@@ -232,9 +346,16 @@ class RecipientLoader:
 
 
 def load_recipients(
-    session: Session, contact_ids: Sequence[int], *, today: dt.date | None = None
+    session: Session,
+    contact_ids: Sequence[int],
+    *,
+    today: dt.date | None = None,
+    campaign_id: int | None = None,
+    default_zone: str | None = None,
 ) -> dict[int, Recipient]:
-    return RecipientLoader(session, today=today).load(contact_ids)
+    return RecipientLoader(
+        session, today=today, campaign_id=campaign_id, default_zone=default_zone
+    ).load(contact_ids)
 
 
 # --------------------------------------------------------------------------- composing
@@ -259,8 +380,51 @@ class Composed(NamedTuple):
     fell_back: bool
 
 
-def _domain(address: str) -> str:
-    return split_mailbox(address)[1].rpartition("@")[2].lower()
+def unsubscribe_settings(settings: Workspace, *, from_address: str) -> tuple[str, str | None]:
+    """The List-Unsubscribe mailto and the one-click URL template (None: no URL) that
+    `[campaign] unsubscribe_mailto` / `unsubscribe_url` in mailer.toml give, checked and in
+    their header form (A-labels, percent-encoding). A campaign freezes both when it is
+    created."""
+    sender = parse_mailbox(from_address, what="From")
+    return _mailto(settings, sender.address), _url(settings)
+
+
+def _mailto(settings: Workspace, sender_address: str) -> str:
+    configured = settings.setting("campaign", "unsubscribe_mailto")
+    if configured is None or str(configured).strip() == "":
+        return mailto_url(sender_address, query="subject=unsubscribe")
+    value = str(configured).strip()
+    if value.lower().startswith("mailto:"):
+        address, _, query = value[len("mailto:") :].partition("?")
+        address = unquote(address)
+    else:
+        address, query = value, "subject=unsubscribe"
+    problem = address_problem(address)
+    if problem is None and _URL_UNSAFE.search(query):
+        problem = "the part after ? has spaces or brackets"
+    if problem is None:
+        try:
+            return mailto_url(address, query=query)
+        except InvalidValueError as exc:
+            problem = str(exc)
+    raise InvalidValueError(f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}")
+
+
+def _url(settings: Workspace) -> str | None:
+    configured = settings.setting("campaign", "unsubscribe_url")
+    if configured is None or str(configured).strip() == "":
+        return None
+    value = str(configured).strip()
+    if not value.lower().startswith("https://") or "{token}" not in value:
+        raise InvalidValueError(
+            f"mailer.toml [campaign] unsubscribe_url {value!r}: must be an https:// URL "
+            "containing {token} (e.g. https://example.org/unsubscribe?t={token})"
+        )
+    try:
+        # Headers are ASCII: an international host goes as A-labels (IDNA 2008).
+        return ascii_url(value)
+    except InvalidValueError as exc:
+        raise InvalidValueError(f"mailer.toml [campaign] unsubscribe_url {value!r}: {exc}") from None
 
 
 class Composer:
@@ -279,45 +443,28 @@ class Composer:
         self.view = CampaignView(
             slug=campaign.slug, title=campaign.title, default_language=campaign.default_language
         )
-        self.sender = campaign.from_address
-        check_mailbox(self.sender, f"campaign {campaign.slug!r}: From")
-        self.domain = _domain(self.sender)
+        self.sender = parse_mailbox(campaign.from_address, what=f"campaign {campaign.slug!r}: From")
+        # The Message-ID's and List-Id's domain: the sender's, as A-labels (headers are ASCII).
+        self.domain = encode_domain(self.sender.address.rpartition("@")[2])
         self.list_id = f"<{campaign.slug}.{self.domain}>"
         self.reply_rule = campaign.reply_to
+        # A fixed Reply-To (the rule is None, `signatory` or one mailbox).
+        self.fixed_reply_to = (
+            parse_mailbox(campaign.reply_to, what=f"campaign {campaign.slug!r}: Reply-To")
+            if campaign.reply_to not in (None, REPLY_TO_SIGNATORY)
+            else None
+        )
         self.today = today or dt.datetime.now(dt.UTC).date()
-        self.unsubscribe_mailto = self._mailto(settings)
-        self._url_template, self._secret = self._url(settings)
-
-    def _mailto(self, settings: Workspace) -> str:
-        configured = settings.setting("campaign", "unsubscribe_mailto")
-        if configured is None or str(configured).strip() == "":
-            address = split_mailbox(self.sender)[1]
-            return f"mailto:{address}?subject=unsubscribe"
-        value = str(configured).strip()
-        if value.lower().startswith("mailto:"):
-            address = value[len("mailto:") :].split("?", 1)[0]
+        if campaign.unsubscribe_mailto is not None:
+            # Frozen at create (see campaigns.create_campaign): every sender's letters alike.
+            self.unsubscribe_mailto = campaign.unsubscribe_mailto
+            self._url_template = campaign.unsubscribe_url
         else:
-            address, value = value, f"mailto:{value}?subject=unsubscribe"
-        problem = address_problem(address)
-        if problem:
-            raise InvalidValueError(
-                f"mailer.toml [campaign] unsubscribe_mailto {configured!r}: {problem}"
-            )
-        return value
-
-    def _url(self, settings: Workspace) -> tuple[str | None, bytes]:
-        configured = settings.setting("campaign", "unsubscribe_url")
+            # A campaign made before migration 0005_team: the local mailer.toml, as it was.
+            self.unsubscribe_mailto = _mailto(settings, self.sender.address)
+            self._url_template = _url(settings)
         secret = settings.setting("campaign", "unsubscribe_secret")
-        key = unsubscribe.key_for(slug=self.slug, secret=str(secret) if secret else None)
-        if configured is None or str(configured).strip() == "":
-            return None, key
-        value = str(configured).strip()
-        if not value.lower().startswith("https://") or "{token}" not in value:
-            raise InvalidValueError(
-                f"mailer.toml [campaign] unsubscribe_url {value!r}: must be an https:// URL "
-                "containing {token} (e.g. https://example.org/unsubscribe?t={token})"
-            )
-        return value, key
+        self._secret = unsubscribe.key_for(slug=self.slug, secret=str(secret) if secret else None)
 
     def token(self, email: str) -> str:
         return unsubscribe.make_token(key=self._secret, slug=self.slug, email=email)
@@ -331,24 +478,29 @@ class Composer:
         return self._render(recipient, self.unsubscribe_url(recipient.contact.email))
 
     def _render(self, recipient: Recipient, unsubscribe_url: str | None) -> Rendered:
-        return self.template_set.render(
+        rendered = self.template_set.render(
             recipient=recipient,
             campaign=self.view,
             unsubscribe_url=unsubscribe_url,
             unsubscribe_mailto=self.unsubscribe_mailto,
             today=self.today,
         )
+        if not rendered.subject and recipient.first_letter is not None:
+            # A follow-up whose template leaves Subject empty answers in the same thread.
+            rendered = dataclasses.replace(
+                rendered, subject=reply_subject(recipient.first_letter.subject)
+            )
+        return rendered
 
-    def reply_to(self, recipient: Recipient) -> str | None:
-        if self.reply_rule is None:
-            return None
-        if self.reply_rule == REPLY_TO_SIGNATORY:
-            partner = recipient.partnerships[0] if recipient.partnerships else None
-            signatory = partner.signatory if partner is not None else None
-            if signatory is not None and signatory.email:
-                return signatory.email
-            return None
-        return self.reply_rule
+    def reply_to(self, recipient: Recipient) -> Mailbox | None:
+        """The letter's Reply-To: the fixed one, or the signing mayor by name and address."""
+        if self.reply_rule != REPLY_TO_SIGNATORY:
+            return self.fixed_reply_to
+        partner = recipient.partnerships[0] if recipient.partnerships else None
+        signatory = partner.signatory if partner is not None else None
+        if signatory is not None and signatory.email:
+            return Mailbox(name=signatory.name, address=signatory.email)
+        return None
 
     def compose(
         self,
@@ -381,6 +533,8 @@ class Composer:
             unsubscribe_mailto=self.unsubscribe_mailto,
             unsubscribe_url=unsubscribe_url,
             test=test,
+            in_reply_to=recipient.previous_letter.message_id if recipient.previous_letter else None,
+            references=recipient.references,
         )
         return Composed(
             data=built.data,
@@ -394,6 +548,14 @@ class Composer:
             body_hash=built.body_hash,
             fell_back=rendered.fell_back,
         )
+
+
+def reply_subject(subject: str) -> str:
+    """`Re: <subject>`, without piling up `Re: Re:`."""
+    text = clean_text(subject)
+    while text[:3].lower() == "re:":
+        text = text[3:].lstrip()
+    return f"Re: {text}"
 
 
 def composer_for(
@@ -439,7 +601,12 @@ def preview(
             )
     template_set = template_set_for(campaign, templates_dir=templates_dir)
     composer = composer_for(campaign=campaign, template_set=template_set, settings=settings)
-    recipient = load_recipients(session, [contact_id])[contact_id]
+    recipient = load_recipients(
+        session,
+        [contact_id],
+        campaign_id=campaign.id,
+        default_zone=settings.setting("campaign", "default_zone"),
+    )[contact_id]
     return composer.compose(recipient)
 
 

@@ -55,13 +55,18 @@ class BatchComposer:
             campaign=campaign, template_set=template_set, settings=workspace
         )
         self.loader: compose.RecipientLoader | None = None
+        # A follow-up's recipients carry the thread they answer (see compose.RecipientLoader).
+        self.campaign_id = campaign.id
+        self.default_zone = workspace.setting("campaign", "default_zone")
 
     def compose(self, contact_ids: Sequence[int]) -> Batch:
         with Session(self.engine) as session:
             # One loader for the run: the signatories and each city's ties are read once, not
             # once per batch; each batch lends it a fresh session.
             if self.loader is None:
-                self.loader = compose.RecipientLoader(session)
+                self.loader = compose.RecipientLoader(
+                    session, campaign_id=self.campaign_id, default_zone=self.default_zone
+                )
             self.loader.session = session
             recipients = self.loader.load(contact_ids)
         batch: Batch = {}

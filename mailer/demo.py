@@ -143,6 +143,7 @@ def _run(
             title=TITLE,
             default_language=str(workspace.setting("campaign", "default_language", "en")),
             templates_dir=workspace.templates_dir,
+            settings=workspace,
         )
 
     out("4. Check: render the letter for every recipient")
@@ -174,7 +175,7 @@ def _run(
 
     report_path = root / "report.html"
     with factory() as session:
-        write_report(session, slug=SLUG, output=report_path)
+        write_report(session, slug=SLUG, output=report_path, workspace=workspace)
 
     seconds = time.monotonic() - started
     out("")

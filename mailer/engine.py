@@ -5,13 +5,18 @@ A run goes: register as a sender (senders.py: identity, lease) with its handover
 audience again and queue whoever is missing (skipping the suppressed) -> a pipeline of bounded
 queues:
 
-    peeker (reads which messages are due; claims nothing) -> composing (renders bytes, in a
-    worker process for a large run: see compose_worker) -> claimer (commits `queued -> sending`
-    per composed batch, just in time: one batch ahead of the senders) -> feeder -> N sender
-    workers (the transport) -> recorder (commits results in small batches)
+    peeker (reads which messages are due; claims nothing; with sending windows or a follow-up,
+    asks timing.Gate.admit which of them are due now, the others held or skipped, so a held
+    letter is never composed nor claimed) -> composing (renders bytes, in a worker process
+    for a large run: see compose_worker) -> claimer (commits `queued -> sending` per composed
+    batch, just in time: one batch ahead of the senders) -> feeder -> N sender workers (the
+    transport; a letter whose window closed while it waited goes back, see timing.Gate.closed)
+    -> recorder (commits results in small batches)
 
-and beside it a watcher: the heartbeat that renews the lease, the check of waiting letters
-against suppressions added since their claim, and the bounce spike.
+and beside it two watchers: one renews the lease (the heartbeat), re-checks waiting letters
+against suppressions added since their claim, and judges the bounce spike; the other reads the
+campaign's state every `policy.state_poll` seconds, so a pause or cancel by anyone on the team
+(or a bounce-spike hold) stops this run like Ctrl-C does.
 
 What a crash leaves: a claim is committed (fsync) before any letter of it leaves; just before a
 letter's payload goes out the sender writes `p <id>` to its journal, and the server's answer
@@ -32,7 +37,11 @@ Promises while it runs:
   the suppressed, and the watcher re-checks the letters waiting in the pipeline.
 - `--daily-cap` and `--rate` hold across processes: the cap is counted and taken in the claim's
   transaction, and the rate is a pace kept in the campaign's row that every sender's claim
-  advances (outbox.claim).
+  advances (outbox.claim). With `--spread`, the spread (timing.SpreadLimiter, never faster than
+  `--rate`) is this sender's pace instead: it spreads the cap over the window with jitter, kept
+  in this process, and the shared pace is not advanced by it (the cap still holds for all).
+- A letter's handover (the journal's mark, just before its payload) is its delivery time: the
+  run's clock at that moment becomes its `sent_at`.
 - 5.1.1-class refusals suppress the address (hard bounce) and count toward the bounce spike,
   which pauses and holds the campaign.
 
@@ -60,15 +69,14 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_mod
-from mailer import campaigns, compose, journal, outbox, senders
+from mailer import campaigns, compose, journal, outbox, senders, timing
 from mailer.addresses import address_problem
-from mailer.clock import Clock, utcnow
+from mailer.clock import Clock, Sleeper, sleeper_for, utcnow
 from mailer.compose_worker import Batch, BatchComposer, ComposeWorker, Composing
 from mailer.config import Workspace
 from mailer.errors import (
     ClaimsLost,
     DatabaseError,
-    Interrupted,
     InvalidValueError,
     MailerError,
     TransportError,
@@ -77,7 +85,7 @@ from mailer.identity import Actor
 from mailer.models import Campaign, MessageStatus
 from mailer.outbox import Claim
 from mailer.policy import RateLimiter, SendPolicy, StopReason, next_state
-from mailer.send_report import Progress, SendPlan, SendReport
+from mailer.send_report import Progress, SendPaused, SendPlan, SendReport
 from mailer.transport import DryRun, Outcome, OutcomeKind, Transport
 
 _T = TypeVar("_T")
@@ -128,6 +136,10 @@ class _Job:
     fell_back: bool = False
     error: str | None = None
     handed: bool = False
+    # The run's clock when its payload was handed over (the journal's mark): its `sent_at`.
+    handed_at: dt.datetime | None = None
+    # Its window closed before it could go: held until this time (see timing.Gate.closed).
+    held_until: dt.datetime | None = None
     # Its address was suppressed after its claim (the reason): it is never handed over.
     suppressed: str | None = None
     # Under a pace: the loop time before which it may not leave.
@@ -167,6 +179,8 @@ class _Run:
         lease_until: dt.datetime,
         daily_cap: int | None,
         pace: float | None,
+        gate: timing.Gate | None = None,
+        sleep: Sleeper | None = None,
     ) -> None:
         self.engine = engine
         self.workspace = workspace
@@ -189,6 +203,9 @@ class _Run:
         self.lease_until = lease_until
         self.daily_cap = daily_cap
         self.pace = pace
+        # Sending windows and follow-up delays (timing.py); None: every queued letter is due.
+        self.gate = gate
+        self.sleep = sleep or sleeper_for(clock)
         self.stop = asyncio.Event()
         # Under a rate a batch is about `claim_horizon` seconds of sending, so claims stay young.
         self.batch_size = policy.batch_size
@@ -212,8 +229,10 @@ class _Run:
             BatchComposer(engine=engine, workspace=workspace, campaign=campaign), worker=None
         )
         self.due = outbox.Due(engine, campaign_id=campaign.id)
-        # Results settled (counted in the report) and not yet written (see recorder).
+        # Results settled (counted in the report) and not yet written (see recorder), and how
+        # many results exist that are not yet committed (for `--wait`: see _wait_for_held).
         self.unrecorded: list[outbox.Result] = []
+        self.unwritten = 0
         # Peeked (being composed or waiting for the claimer): not to be peeked again.
         self.peeked: set[int] = set()
         # Set once no further batch will be claimed (a budget ran out): the peeker stops.
@@ -232,6 +251,9 @@ class _Run:
         # Hard bounces written to the database, and how many the last spike check saw.
         self.bounces_written = 0
         self.bounces_checked = 0
+        # Set when a letter is held back because the lease looks short: the watcher renews it
+        # at once (the run's clock may have jumped: a wait for a window, a laptop that slept).
+        self.beat_now = asyncio.Event()
 
     def halt(self, reason: StopReason, error: MailerError | None = None) -> None:
         if self.stop_reason is None:
@@ -329,7 +351,26 @@ class _Run:
                     functools.partial(self._peek, self.batch_size, skip=skip)
                 )
                 if not rows:
+                    if await self._wait_for_held():
+                        continue
                     break
+                if self.gate is not None:
+                    # The timing hook: only letters due now (window open in the recipient's
+                    # zone, follow-up delay passed, first letter not answered) go on to be
+                    # composed and claimed; the gate holds (gives a due time, which the
+                    # claim's own due check respects) or skips the others in the outbox. Here,
+                    # before composing, so no work is spent on a letter that waits; a read (it
+                    # writes only when it holds or skips) off the database thread, so claims
+                    # and results never wait for it.
+                    admitted = await self._patiently(
+                        functools.partial(self._admit, self.gate, rows)
+                    )
+                    self.report.due -= len(rows) - len(admitted)
+                    if len(admitted) < len(rows):
+                        self.due.expect_retries()  # held letters now carry a date
+                    rows = admitted
+                    if not rows:
+                        continue
                 self.peeked.update(mid for mid, _ in rows)
                 await out.put((rows, self.composing.submit([cid for _, cid in rows])))
         except Exception as exc:
@@ -339,6 +380,34 @@ class _Run:
 
     async def _peek(self, n: int, *, skip: frozenset[int]) -> list[tuple[int, int]]:
         return self.due.peek(n, skip=skip, now=self.clock())
+
+    async def _admit(
+        self, gate: timing.Gate, rows: list[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        return await asyncio.to_thread(gate.admit, rows, now=self.clock())
+
+    async def _wait_for_held(self) -> bool:
+        """`--wait`: nothing is due now but letters are held for later (a window, a follow-up's
+        delay): once what is under way is settled, say what is waited for and sleep until it on
+        the run's clock. False: nothing to wait for (or not asked to), the run ends."""
+        gate = self.gate
+        if gate is None or not gate.rules.wait:
+            return False
+        while (self.peeked or self.outstanding or self.unwritten) and not self.stop.is_set():
+            await asyncio.sleep(0.01)
+        if self.stop.is_set():
+            return False
+        waiting = await self._db(functools.partial(gate.next_due, now=self.clock()))
+        if waiting is None:
+            return False
+        gate.notify(waiting)
+        sleeping = asyncio.ensure_future(self.sleep(waiting.at))
+        stopping = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({sleeping, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (sleeping, stopping):
+            task.cancel()
+        self.due.expect_retries()
+        return not self.stop.is_set()
 
     def _drop(self, item: _Peeked) -> None:
         rows, future = item
@@ -361,10 +430,10 @@ class _Run:
         """Claims the batch, and records the results that came in since the last commit in the
         same transaction: one commit (one fsync on SQLite) for both."""
         ids = [mid for mid, _ in rows]
-        # A claim-time eligibility check (sending windows, follow-ups) fits here, on the
-        # composed batch: leave out of `ids` what may not leave now (the outbox gives it its
-        # due time), so it is neither claimed nor counted against the cap or the pace. A check
-        # that needs the database at the claim's moment goes into outbox.claim (see there).
+        # Sending windows and follow-ups were judged before composing (peeker, Gate.admit): a
+        # held letter carries its due time, which the claim's own due check respects, so it
+        # is neither claimed nor counted against the cap or the pace. Checks that need the
+        # database at the claim's moment (suppressions, the cap) are outbox.claim's.
         try:
             self.journal.claiming(ids)
         except OSError as exc:
@@ -379,6 +448,7 @@ class _Run:
             # Not written: the recorder tries them again.
             self.unrecorded[:0] = results
             raise
+        self.unwritten -= len(results)
         self.report.suppressed += claimed.skipped
         if claimed.capped:
             self._end_of_budget(StopReason.DAILY_CAP)
@@ -582,9 +652,11 @@ class _Run:
             if self.handing.is_set() and self._lease_fresh() and not self._db_stalled():
                 return True
             if self.handing.is_set():
-                # The lease ran short (the heartbeat could not renew it) or the database is
-                # stuck on a step: wait for it.
+                # The lease ran short (the heartbeat could not renew it, or the run's clock
+                # jumped) or the database is stuck on a step: wait for it.
                 self.handing.clear()
+            if not self._lease_fresh():
+                self.beat_now.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.handing.wait(), timeout=self.policy.suppression_poll)
 
@@ -609,6 +681,8 @@ class _Run:
             )
             raise _JournalBroken(str(exc)) from None
         job.handed = True
+        # The same moment on the run's clock is its delivery time (`sent_at`).
+        job.handed_at = self.clock()
 
     async def sender(
         self, inbox: asyncio.Queue[_Job | None], results: asyncio.Queue[_Result | None]
@@ -648,6 +722,11 @@ class _Run:
                 # The gate was shut (the database went away) long enough for its slot to pass.
                 await self._repace()
                 continue
+            if self.gate is not None:
+                job.held_until = self.gate.closed(job.claim.id, now=self.clock())
+                if job.held_until is not None:
+                    # Its window closed while it waited: back to the queue until the next.
+                    return None
             self.inflight.add(job.claim.id)
             try:
                 outcome = await self.transport.send(
@@ -719,15 +798,19 @@ class _Run:
             if job.suppressed is not None:
                 report.suppressed += 1
                 return outbox.Skipped(claim=job.claim, reason=job.suppressed)
-            # Never handed to the transport: back to the queue, the attempt not counted.
+            # Never handed to the transport: back to the queue, the attempt not counted (held
+            # until its next window when its window closed while it waited).
             report.released += 1
             return outbox.Released(
                 claim=job.claim,
-                reason=str(self.stop_reason or "stopped"),
+                reason="its sending window closed"
+                if job.held_until is not None
+                else str(self.stop_reason or "stopped"),
                 message_id=job.message_id,
                 language=job.language,
                 subject=job.subject,
                 body_hash=job.body_hash,
+                due_at=job.held_until,
             )
         if outcome is None:
             report.build_errors += 1
@@ -755,6 +838,7 @@ class _Run:
             language=job.language,
             subject=job.subject,
             body_hash=job.body_hash,
+            handed_at=job.handed_at,
         )
 
     async def recorder(self, inbox: asyncio.Queue[_Result | None]) -> None:
@@ -785,6 +869,8 @@ class _Run:
                     self.unrecorded[:0] = batch
                     writing = False
                     self.halt(StopReason.ERROR, _as_mailer_error(exc))
+                else:
+                    self.unwritten -= len(batch)
             if finished or due:
                 last = loop.time()
                 if self.progress is not None:
@@ -794,6 +880,7 @@ class _Run:
         # Off the outstanding list the moment its result exists, so a cancelled run never
         # records a message twice.
         self.outstanding.pop(result.job.claim.id, None)
+        self.unwritten += 1
         results.put_nowait(result)
 
     async def ticker(self, inbox: asyncio.Queue[_Result | None]) -> None:
@@ -810,11 +897,15 @@ class _Run:
         next_spike = loop.time()
         try:
             while True:
-                await asyncio.sleep(self.policy.suppression_poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.beat_now.wait(), timeout=self.policy.suppression_poll
+                    )
                 if self.db_gone:
                     return
                 self._open_gate()
-                if loop.time() >= next_beat:
+                if self.beat_now.is_set() or loop.time() >= next_beat:
+                    self.beat_now.clear()
                     next_beat = loop.time() + self.policy.heartbeat
                     await self._heartbeat()
                 await self._check_suppressions()
@@ -878,6 +969,31 @@ class _Run:
             self.report.spike = spike
             self.halt(StopReason.BOUNCE_SPIKE)
 
+    # ----- the team's word: pause, resume and cancel reach every sender
+
+    async def watch_campaign(self) -> None:
+        """Every `policy.state_poll` seconds, the campaign's state in the database: paused or
+        cancelled by anyone (or held by a bounce spike) stops this run like Ctrl-C does --
+        what is on the wire finishes, the rest goes back to the queue."""
+        while not self.stop.is_set():
+            try:
+                state = await asyncio.to_thread(
+                    outbox.campaign_state, self.engine, campaign_id=self.campaign.id
+                )
+            except SQLAlchemyError:
+                # A read that failed says nothing about the campaign; the next poll asks again
+                # (an outage itself is the other watcher's and the writers' business).
+                state = None
+            if state is not None and state.halt_reason is not None:
+                self.report.halted_by = state.halt_reason
+                if state.held:
+                    # Held by a bounce spike (this run's or another's): the report says how to
+                    # acknowledge it.
+                    self.report.spike = self.report.spike or state.pause_reason
+                self.halt(StopReason.HELD)
+                return
+            await asyncio.sleep(self.policy.state_poll)
+
     # ----- the whole
 
     async def run(self) -> None:
@@ -890,6 +1006,7 @@ class _Run:
         recorder = asyncio.create_task(self.recorder(results))
         ticker = asyncio.create_task(self.ticker(results))
         watcher = asyncio.create_task(self.watcher())
+        team = asyncio.create_task(self.watch_campaign())
         senders_ = [
             asyncio.create_task(self.sender(built, results)) for _ in range(self.sender_tasks)
         ]
@@ -904,7 +1021,8 @@ class _Run:
         finally:
             ticker.cancel()
             watcher.cancel()
-            await asyncio.gather(ticker, watcher, return_exceptions=True)
+            team.cancel()
+            await asyncio.gather(ticker, watcher, team, return_exceptions=True)
             await results.put(None)
             await recorder
 
@@ -1109,7 +1227,7 @@ def plan_send(*, workspace: Workspace, engine: Engine, slug: str) -> SendPlan:
         first = next(audience_mod.contact_id_pages(session, audience, size=1), [])
         subject = to = None
         if first:
-            recipients = compose.load_recipients(session, first)
+            recipients = compose.load_recipients(session, first, campaign_id=campaign.id)
             template_set = compose.template_set_for(campaign, templates_dir=workspace.templates_dir)
             composer = compose.composer_for(
                 campaign=campaign, template_set=template_set, settings=workspace
@@ -1148,13 +1266,18 @@ def send_campaign(
     policy: SendPolicy | None = None,
     handle_signals: bool = False,
     bucket: RateLimiter | None = None,
-    acknowledge_bounces: bool = False,
+    timing_options: timing.RunTiming | None = None,
+    sleep: Sleeper | None = None,
 ) -> SendReport:
     """Deliver a campaign (see the module docstring). Raises TransportError on a systemic failure
-    and Interrupted on SIGINT/SIGTERM, after recording everything; otherwise returns the report.
+    and SendPaused (an Interrupted) on SIGINT/SIGTERM, after recording everything; otherwise
+    returns the report. Whether the campaign may be sent at all (cancelled, paused by someone,
+    held by a bounce spike) is outbox.ensure_sendable's, asked by `send` before this.
 
     `rate` (letters per second) is the campaign's pace, shared with every other sender of it;
-    `bucket` is a rate limit of this process only (a test send uses it)."""
+    `bucket` is a rate limit of this process only (a test send uses it). `timing_options`:
+    sending windows, `--wait`, `--spread` (see timing.py; the campaign's stored windows apply
+    without them). `sleep` waits on `clock` (a test's moves the clock)."""
     policy = policy or SendPolicy()
     if concurrency < 1:
         raise InvalidValueError("--concurrency must be at least 1")
@@ -1194,7 +1317,8 @@ def send_campaign(
                 handle_signals=handle_signals,
                 bucket=bucket,
                 pace=rate,
-                acknowledge_bounces=acknowledge_bounces,
+                timing_options=timing_options,
+                sleep=sleep or sleeper_for(clock),
             )
         )
     except SQLAlchemyError as exc:
@@ -1229,7 +1353,8 @@ async def _send_campaign(
     handle_signals: bool,
     bucket: RateLimiter | None,
     pace: float | None,
-    acknowledge_bounces: bool,
+    timing_options: timing.RunTiming | None,
+    sleep: Sleeper,
 ) -> SendReport:
     me = _identity(transport, workspace)
     report = SendReport(campaign=slug, via=transport.via, run_id=me.id)
@@ -1292,18 +1417,40 @@ async def _send_campaign(
                 slug=slug,
                 templates_dir=workspace.templates_dir,
                 now=now,
-                acknowledge_bounces=acknowledge_bounces,
             )
         )
-        signals.check(slug)
+        signals.check(report)
         report.newly_queued, report.skipped = await asyncio.to_thread(
             functools.partial(outbox.queue_audience, engine, campaign=campaign, now=now)
         )
-        signals.check(slug)
+        signals.check(report)
+        # Windows, follow-up delays: letters held by an earlier run are judged again first.
+        gate = await asyncio.to_thread(
+            functools.partial(
+                timing.open_gate,
+                engine,
+                campaign=campaign,
+                run=timing_options,
+                now=now,
+                default_zone=workspace.setting("campaign", "default_zone"),
+                daily_cap=daily_cap,
+            )
+        )
+        if gate is not None and gate.rules.spread and daily_cap is not None:
+            # `--spread`: the cap spread over the window, with jitter, never faster than
+            # `--rate` (SpreadLimiter keeps to the slower of the two). It is this sender's
+            # pace: the campaign's shared pace, which keeps no jitter and would see every slot
+            # go stale behind a slower spread, is not used by this run.
+            bucket = gate.limiter(daily_cap=daily_cap, rate=pace, clock=clock, sleep=sleep)
+            pace = None
         totals = await asyncio.to_thread(
             functools.partial(outbox.status_counts, engine, campaign_id=campaign.id)
         )
         report.due = totals[MessageStatus.QUEUED.value] + totals[MessageStatus.RETRY.value]
+        if gate is not None:
+            report.due -= await asyncio.to_thread(
+                functools.partial(timing.held_counts, engine, campaign_id=campaign.id, now=now)
+            )
         if report.due >= policy.compose_worker_from:
             # Started first: it comes up (about a second) while the server is contacted, and
             # until it is ready this process composes.
@@ -1312,7 +1459,8 @@ async def _send_campaign(
                 workspace=workspace,
                 campaign_id=campaign.id,
             )
-        if report.due:
+        held_back = gate is not None and gate.rules.wait
+        if report.due or held_back:
             # Before anything is claimed: a wrong password or an unreachable server stops the
             # run with the whole list still `queued`. With nothing due, no server is needed.
             await transport.open()
@@ -1346,6 +1494,8 @@ async def _send_campaign(
             lease_until=lease_until,
             daily_cap=daily_cap,
             pace=pace,
+            gate=gate,
+            sleep=sleep,
         )
         if progress is not None:
             progress(report)
@@ -1359,6 +1509,9 @@ async def _send_campaign(
         sys.setswitchinterval(min(switch, 0.0005))
         try:
             await run.run()
+            if gate is not None:
+                report.held = gate.held
+                report.skipped += gate.skipped
             if not run.db_gone:
                 await run._patiently(lambda: _finish(run, daily_cap=daily_cap))
         finally:
@@ -1411,11 +1564,7 @@ async def _send_campaign(
             )
         raise run.error
     if run.stop_reason is StopReason.INTERRUPTED:
-        raise Interrupted(
-            f"interrupted: campaign {slug} paused with {report.sent} sent this run and "
-            f"{report.totals.get('queued', 0) + report.totals.get('retry', 0)} still to send; "
-            f"run `mailer send {slug}` again to continue"
-        )
+        raise SendPaused(report)
     return report
 
 
@@ -1437,6 +1586,8 @@ async def _finish(run: _Run, *, daily_cap: int | None) -> None:
     if run.bounces_written > run.bounces_checked:
         # The last hard bounces of the run count toward the spike as well.
         await run._check_spike()
+    if run.gate is not None:
+        report.next_due = await run._on_db(functools.partial(run.gate.next_due, now=clock()))
     if run.all_written:
         report.released += await run._on_db(
             functools.partial(
@@ -1488,11 +1639,11 @@ class _Signals:
             if self.count > 1:
                 self.run.hurry.set()
 
-    def check(self, slug: str) -> None:
+    def check(self, report: SendReport) -> None:
         if self.count:
-            raise Interrupted(
-                f"interrupted before anything of campaign {slug} was claimed; nothing was sent"
-            )
+            # Nothing was claimed yet: the report says so (0 sent this run).
+            report.stopped = StopReason.INTERRUPTED
+            raise SendPaused(report)
 
     def remove(self) -> None:
         for signum in self.installed:
@@ -1534,7 +1685,7 @@ def send_test(
             picked.extend(i for i in chunk if emails.get(i) not in blocked)
             if len(picked) >= count:
                 break
-        recipients = compose.load_recipients(session, picked[:count])
+        recipients = compose.load_recipients(session, picked[:count], campaign_id=campaign.id)
         for cid in picked[:count]:
             recipient = recipients.get(cid)
             if recipient is None:
@@ -1602,7 +1753,9 @@ def dry_run(
             emails = outbox.contact_emails(session, chunk)
             blocked = audience_mod.suppressed_among(session, emails.values())
             recipients = compose.load_recipients(
-                session, [i for i in chunk if emails.get(i) not in blocked]
+                session,
+                [i for i in chunk if emails.get(i) not in blocked],
+                campaign_id=campaign.id,
             )
             for cid in chunk:
                 email = emails.get(cid, "")

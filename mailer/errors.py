@@ -86,6 +86,10 @@ class CampaignHeld(MailerError):
     """A campaign paused by a bounce spike: sending resumes only once the user acknowledges it."""
 
 
+class CampaignPaused(MailerError):
+    """A campaign someone paused (`mailer campaign pause`): `campaign resume` lets it go on."""
+
+
 class MailboxError(MailerError):
     """A mailbox inbox sync cannot read: no such path, not a mailbox, an IMAP server refusing."""
 

@@ -59,6 +59,7 @@ CONTACT_FIELDS = (
     "country",
     "language",
     "tags",
+    "timezone",
 )
 # Header names in the languages we write in (cs, de, en, es, fr, it, lt, nl, pl, uk). A word that
 # means one field in one language and another elsewhere (Polish "Kraj" is a country, Czech
@@ -258,6 +259,20 @@ CONTACT_SYNONYMS = synonyms(
             "Štítky",
             "Žymos",
             "Мітки",
+        ],
+        "timezone": [
+            "Time zone",
+            "TZ",
+            "Zeitzone",
+            "Fuseau horaire",
+            "Zona horaria",
+            "Huso horario",
+            "Strefa czasowa",
+            "Fuso orario",
+            "Tijdzone",
+            "Časové pásmo",
+            "Laiko juosta",
+            "Часовий пояс",
         ],
     }
 )

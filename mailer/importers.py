@@ -79,6 +79,7 @@ from mailer.models import (
     utcnow,
 )
 from mailer.tables import Table
+from mailer.zones import canonical_zone
 
 CHUNK_ROWS = 2_000
 # How `import_contacts` runs its two threads (see there).
@@ -350,6 +351,7 @@ _LOOKUP_COLUMNS = (
     "salutation",
     "organisation",
     "language",
+    "timezone",
     "city_id",
     "attributes",
     "tags",
@@ -592,7 +594,26 @@ def _finish(
             dry_run=False,
         )
     )
+    _log_import(session, summary=summary, path=path, sha256=table.sha256)
     session.commit()
+
+
+def _log_import(session: Session, *, summary: ImportSummary, path: Path, sha256: str) -> None:
+    """The import's audit event (who imported which file, what it did), in its transaction."""
+    from mailer import outbox
+    from mailer.clock import utcnow
+    from mailer.identity import Actor
+    from mailer.models import EventKind
+
+    outbox.log_change(
+        session,
+        kind=EventKind.IMPORTED,
+        detail=f"import {summary.kind} {path.name} (sha256 {sha256[:12]}): {summary.added} "
+        f"added, {summary.updated} updated, {summary.unchanged} unchanged, "
+        f"{summary.rejected} rejected",
+        actor=Actor.current(),
+        at=utcnow(),
+    )
 
 
 # --------------------------------------------------------------------------- contacts
@@ -605,8 +626,9 @@ _CONTACT_TAGS = cast(SqlTable, ContactTag.__table__)
 _CONTACTS_RAW = sa_table(_CONTACTS.name, *(sa_column(col.name) for col in _CONTACTS.c))
 _CONTACT_TAGS_RAW = sa_table(_CONTACT_TAGS.name, sa_column("contact_id"), sa_column("tag"))
 # In the table's column order, so new rows go to the driver as they are.
-_CONTACT_SCALARS = ("name", "title", "salutation", "language", "organisation")
+_CONTACT_SCALARS = ("name", "title", "salutation", "language", "organisation", "timezone")
 _LANGUAGE_SLOT = _CONTACT_SCALARS.index("language")
+_TIMEZONE_SLOT = _CONTACT_SCALARS.index("timezone")
 _NAME_SLOT = _CONTACT_SCALARS.index("name")
 # The order of the tuples new contacts are written as (SQLite puts the id in front).
 _NEW_CONTACT_COLUMNS = (
@@ -681,6 +703,7 @@ _SCALAR_LIMITS = {
     "salutation": 300,
     "organisation": 300,
     "language": 35,
+    "timezone": 64,
 }
 
 
@@ -784,6 +807,11 @@ class _ContactValidator:
             if slot == _LANGUAGE_SLOT:
                 try:
                     value = parse_language(value)
+                except ValueError as exc:
+                    raise RowRejected(label(index), str(exc)) from None
+            elif slot == _TIMEZONE_SLOT:
+                try:
+                    value = canonical_zone(value)
                 except ValueError as exc:
                     raise RowRejected(label(index), str(exc)) from None
             scalars[slot] = value
@@ -1706,6 +1734,7 @@ def import_suppressions(
             summary.added += suppress(
                 session, emails=sorted(emails), reason=row_reason, source=f"import:{path.name}"
             )
-        session.commit()
         summary.unchanged = total - summary.added
+        _log_import(session, summary=summary, path=path, sha256=table.sha256)
+        session.commit()
         return summary

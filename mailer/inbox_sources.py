@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import mailbox
-import os
-import shlex
 import ssl
-import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from mailer import secrets_source
 from mailer.errors import InvalidValueError, MailboxError
+from mailer.secrets_source import is_loopback
 
 PASSWORD_ENV = "MAILER_IMAP_PASSWORD"
 IMAP_SCHEMES = {"imaps": 993, "imap+starttls": 143, "imap+plain": 143}
@@ -208,7 +206,7 @@ def parse_imap_url(
         raise InvalidValueError(f"--imap {url}: no host name")
     if not parts.username:
         raise InvalidValueError(f"--imap {url}: no user name (imaps://USER@{parts.hostname})")
-    if scheme == "imap+plain" and not _is_loopback(parts.hostname):
+    if scheme == "imap+plain" and not is_loopback(parts.hostname):
         # The login would cross the network in plain text.
         raise InvalidValueError(
             f"--imap {url}: imap+plain:// sends the password unencrypted, so it is only for a "
@@ -226,15 +224,6 @@ def parse_imap_url(
     )
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def resolve_imap_password(
     *,
     settings: ImapSettings,
@@ -242,35 +231,15 @@ def resolve_imap_password(
     prompt: Callable[[str], str] | None = None,
 ) -> str:
     """`MAILER_IMAP_PASSWORD`, then `[imap] password_command`, then `prompt` (on a terminal)."""
-    from_env = os.environ.get(PASSWORD_ENV)
-    if from_env:
-        return from_env
-    if password_command:
-        return _run_password_command(password_command)
-    if prompt is not None:
-        return prompt(f"IMAP password for {settings.username}@{settings.via}")
-    raise MailboxError(
-        f"no password for {settings.username}@{settings.via}: set ${PASSWORD_ENV}, "
-        "or [imap] password_command in mailer.toml, or run on a terminal to be asked"
+    return secrets_source.resolve_password(
+        kind="IMAP",
+        login=f"{settings.username}@{settings.via}",
+        env_var=PASSWORD_ENV,
+        section="imap",
+        password_command=password_command,
+        prompt=prompt,
+        error=MailboxError,
     )
-
-
-def _run_password_command(command: str) -> str:
-    try:
-        argv = shlex.split(command)
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        raise MailboxError(f"[imap] password_command cannot run: {exc}") from None
-    if done.returncode != 0:
-        # stderr is reported, stdout never: stdout is where the secret would be.
-        raise MailboxError(
-            f"[imap] password_command exited with status {done.returncode}: "
-            f"{done.stderr.strip()[:200]}"
-        )
-    password = done.stdout.splitlines()[0] if done.stdout else ""
-    if not password:
-        raise MailboxError("[imap] password_command printed no password")
-    return password
 
 
 class ImapSource:

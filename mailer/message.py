@@ -7,8 +7,10 @@ encoding right.
 
 Header safety: display names and subjects have every run of whitespace (CR, LF, tabs, U+2028...)
 and control character collapsed to one space, so contact data can never start a header line of its
-own. Addresses are never rewritten: one with a line break, a space or brackets is refused
-(`InvalidValueError`).
+own. Addresses go through addresses.wire_address: a domain is written as A-labels (IDNA 2008),
+a non-ASCII local part marks the message as needing SMTPUTF8, and an address with a line break,
+a space or brackets is refused (`InvalidValueError`); every header but such an address is ASCII.
+Imports only `addresses`, `errors` and `render` (for the Rendered type).
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ import base64
 import binascii
 import datetime as dt
 import email
+import email.header
 import email.policy
 import email.utils
 import functools
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 
-from mailer.addresses import encode_domain, split_mailbox, wire_address
+from mailer.addresses import Mailbox, display, encode_domain, wire_address
 from mailer.errors import InvalidValueError
 from mailer.render import Rendered
 
@@ -153,8 +157,8 @@ def _phrase_tokens(name: str) -> list[str] | tuple[str, ...]:
 def _mailbox_header(header: str, name: str | None, address: str) -> tuple[str, str, bool]:
     """(folded header, envelope address, smtputf8) for a constant mailbox (From, Reply-To)."""
     envelope, utf8 = wire_address(address, what=header)
-    shown = address.strip() if utf8 else envelope
-    return _mailbox_line(header, name, shown), envelope, utf8
+    # The A-label form in the header too: a header is read by every hop, not only SMTPUTF8 ones.
+    return _mailbox_line(header, name, envelope), envelope, utf8
 
 
 def _mailbox_line(header: str, name: str | None, shown: str) -> str:
@@ -208,14 +212,19 @@ def _checked_url(value: str, what: str) -> str:
     value = value.strip()
     if not value or _URL_BAD.search(value):
         raise InvalidValueError(f"{what} {value!r} is not a usable URL (spaces or brackets)")
+    if not value.isascii():
+        raise InvalidValueError(
+            f"{what} {value!r} is not ASCII: percent-encode it, with the domain as xn--… "
+            "(addresses.mailto_url)"
+        )
     return value
 
 
 @functools.lru_cache(maxsize=256)
 def _list_headers(list_id: str, mailto: str, url: str | None) -> str:
     list_id = list_id.strip()
-    if _CONTROL.search(list_id):
-        raise InvalidValueError(f"List-Id {list_id!r} contains a line break")
+    if _CONTROL.search(list_id) or not list_id.isascii():
+        raise InvalidValueError(f"List-Id {list_id!r} is not one line of ASCII")
     if not list_id.endswith(">"):
         list_id = f"<{list_id}>"
     if not mailto.lower().startswith("mailto:"):
@@ -233,21 +242,22 @@ def _list_headers(list_id: str, mailto: str, url: str | None) -> str:
 def build_message(
     *,
     rendered: Rendered,
-    sender: str,
+    sender: Mailbox,
     to_address: str,
     to_name: str | None,
-    reply_to: str | None,
+    reply_to: Mailbox | None,
     message_id: str,
     date: dt.datetime,
     list_id: str,
     unsubscribe_mailto: str,
     unsubscribe_url: str | None,
     test: bool = False,
+    in_reply_to: str | None = None,
+    references: Sequence[str] = (),
 ) -> BuiltMessage:
-    sender_name, sender_address = split_mailbox(sender)
-    from_line, mail_from, utf8 = _mailbox_header("From", sender_name, sender_address)
+    from_line, mail_from, utf8 = _mailbox_header("From", sender.name, sender.address)
     rcpt_to, to_utf8 = wire_address(to_address, what="recipient")
-    to_line = _mailbox_line("To", to_name, to_address.strip() if to_utf8 else rcpt_to)
+    to_line = _mailbox_line("To", to_name, rcpt_to)
     utf8 = utf8 or to_utf8
     lines = [
         "Date: " + _date_value(date),
@@ -255,15 +265,19 @@ def build_message(
         from_line,
         to_line,
     ]
-    if reply_to:
-        reply_name, reply_address = split_mailbox(reply_to)
-        reply_line, _, reply_utf8 = _mailbox_header("Reply-To", reply_name, reply_address)
+    if reply_to is not None:
+        reply_line, _, reply_utf8 = _mailbox_header("Reply-To", reply_to.name, reply_to.address)
         lines.append(reply_line)
         utf8 = utf8 or reply_utf8
     subject = clean_text(rendered.subject)
     if test:
         subject = "[TEST] " + subject
     lines.append(_fold("Subject", _unstructured_tokens(subject)) if subject else "Subject:")
+    if in_reply_to:
+        # A follow-up, in the thread of the letters before it (RFC 5322 §3.6.4).
+        lines.append("In-Reply-To: " + _message_id_value(in_reply_to))
+    if references:
+        lines.append(_fold("References", [_message_id_value(r) for r in references]))
     for name, value in rendered.headers.items():
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", name):
             raise InvalidValueError(f"header name {name!r} is not allowed")
@@ -336,8 +350,8 @@ def readable(data: bytes) -> str:
     """Decoded headers, a blank line and the text part, as a person would read the message."""
     message = parse(data)
     lines = [
-        f"{name}: {value}"
-        for name, value in message.items()
+        f"{name}: {_decoded(name, value)}"
+        for name, value in message.raw_items()
         if name.lower()
         not in (
             "content-type",
@@ -357,3 +371,25 @@ def readable(data: bytes) -> str:
             "see it with --raw]"
         )
     return "\n".join(lines) + "\n"
+
+
+_ADDRESS_HEADERS = frozenset({"from", "to", "reply-to", "sender", "cc"})
+_ANGLE_ADDRESS = re.compile(r"<([^<>\s]+@[^<>\s]+)>")
+
+
+def _decoded(name: str, raw: str) -> str:
+    """A header value as a person reads it: unfolded, encoded words joined as RFC 2047 says
+    (the standard library's address parser leaves gaps between them and splits words), and
+    addresses with their Unicode domain."""
+    value = _FOLD.sub(r"\1", raw).strip()
+    if "=?" in value:
+        value = str(email.header.make_header(email.header.decode_header(value)))
+    if name.lower() in _ADDRESS_HEADERS:
+        if "<" in value:
+            value = _ANGLE_ADDRESS.sub(lambda m: f"<{display(m.group(1))}>", value)
+        else:
+            value = display(value)
+    return value
+
+
+_FOLD = re.compile(r"\r?\n([ \t])")

@@ -93,6 +93,33 @@ class EventKind(enum.StrEnum):
     AUTO_REPLIED = "auto_replied"
     COMPLAINT = "complaint"
     UNSUBSCRIBED = "unsubscribed"
+    # Still queued, due later: outside its sending window, a follow-up's delay, or a recipient
+    # away until a date (the detail says which, and until when).
+    HELD = "held"
+    # Audit events (no message): who changed what, for a team on one database (issue 16).
+    CAMPAIGN_CREATED = "campaign_created"
+    CAMPAIGN_UPDATED = "campaign_updated"
+    CAMPAIGN_PAUSED = "campaign_paused"
+    CAMPAIGN_RESUMED = "campaign_resumed"
+    CAMPAIGN_CANCELLED = "campaign_cancelled"
+    CAMPAIGN_DELETED = "campaign_deleted"
+    IMPORTED = "imported"
+    SUPPRESSED = "suppressed"
+    UNSUPPRESSED = "unsuppressed"
+
+
+# The audit kinds above: events about the team's data rather than one letter's delivery.
+AUDIT_KINDS: tuple[str, ...] = (
+    EventKind.CAMPAIGN_CREATED.value,
+    EventKind.CAMPAIGN_UPDATED.value,
+    EventKind.CAMPAIGN_PAUSED.value,
+    EventKind.CAMPAIGN_RESUMED.value,
+    EventKind.CAMPAIGN_CANCELLED.value,
+    EventKind.CAMPAIGN_DELETED.value,
+    EventKind.IMPORTED.value,
+    EventKind.SUPPRESSED.value,
+    EventKind.UNSUPPRESSED.value,
+)
 
 
 class CampaignStatus(enum.StrEnum):
@@ -154,6 +181,9 @@ class Contact(Base):
     tags: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # The contact's IANA time zone (Europe/Berlin), checked at import; when empty, their city
+    # and country say it (see zones.py).
+    timezone: Mapped[str | None] = mapped_column(String(64))
 
     city: Mapped[City | None] = relationship(lazy="joined")
 
@@ -204,7 +234,8 @@ class Campaign(Base):
     slug: Mapped[str] = mapped_column(String(100), unique=True)
     title: Mapped[str | None] = mapped_column(String(300))
     template: Mapped[str] = mapped_column(String(100))
-    # {relative file name: source}; empty while a draft, frozen when sending starts.
+    # {relative file name: source}: frozen when the campaign is created (empty only in a campaign
+    # made before migration 0005_team, which froze it at its first send).
     template_sources: Mapped[dict[str, Any]] = mapped_column(default=dict)
     from_address: Mapped[str] = mapped_column(String(400))
     # An address, the word "signatory", or None.
@@ -224,6 +255,18 @@ class Campaign(Base):
     held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Hard bounces the user has acknowledged; a new spike is judged on those that came after.
     bounces_acknowledged: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Who paused it (`mailer campaign pause`, see identity.Actor.label): a pause `send` must not
+    # lift; `campaign resume` does. None for a run's own pause (Ctrl-C, too many problems).
+    paused_by: Mapped[str | None] = mapped_column(String(300))
+    # The List-Unsubscribe mailto and one-click URL template, frozen at create like the
+    # templates, so every sender's letters carry the same ones. A NULL mailto marks a campaign
+    # made before migration 0005_team: it still takes both from the local mailer.toml.
+    unsubscribe_mailto: Mapped[str | None] = mapped_column(Text)
+    unsubscribe_url: Mapped[str | None] = mapped_column(Text)
+    # A follow-up: the campaign it follows and how long after each contact's letter of that
+    # campaign its own letter is due (seconds).
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    follow_up_after: Mapped[int | None] = mapped_column(Integer)
     # The campaign's shared pace under a `--rate`: the earliest time the next letter may leave,
     # advanced by every sender's claim (so several senders together keep one rate).
     pace_next_at: Mapped[dt.datetime | None] = mapped_column()

@@ -65,7 +65,8 @@ from sqlalchemy.orm import Session
 from mailer import audience as audience_mod
 from mailer import campaigns
 from mailer.addresses import address_problem
-from mailer.errors import CampaignHeld, ClaimsLost, InvalidValueError
+from mailer.errors import CampaignHeld, CampaignPaused, ClaimsLost, InvalidValueError
+from mailer.identity import Actor
 from mailer.models import (
     Campaign,
     CampaignStatus,
@@ -123,12 +124,16 @@ class Attempted:
     language: str | None
     subject: str | None
     body_hash: str | None
+    # When the message was handed to the transport (its `sent_at` if sent); None: the time the
+    # result is recorded.
+    handed_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Released:
     """A claimed message never handed to the transport: back to `queued`, the attempt not
-    counted; `reason` says why the run let it go."""
+    counted; `reason` says why the run let it go, `due_at` when it is due again (its window
+    closed before it could go: held until the next one opens)."""
 
     claim: Claim
     reason: str
@@ -136,6 +141,7 @@ class Released:
     language: str | None = None
     subject: str | None = None
     body_hash: str | None = None
+    due_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -215,7 +221,10 @@ _EVENT_COLUMNS = (
 
 
 def _datetime_to_db(conn: Connection) -> Callable[[dt.datetime | None], Any]:
-    process = MESSAGES.c.updated_at.type.bind_processor(conn.dialect)
+    # The dialect's own processor: on SQLite it writes the very text SQLAlchemy stores
+    # ("... 20:00:00.000000"), so a time compares right against the stored ones (the driver's
+    # own "... 20:00:00" sorts before it: a letter due at exactly `now` was not due).
+    process = MESSAGES.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
     # A batch carries one or two distinct times (its `now`, a retry's date): convert each once.
     seen: dict[dt.datetime, Any] = {}
 
@@ -308,21 +317,17 @@ def start_sending(
     slug: str,
     templates_dir: Path,
     now: dt.datetime,
-    acknowledge_bounces: bool = False,
 ) -> Campaign:
     """The campaign becomes `sending`, its templates frozen on its first send. Returns it
-    detached. Raises InvalidValueError for a cancelled campaign, and CampaignHeld while a
-    bounce spike holds it (unless `acknowledge_bounces`: then the hold is lifted)."""
+    detached. Refuses, as ensure_sendable does, a cancelled campaign (InvalidValueError), one
+    someone paused (CampaignPaused) and one a bounce spike holds (CampaignHeld): `send
+    --acknowledge-bounces` lifts a hold in ensure_sendable, before the run starts."""
     # An IMMEDIATE transaction: two senders starting at once must queue, not fail on upgrade.
     with _writing(engine) as conn, Session(bind=conn) as session:
         campaign = campaigns.get_campaign(session, slug)
-        if campaign.status == CampaignStatus.CANCELLED.value:
-            raise InvalidValueError(f"campaign {slug} is cancelled; nothing is sent for it")
-        if campaign.held:
-            ensure_not_held(
-                session, campaign_id=campaign.id, acknowledge=acknowledge_bounces, now=now
-            )
-            session.refresh(campaign)
+        # The one check `send` makes (ensure_sendable), again in the run's own transaction:
+        # a pause or hold since then stands. Here a bounce-spike hold is never lifted.
+        _refuse_unsendable(session, campaign, acknowledge_bounces=False, now=now)
         if not campaign.template_sources:
             campaigns.freeze_templates(session, campaign, templates_dir=templates_dir)
         campaign.status = CampaignStatus.SENDING.value
@@ -412,7 +417,8 @@ def queue_audience(
     engine: Engine, *, campaign: Campaign, now: dt.datetime, chunk: int = 1000
 ) -> Queued:
     """Queue every contact of the audience that has no message yet (an invalid address is
-    `skipped` at once, with why), then skip the suppressed (see skip_suppressed).
+    `skipped` at once, with why), then skip the suppressed (see skip_suppressed) and, when the
+    campaign has quiet days, those another campaign wrote to lately (skip_recently_contacted).
 
     The audience is read in keyset pages of `chunk` ids, each queued in its own transaction, so
     memory stays flat at any audience size and another sender is never kept waiting long."""
@@ -427,6 +433,11 @@ def queue_audience(
             queued += page.queued
             skipped += page.skipped
     skipped += skip_suppressed(engine, campaign_id=campaign.id, now=now)
+    quiet_days = (campaign.settings or {}).get("quiet_days")
+    if quiet_days:
+        skipped += skip_recently_contacted(
+            engine, campaign_id=campaign.id, quiet_days=int(quiet_days), now=now
+        )
     return Queued(queued=queued, skipped=skipped)
 
 
@@ -517,8 +528,8 @@ def _peek_statements() -> tuple[Select[Any], ...]:
     c = MESSAGES.c
     queued, retry = MessageStatus.QUEUED.value, MessageStatus.RETRY.value
     now = bindparam("now", type_=c.next_attempt_at.type)
-    # Due retries (and any queued row that carries a date) first, then the plain queue in id
-    # order. Each statement reads ranges of ix_messages_campaign_status: one `status = queued
+    # Due retries and due queued rows that carry a date (held for a window or a follow-up's
+    # delay, see timing.py) first, in order of due time, then the plain queue in id order. Each statement reads ranges of ix_messages_campaign_status: one `status = queued
     # OR ...` made SQLite read and sort every message of the campaign on every claim, a cost
     # that grew with the list (quadratic over a run). The plain queue is read from a cursor:
     # everything before it has been claimed or given up by this run.
@@ -527,16 +538,16 @@ def _peek_statements() -> tuple[Select[Any], ...]:
         and_(
             c.status.in_([queued, retry]),
             c.next_attempt_at.is_not(None),
-            or_(c.status == queued, c.next_attempt_at <= now),
+            c.next_attempt_at <= now,
         ),
         and_(c.status == queued, c.next_attempt_at.is_(None), c.id > bindparam("after")),
     )
     return tuple(
         select(c.id, c.contact_id)
         .where(c.campaign_id == bindparam("campaign"), part)
-        .order_by(c.id)
+        .order_by(*((c.next_attempt_at, c.id) if i == 1 else (c.id,)))
         .limit(bindparam("n", type_=Integer))
-        for part in parts
+        for i, part in enumerate(parts)
     )
 
 
@@ -616,7 +627,8 @@ class Due:
         return self._retries
 
     def any(self, *, now: dt.datetime) -> bool:
-        """Whether anything of the campaign is due now (queued, or a retry whose time came)."""
+        """Whether anything of the campaign is due now (queued, or a retry whose time came; a
+        letter held until later is not)."""
         with self.engine.connect() as conn:
             return (
                 conn.execute(
@@ -624,7 +636,13 @@ class Due:
                     .where(
                         MESSAGES.c.campaign_id == self.campaign_id,
                         or_(
-                            MESSAGES.c.status == MessageStatus.QUEUED.value,
+                            and_(
+                                MESSAGES.c.status == MessageStatus.QUEUED.value,
+                                or_(
+                                    MESSAGES.c.next_attempt_at.is_(None),
+                                    MESSAGES.c.next_attempt_at <= now,
+                                ),
+                            ),
                             and_(
                                 MESSAGES.c.status == MessageStatus.RETRY.value,
                                 MESSAGES.c.next_attempt_at <= now,
@@ -645,12 +663,10 @@ def _claim_statement() -> Any:
     """The claim for a backend without the SQLite fast path, built once."""
     c = MESSAGES.c
     now = bindparam("now", type_=c.next_attempt_at.type)
-    due = or_(
-        c.status == MessageStatus.QUEUED.value,
-        and_(
-            c.status == MessageStatus.RETRY.value,
-            or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
-        ),
+    # A queued letter held until later (timing.py) is not due either.
+    due = and_(
+        c.status.in_([MessageStatus.QUEUED.value, MessageStatus.RETRY.value]),
+        or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
     )
     # Only rows still due are claimed: a row another sender claimed since it was peeked stays
     # theirs (on PostgreSQL the UPDATE waits for their commit and then re-checks `due`).
@@ -693,9 +709,9 @@ def claim(
     5. under a `pace` (letters per second for the campaign, shared by every sender of it),
        the claimed letters' departure times are reserved on the campaign's pace.
 
-    Claim-time eligibility (sending windows, follow-ups) belongs between 2 and 4: a letter that
-    may not leave now is left out of `wanted` there (and given its due time), so it is neither
-    claimed nor counted against the cap or the pace."""
+    Sending windows and follow-up delays are judged before: the engine asks timing.Gate.admit
+    which peeked letters are due now, and only those are composed and offered here, so a held
+    letter is neither claimed nor counted against the cap or the pace."""
     with _writing(engine) as conn:
         _hold_on(conn, sender_id)
         _record_in(
@@ -754,9 +770,10 @@ def _ids_param(conn: Connection, ids: Sequence[int]) -> tuple[str, Any]:
 
 
 # A message still due (for the claim's own re-check), in SQL over `m` (messages) and a `now`.
+# A queued letter held until later (a window, a follow-up's delay: timing.py) is not due.
 _DUE_SQL = (
-    "(m.status = 'queued' OR (m.status = 'retry' AND (m.next_attempt_at IS NULL "
-    "OR m.next_attempt_at <= {now})))"
+    "(m.status IN ('queued', 'retry') AND (m.next_attempt_at IS NULL "
+    "OR m.next_attempt_at <= {now}))"
 )
 
 
@@ -900,8 +917,8 @@ def _claim_in_sqlite(
     mine = "id IN (SELECT value FROM json_each(?)) AND claimed_by = ? AND status = 'sending'"
     conn.exec_driver_sql(
         "UPDATE messages SET status = 'sending', attempts = attempts + 1, claimed_by = ?, "
-        "updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) AND (status = 'queued' "
-        "OR (status = 'retry' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)))",
+        "updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) AND status IN ('queued', "
+        "'retry') AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
         (sender_id, at, wanted, at),
     )
     conn.exec_driver_sql(
@@ -988,7 +1005,7 @@ def _record_in(
                     state.status.value,
                     c.attempts,
                     state.next_attempt_at,
-                    now if state.status is sent else None,
+                    (result.handed_at or now) if state.status is sent else None,
                     result.code,
                     result.reply,
                     result.message_id,
@@ -1012,9 +1029,14 @@ def _record_in(
             )
         elif isinstance(result, Released | Skipped):
             # Never handed over: the claim was no attempt, and the count goes back.
+            due_at = None
             if isinstance(result, Released):
                 status, kind = MessageStatus.QUEUED, EventKind.REQUEUED
-                detail = f"released unsent, attempt {c.attempts} not made ({result.reason})"
+                # Its window closed before it could go: held until the next one (timing.py).
+                due_at = result.due_at
+                detail = f"released unsent, attempt {c.attempts} not made ({result.reason})" + (
+                    f"; due {_utc_text(due_at)}" if due_at else ""
+                )
                 mid, lang, subject, body_hash = (
                     result.message_id,
                     result.language,
@@ -1028,7 +1050,7 @@ def _record_in(
                 (
                     status.value,
                     c.attempts - 1,
-                    None,
+                    due_at,
                     None,
                     None,
                     None,
@@ -1453,6 +1475,10 @@ def finish_sending(
     else:
         values = {"status": CampaignStatus.SENDING.value}
     with _writing(engine) as conn:
+        # Cancelled, or paused by a person or a bounce spike, while this run went on: that
+        # stands (and a cancelled campaign's handed-back letters are skipped).
+        if finish_sending_team(conn, campaign_id=campaign_id, now=now):
+            return status_counts_in(conn, campaign_id=campaign_id)
         # A campaign held by a bounce spike stays paused until the user acknowledges it.
         conn.execute(
             update(Campaign)
@@ -1481,11 +1507,16 @@ def suppressed_contacts(engine: Engine, contact_ids: Sequence[int]) -> dict[int,
 def status_counts(engine: Engine, *, campaign_id: int) -> dict[str, int]:
     """Messages of the campaign per status (every status present, zero or not)."""
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(MESSAGES.c.status, func.count())
-            .where(MESSAGES.c.campaign_id == campaign_id)
-            .group_by(MESSAGES.c.status)
-        ).all()
+        return status_counts_in(conn, campaign_id=campaign_id)
+
+
+def status_counts_in(conn: Connection, *, campaign_id: int) -> dict[str, int]:
+    """status_counts on a connection already open (inside a transaction)."""
+    rows = conn.execute(
+        select(MESSAGES.c.status, func.count())
+        .where(MESSAGES.c.campaign_id == campaign_id)
+        .group_by(MESSAGES.c.status)
+    ).all()
     counts = {s.value: 0 for s in MessageStatus}
     counts.update({str(status): int(n) for status, n in rows})
     return counts
@@ -1571,6 +1602,7 @@ __all__ = [
     "skip_suppressed",
     "start_sending",
     "status_counts",
+    "status_counts_in",
     "suppressed_contacts",
 ]
 
@@ -2016,3 +2048,663 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+# --- team: campaign changes, suppressions by hand, and the audit log
+#
+# A team works one database (DESIGN §3, issue 16): anyone may pause, resume, cancel or delete a
+# campaign, and every running sender polls `campaign_state` to obey at once. Each change here is
+# written with its audit event (message_id NULL, `events.actor` = who) in the same transaction,
+# so `mailer log --events --all` answers "who did what, from where". Quiet days (issue 14) skip
+# contacts another campaign wrote to lately, at queue time (`skip_recently_contacted`); the claim
+# may re-check them with `recently_contacted`.
+
+# Messages still waiting for a first or a further attempt: what cancel and quiet days skip.
+_PENDING = (MessageStatus.QUEUED.value, MessageStatus.RETRY.value)
+
+
+def log_change(
+    session: Session,
+    *,
+    kind: EventKind,
+    detail: str,
+    actor: Actor,
+    at: dt.datetime,
+    campaign_id: int | None = None,
+    contact_id: int | None = None,
+) -> None:
+    """One audit event (no message) in the session's transaction: a campaign created or
+    changed, an import, a suppression added or removed."""
+    session.connection().execute(
+        insert(EVENTS),
+        {
+            "message_id": None,
+            "campaign_id": campaign_id,
+            "contact_id": contact_id,
+            "at": at,
+            "kind": kind.value,
+            "smtp_code": None,
+            "detail": detail,
+            "via": None,
+            "actor": actor.label,
+        },
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CampaignState:
+    """A campaign's state as every sender polls it (see engine._Run.watch_campaign)."""
+
+    slug: str
+    status: str
+    paused_by: str | None
+    pause_reason: str | None
+    held: bool
+
+    @property
+    def halt_reason(self) -> str | None:
+        """Why a running sender must stop now, in words for people; None: it may go on.
+
+        A run's own pause (Ctrl-C, too many problems) names nobody and stops nobody else."""
+        if self.status == CampaignStatus.CANCELLED.value:
+            return self.pause_reason or f"campaign {self.slug} was cancelled"
+        if self.status == CampaignStatus.PAUSED.value and (self.paused_by or self.held):
+            return self.pause_reason or f"campaign {self.slug} was paused"
+        return None
+
+
+def campaign_state(engine: Engine, *, campaign_id: int) -> CampaignState:
+    """The campaign's status and who paused it: one indexed read, cheap enough every second."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(
+                Campaign.slug,
+                Campaign.status,
+                Campaign.paused_by,
+                Campaign.pause_reason,
+                Campaign.held,
+            ).where(Campaign.id == campaign_id)
+        ).one_or_none()
+    if row is None:
+        # Deleted under a running sender: nothing may go on.
+        return CampaignState(
+            slug=str(campaign_id),
+            status=CampaignStatus.CANCELLED.value,
+            paused_by=None,
+            pause_reason="the campaign was deleted",
+            held=False,
+        )
+    slug, status, paused_by, reason, held = row
+    return CampaignState(
+        slug=slug, status=status, paused_by=paused_by, pause_reason=reason, held=bool(held)
+    )
+
+
+def _follow_up_ids(session: Session, campaign_id: int) -> list[int]:
+    """Follow-ups of the campaign, at any depth (campaigns with `parent_id`)."""
+    parent = Campaign.parent_id
+    found: list[int] = []
+    frontier = [campaign_id]
+    while frontier:
+        children = list(session.scalars(select(Campaign.id).where(parent.in_(frontier))))
+        children = [c for c in children if c not in found and c != campaign_id]
+        found.extend(children)
+        frontier = children
+    return found
+
+
+def _stamp(actor: Actor, now: dt.datetime) -> str:
+    return f"{actor.label} at {now:%Y-%m-%d %H:%M} UTC"
+
+
+def ensure_sendable(
+    engine: Engine, *, slug: str, acknowledge_bounces: bool, actor: Actor, now: dt.datetime
+) -> None:
+    """What `send` asks before anything else: a cancelled campaign sends nothing, a campaign
+    someone paused waits for `campaign resume`, and one a bounce spike holds waits for
+    `--acknowledge-bounces` (see ensure_not_held; the acknowledgement is logged). The run's
+    start_sending asks the same again, without lifting anything."""
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        if _refuse_unsendable(
+            session, campaign, acknowledge_bounces=acknowledge_bounces, now=now
+        ):
+            log_change(
+                session,
+                kind=EventKind.CAMPAIGN_RESUMED,
+                detail=f"campaign {slug}: bounce spike acknowledged (send --acknowledge-bounces)",
+                actor=actor,
+                at=now,
+                campaign_id=campaign.id,
+            )
+
+
+def _refuse_unsendable(
+    session: Session, campaign: Campaign, *, acknowledge_bounces: bool, now: dt.datetime
+) -> bool:
+    """The one check of whether a campaign may be sent (ensure_sendable, start_sending):
+    raises for a cancelled campaign, one paused by someone, and one a bounce spike holds unless
+    `acknowledge_bounces` -- then the hold is lifted and True returned."""
+    slug = campaign.slug
+    if campaign.status == CampaignStatus.CANCELLED.value:
+        raise InvalidValueError(
+            f"campaign {slug} is cancelled ({campaign.pause_reason or 'cancelled'}); "
+            "nothing is sent for it"
+        )
+    if campaign.status == CampaignStatus.PAUSED.value and campaign.paused_by:
+        raise CampaignPaused(
+            f"campaign {slug} is {campaign.pause_reason or 'paused by ' + campaign.paused_by}"
+            f"; `mailer campaign resume {slug}` lets it go on"
+        )
+    if not campaign.held:
+        return False
+    ensure_not_held(session, campaign_id=campaign.id, acknowledge=acknowledge_bounces, now=now)
+    session.refresh(campaign)
+    return True
+
+
+def pause_campaign(
+    engine: Engine, *, slug: str, actor: Actor, reason: str | None, now: dt.datetime
+) -> CampaignState:
+    """`mailer campaign pause`: every sender of the campaign stops within seconds, handing
+    back what it has not sent; no `send` starts until `campaign resume`."""
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        if campaign.status == CampaignStatus.CANCELLED.value:
+            raise InvalidValueError(f"campaign {slug} is cancelled; there is nothing to pause")
+        if campaign.status == CampaignStatus.DONE.value:
+            raise InvalidValueError(f"campaign {slug} is done; there is nothing left to pause")
+        words = f"paused by {_stamp(actor, now)}" + (f": {reason}" if reason else "")
+        campaign.status = CampaignStatus.PAUSED.value
+        campaign.paused_by = actor.label
+        campaign.pause_reason = words
+        campaign.paused_at = now
+        session.flush()
+        log_change(
+            session,
+            kind=EventKind.CAMPAIGN_PAUSED,
+            detail=f"campaign {slug}: {words}",
+            actor=actor,
+            at=now,
+            campaign_id=campaign.id,
+        )
+        return CampaignState(
+            slug=slug,
+            status=campaign.status,
+            paused_by=campaign.paused_by,
+            pause_reason=words,
+            held=bool(campaign.held),
+        )
+
+
+def resume_campaign(
+    engine: Engine, *, slug: str, actor: Actor, acknowledge_bounces: bool, now: dt.datetime
+) -> CampaignState:
+    """`mailer campaign resume`: a paused campaign may be sent again (by the next `send`). A
+    bounce-spike hold needs `acknowledge_bounces` (CampaignHeld otherwise)."""
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        if campaign.status != CampaignStatus.PAUSED.value:
+            raise InvalidValueError(f"campaign {slug} is not paused (it is {campaign.status})")
+        was = campaign.pause_reason or "paused"
+        if campaign.held:
+            ensure_not_held(
+                session, campaign_id=campaign.id, acknowledge=acknowledge_bounces, now=now
+            )
+        session.expire(campaign)
+        campaign.status = (
+            CampaignStatus.SENDING.value
+            if campaign.started_at is not None
+            else CampaignStatus.DRAFT.value
+        )
+        campaign.paused_by = None
+        campaign.pause_reason = None
+        session.flush()
+        log_change(
+            session,
+            kind=EventKind.CAMPAIGN_RESUMED,
+            detail=f"campaign {slug}: resumed by {_stamp(actor, now)} (was {was})",
+            actor=actor,
+            at=now,
+            campaign_id=campaign.id,
+        )
+        return CampaignState(
+            slug=slug, status=campaign.status, paused_by=None, pause_reason=None, held=False
+        )
+
+
+def _skip_pending(conn: Connection, *, campaign_id: int, detail: str, now: dt.datetime) -> int:
+    """Every letter of the campaign still waiting (`queued`/`retry`) becomes `skipped`, each
+    with its event. Returns how many."""
+    rows = conn.execute(
+        select(MESSAGES.c.id, MESSAGES.c.contact_id).where(
+            MESSAGES.c.campaign_id == campaign_id, MESSAGES.c.status.in_(_PENDING)
+        )
+    ).all()
+    for start in range(0, len(rows), _ROWS_A_STATEMENT):
+        conn.execute(
+            update(MESSAGES)
+            .where(
+                MESSAGES.c.id.in_([mid for mid, _ in rows[start : start + _ROWS_A_STATEMENT]]),
+                MESSAGES.c.status.in_(_PENDING),
+            )
+            .values(status=MessageStatus.SKIPPED.value, updated_at=now, next_attempt_at=None)
+        )
+    _insert_events(
+        conn,
+        [
+            (mid, campaign_id, cid, now, EventKind.SKIPPED.value, None, detail, None)
+            for mid, cid in rows
+        ],
+    )
+    return len(rows)
+
+
+def cancel_campaign(
+    engine: Engine, *, slug: str, actor: Actor, reason: str | None, now: dt.datetime
+) -> dict[str, int]:
+    """`mailer campaign cancel`: the campaign and its follow-ups are `cancelled`, their waiting
+    letters `skipped` (each with an event); letters a running sender holds are handed back by
+    it and skipped when it stops (see finish_sending). Returns letters skipped per campaign."""
+    skipped: dict[str, int] = {}
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        if campaign.status == CampaignStatus.CANCELLED.value:
+            raise InvalidValueError(f"campaign {slug} is cancelled already")
+        words = f"cancelled by {_stamp(actor, now)}" + (f": {reason}" if reason else "")
+        targets = [campaign.id, *_follow_up_ids(session, campaign.id)]
+        for target in targets:
+            row = session.get(Campaign, target)
+            assert row is not None
+            if row.status == CampaignStatus.CANCELLED.value:
+                continue
+            why = words if target == campaign.id else f"{words} (follow-up of {slug})"
+            count = _skip_pending(conn, campaign_id=target, detail=why, now=now)
+            skipped[row.slug] = count
+            row.status = CampaignStatus.CANCELLED.value
+            row.pause_reason = why
+            row.paused_at = now
+            row.finished_at = now
+            session.flush()
+            log_change(
+                session,
+                kind=EventKind.CAMPAIGN_CANCELLED,
+                detail=f"campaign {row.slug}: {why}; {count} waiting letter(s) skipped",
+                actor=actor,
+                at=now,
+                campaign_id=target,
+            )
+    return skipped
+
+
+def delete_campaign(engine: Engine, *, slug: str, actor: Actor, now: dt.datetime) -> int:
+    """`mailer campaign delete`: a campaign nothing of which was ever handed to a server goes,
+    with its waiting letters and their events. Its audit events stay in the log (no longer
+    linked; their detail names it), and so does the event of its deletion. Returns the
+    letters dropped. Refused once any letter was attempted: that is the record."""
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        campaign = campaigns.get_campaign(session, slug)
+        attempted = session.scalar(
+            select(func.count()).where(
+                MESSAGES.c.campaign_id == campaign.id,
+                or_(
+                    MESSAGES.c.attempts > 0,
+                    MESSAGES.c.sent_at.is_not(None),
+                    MESSAGES.c.status.in_(
+                        [
+                            MessageStatus.SENDING.value,
+                            MessageStatus.SENT.value,
+                            MessageStatus.UNCERTAIN.value,
+                        ]
+                    ),
+                ),
+            )
+        )
+        if attempted:
+            raise InvalidValueError(
+                f"campaign {slug} has {attempted} letter(s) that were sent or tried: they are "
+                f"the record and stay; `mailer campaign cancel {slug}` stops the rest"
+            )
+        if _follow_up_ids(session, campaign.id):
+            raise InvalidValueError(
+                f"campaign {slug} has follow-ups; delete (or cancel) them first"
+            )
+        for other in session.scalars(select(Campaign).where(Campaign.id != campaign.id)):
+            named = audience_mod.Audience.from_json(other.audience)
+            if any(slug in getattr(named, key) for key, _, _ in audience_mod.RECORD_FILTERS):
+                raise InvalidValueError(
+                    f"campaign {other.slug}'s audience names {slug} "
+                    f"({named.describe()}); delete or change it first"
+                )
+        letters = int(
+            session.scalar(select(func.count()).where(MESSAGES.c.campaign_id == campaign.id)) or 0
+        )
+        cid = campaign.id
+        # The campaign's audit events outlive it: their detail names it.
+        conn.execute(
+            update(EVENTS)
+            .where(EVENTS.c.campaign_id == cid, EVENTS.c.message_id.is_(None))
+            .values(campaign_id=None)
+        )
+        conn.execute(EVENTS.delete().where(EVENTS.c.campaign_id == cid))
+        conn.execute(MESSAGES.delete().where(MESSAGES.c.campaign_id == cid))
+        session.delete(campaign)
+        session.flush()
+        log_change(
+            session,
+            kind=EventKind.CAMPAIGN_DELETED,
+            detail=f"campaign {slug} deleted by {_stamp(actor, now)} "
+            f"(template {campaign.template}, from {campaign.from_address}; "
+            f"{letters} unsent letter(s) dropped)",
+            actor=actor,
+            at=now,
+        )
+    return letters
+
+
+def finish_sending_team(conn: Connection, *, campaign_id: int, now: dt.datetime) -> bool:
+    """For finish_sending: True when the team's state of the campaign must stand (cancelled,
+    or paused by someone or by a bounce spike) -- a run's end neither un-pauses nor revives
+    it. Letters a cancelled campaign's sender handed back are skipped here."""
+    row = conn.execute(
+        select(Campaign.status, Campaign.paused_by, Campaign.held, Campaign.pause_reason).where(
+            Campaign.id == campaign_id
+        )
+    ).one_or_none()
+    if row is None:
+        return True
+    status, paused_by, held, reason = row
+    if status == CampaignStatus.CANCELLED.value:
+        _skip_pending(conn, campaign_id=campaign_id, detail=reason or "cancelled", now=now)
+        return True
+    return status == CampaignStatus.PAUSED.value and bool(paused_by or held)
+
+
+def add_suppressions(
+    session: Session,
+    *,
+    emails: Sequence[str],
+    reason: SuppressionReason,
+    source: str,
+    actor: Actor,
+    now: dt.datetime,
+) -> int:
+    """`mailer suppress add`: each newly suppressed address with its `suppressed` event (on
+    the contact, when there is one). An address suppressed already keeps its first reason.
+    Returns how many are new."""
+    added = 0
+    for email in dict.fromkeys(audience_mod.normalise_email(e) for e in emails if e.strip()):
+        if not _suppress(session, email=email, reason=reason, source=source, at=now):
+            continue
+        added += 1
+        log_change(
+            session,
+            kind=EventKind.SUPPRESSED,
+            detail=f"{email} suppressed ({reason.value}, {source}) by {actor.label}",
+            actor=actor,
+            at=now,
+            contact_id=session.scalar(select(Contact.id).where(Contact.email == email)),
+        )
+    return added
+
+
+def remove_suppression(
+    session: Session, *, email: str, why: str, actor: Actor, now: dt.datetime
+) -> Suppression:
+    """`mailer suppress remove`: the address may be written to again; the removal, its reason
+    and what the suppression was stay in the log (`unsuppressed` event). Returns the removed
+    suppression; InvalidValueError when the address is not suppressed."""
+    address = audience_mod.normalise_email(email)
+    if not why.strip():
+        raise InvalidValueError("suppress remove: say why with --reason (it is kept in the log)")
+    found = session.scalar(select(Suppression).where(Suppression.email == address))
+    if found is None:
+        raise InvalidValueError(f"{address} is not suppressed; `mailer suppress list` lists them")
+    was = f"{found.reason}" + (f", {found.source}" if found.source else "")
+    session.delete(found)
+    session.flush()
+    log_change(
+        session,
+        kind=EventKind.UNSUPPRESSED,
+        detail=f"{address} no longer suppressed (was {was}) by {actor.label}: {why.strip()}",
+        actor=actor,
+        at=now,
+        contact_id=session.scalar(select(Contact.id).where(Contact.email == address)),
+    )
+    return found
+
+
+def recently_contacted(
+    reader: Connection | Session,
+    *,
+    campaign_id: int,
+    contact_ids: Sequence[int],
+    since: dt.datetime,
+) -> dict[int, tuple[str, dt.datetime]]:
+    """Of `contact_ids`, those another campaign sent a letter to since `since`: the campaign's
+    slug and when (the latest). The claim may call this to re-check quiet days per batch; a
+    follow-up's parent does not count (the follow-up exists to write again)."""
+    excluded = [campaign_id]
+    parent = getattr(Campaign, "parent_id", None)
+    if parent is not None:
+        excluded += [
+            p
+            for p in reader.execute(select(parent).where(Campaign.id == campaign_id)).scalars()
+            if p is not None
+        ]
+    found: dict[int, tuple[str, dt.datetime]] = {}
+    for start in range(0, len(contact_ids), _ROWS_A_STATEMENT):
+        chunk = list(contact_ids[start : start + _ROWS_A_STATEMENT])
+        rows = reader.execute(
+            select(MESSAGES.c.contact_id, Campaign.slug, MESSAGES.c.sent_at)
+            .join(Campaign, Campaign.id == MESSAGES.c.campaign_id)
+            .where(
+                MESSAGES.c.contact_id.in_(chunk),
+                MESSAGES.c.campaign_id.notin_(excluded),
+                MESSAGES.c.sent_at >= since,
+            )
+        ).all()
+        for cid, slug, at in rows:
+            when = _as_utc(at)
+            if cid not in found or when > found[cid][1]:
+                found[int(cid)] = (str(slug), when)
+    return found
+
+
+def skip_recently_contacted(
+    engine: Engine, *, campaign_id: int, quiet_days: int, now: dt.datetime
+) -> int:
+    """Quiet days (`--skip-contacted-within`): letters of the campaign not yet tried whose
+    contact another campaign wrote to within `quiet_days` become `skipped`, each with an event
+    naming that campaign and day. Returns how many."""
+    since = now - dt.timedelta(days=quiet_days)
+    skipped = 0
+    with engine.connect() as reading:
+        waiting = reading.execute(
+            select(MESSAGES.c.id, MESSAGES.c.contact_id).where(
+                MESSAGES.c.campaign_id == campaign_id,
+                MESSAGES.c.status == MessageStatus.QUEUED.value,
+                MESSAGES.c.attempts == 0,
+            )
+        ).all()
+    for start in range(0, len(waiting), _ROWS_A_STATEMENT):
+        page = waiting[start : start + _ROWS_A_STATEMENT]
+        with _writing(engine) as conn:
+            recent = recently_contacted(
+                conn, campaign_id=campaign_id, contact_ids=[c for _, c in page], since=since
+            )
+            ids = [mid for mid, cid in page if cid in recent]
+            if not ids:
+                continue
+            changed = conn.execute(
+                update(MESSAGES)
+                .where(
+                    MESSAGES.c.id.in_(ids),
+                    MESSAGES.c.status == MessageStatus.QUEUED.value,
+                    MESSAGES.c.attempts == 0,
+                )
+                .values(status=MessageStatus.SKIPPED.value, updated_at=now)
+                .returning(MESSAGES.c.id, MESSAGES.c.contact_id)
+            ).all()
+            _insert_events(
+                conn,
+                [
+                    (
+                        mid,
+                        campaign_id,
+                        cid,
+                        now,
+                        EventKind.SKIPPED.value,
+                        None,
+                        f"quiet days: campaign {recent[cid][0]} wrote to this contact on "
+                        f"{recent[cid][1]:%Y-%m-%d}, within the {quiet_days} quiet day(s)",
+                        None,
+                    )
+                    for mid, cid in changed
+                ],
+            )
+            skipped += len(changed)
+    return skipped
+
+
+__all__ += [
+    "CampaignState",
+    "add_suppressions",
+    "campaign_state",
+    "cancel_campaign",
+    "delete_campaign",
+    "ensure_sendable",
+    "finish_sending_team",
+    "log_change",
+    "pause_campaign",
+    "recently_contacted",
+    "remove_suppression",
+    "resume_campaign",
+    "skip_recently_contacted",
+]
+
+
+# --- windows and follow-ups: letters held until their time, or skipped
+#
+# Written by `timing` (the gate the engine asks which peeked letters are due now, before they
+# are composed and claimed) and by a campaign's cancellation (`cancel_campaign`). A held
+# letter stays `queued` (or `retry`) with its due time in `next_attempt_at`: the peek leaves it
+# alone until then, and the claim never takes it early.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hold:
+    """A letter not due yet: held until `until`; `reason` says why (window, delay, away)."""
+
+    message: int
+    contact_id: int
+    until: dt.datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Drop:
+    """A letter that must not go out any more (its parent was answered, bounced, or the
+    address is suppressed): `skipped`, with the reason."""
+
+    message: int
+    contact_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DueNow:
+    """A held letter whose time came under the rules of this run: due now, with the reason."""
+
+    message: int
+    contact_id: int
+    reason: str
+
+
+class Timed(NamedTuple):
+    held: int
+    skipped: int
+    released: int
+
+
+_OPEN = (MessageStatus.QUEUED.value, MessageStatus.RETRY.value)
+
+
+def _utc_text(at: dt.datetime) -> str:
+    return f"{at.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def hold_and_skip(
+    engine: Engine,
+    *,
+    campaign_id: int,
+    holds: Sequence[Hold] = (),
+    skips: Sequence[Drop] = (),
+    releases: Sequence[DueNow] = (),
+    now: dt.datetime,
+) -> Timed:
+    """In one transaction: `holds` get their due time (a `held` event each, with the reason and
+    the time), `skips` become `skipped` (a `skipped` event each), `releases` lose their due time
+    (a `requeued` event each: due now). Only letters still `queued`/`retry` change (another
+    sender may have claimed one since); returns how many did."""
+    if not (holds or skips or releases):
+        return Timed(0, 0, 0)
+    c = MESSAGES.c
+    events: list[_EventRow] = []
+    held = skipped = released = 0
+    with _writing(engine) as conn:
+        by_until: dict[dt.datetime, list[Hold]] = {}
+        for h in holds:
+            by_until.setdefault(h.until, []).append(h)
+        for until, group in by_until.items():
+            reasons = {h.message: h for h in group}
+            for start in range(0, len(group), _ROWS_A_STATEMENT):
+                ids = [h.message for h in group[start : start + _ROWS_A_STATEMENT]]
+                changed = conn.execute(
+                    update(MESSAGES)
+                    .where(c.id.in_(ids), c.status.in_(_OPEN))
+                    .values(next_attempt_at=until, updated_at=now)
+                    .returning(c.id)
+                ).scalars()
+                for mid in changed:
+                    h = reasons[mid]
+                    held += 1
+                    events.append(
+                        (
+                            mid,
+                            campaign_id,
+                            h.contact_id,
+                            now,
+                            EventKind.HELD.value,
+                            None,
+                            f"due {_utc_text(until)}: {h.reason}",
+                            None,
+                        )
+                    )
+        for rows, values, kind in (
+            (skips, {"status": MessageStatus.SKIPPED.value}, EventKind.SKIPPED),
+            (releases, {}, EventKind.REQUEUED),
+        ):
+            reasons_by_id = {r.message: r for r in rows}
+            for start in range(0, len(rows), _ROWS_A_STATEMENT):
+                ids = [r.message for r in rows[start : start + _ROWS_A_STATEMENT]]
+                changed = conn.execute(
+                    update(MESSAGES)
+                    .where(c.id.in_(ids), c.status.in_(_OPEN))
+                    .values(next_attempt_at=None, updated_at=now, **values)
+                    .returning(c.id)
+                ).scalars()
+                for mid in changed:
+                    r = reasons_by_id[mid]
+                    if kind is EventKind.SKIPPED:
+                        skipped += 1
+                    else:
+                        released += 1
+                    events.append(
+                        (mid, campaign_id, r.contact_id, now, kind.value, None, r.reason, None)
+                    )
+        _insert_events(conn, events)
+    return Timed(held, skipped, released)
+
+
+__all__ += ["Drop", "DueNow", "Hold", "Timed", "hold_and_skip"]

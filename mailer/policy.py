@@ -64,6 +64,8 @@ class SendPolicy:
     suppression_poll: float = 0.5
     # The bounce spike is judged at most this often while hard bounces come in.
     spike_check: float = 2.0
+    # How often a running sender reads its campaign's state (paused or cancelled by anyone).
+    state_poll: float = 1.0
 
     def backoff(self, attempts: int) -> dt.timedelta:
         """The wait after the `attempts`-th attempt was deferred: doubling from the base, capped."""
@@ -83,6 +85,7 @@ class StopReason(enum.StrEnum):
     SYSTEMIC = "systemic"  # the server, not the list: login refused, unreachable, a refusal streak
     BOUNCE_SPIKE = "bounce-spike"  # the campaign's hard bounces passed the threshold: held
     ERROR = "error"  # a fault of mailer's own or of the database
+    HELD = "held"  # paused or cancelled in the database (by a person, or a bounce spike)
 
 
 class RateLimiter(Protocol):

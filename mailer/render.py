@@ -5,6 +5,9 @@ then the body) and optionally `LANG.html.j2` (an HTML alternative, body only). O
 `Subject:` is allowed: every other header is the message builder's job, so a template can never
 add one (nor can contact data reach the header section, because the subject line is compiled on
 its own and every line break in its output becomes a space).
+
+The sandbox also bounds size: a letter is at most MAX_LETTER_CHARS, counted while it renders
+(see "size limits"). The `greeting` in the context comes from greetings.py.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import datetime as dt
 import functools
 import re
 import secrets
+import string
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mailer.errors import NotFoundError, TemplateError
+from mailer.greetings import Greeting, greeting_for
 
 FALLBACK_LANGUAGE = "en"
 TEXT_SUFFIX = ".txt.j2"
@@ -92,12 +97,31 @@ class CampaignView:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class LetterView:
+    """An earlier letter to this recipient that a follow-up answers: when it went (in the
+    recipient's own time zone), its subject and Message-ID."""
+
+    sent_at: dt.datetime
+    date: dt.date
+    subject: str
+    message_id: str
+
+    def __str__(self) -> str:
+        return self.subject
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Recipient:
     contact_id: int
     contact: ContactView
     city: CityView | None
     partnerships: tuple[PartnershipView, ...] = ()
     signatories: tuple[SignatoryView, ...] = ()
+    # A follow-up's thread: the first letter to this recipient and the one just before this
+    # (the same for a first follow-up), and every earlier Message-ID, oldest first.
+    first_letter: LetterView | None = None
+    previous_letter: LetterView | None = None
+    references: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -110,6 +134,8 @@ class Rendered:
     headers: dict[str, str]
     text: str
     html: str | None
+    # The letter greets with its language's generic greeting (nothing known to be personal).
+    generic_greeting: bool = False
 
 
 # --------------------------------------------------------------------------- errors
@@ -197,6 +223,8 @@ class _Variant:
     html: jinja2.Template | None
     # Whether the HTML variant has header lines to cut off at the separator, like the text one.
     html_split: bool = False
+    # Whether the variant prints `greeting` (only then does a generic one count).
+    uses_greeting: bool = False
 
 
 class _Loader(jinja2.BaseLoader):
@@ -231,8 +259,247 @@ def _locale(language: str) -> Locale:
 # (which otherwise double the cost of a letter). Everything else goes through the full sandbox.
 _VIEW_FIELDS: dict[type, frozenset[str]] = {
     cls: frozenset(cls.__dataclass_fields__)
-    for cls in (CityView, SignatoryView, PartnershipView, ContactView, CampaignView, Recipient)
+    for cls in (
+        CityView,
+        SignatoryView,
+        PartnershipView,
+        ContactView,
+        CampaignView,
+        Recipient,
+        Greeting,
+    )
 }
+
+
+# --------------------------------------------------------------------------- size limits
+
+# The largest letter a template may render: each of its text (with the subject) and HTML
+# versions. A million characters is some 300 pages, 200 times the starter appeal; no letter
+# needs more, and a template that builds more is a mistake (`{{ 'x' * 300000000 }}` took 3 GB).
+MAX_LETTER_CHARS = 1_000_000
+# What one render may build in all, kept or thrown away (strings and lists made by `*`, `+`,
+# `~`, joins, padding, format widths and buffers): bounds the memory of a template's loops.
+_BUILD_BUDGET = 10 * MAX_LETTER_CHARS
+# Numbers a template computes (`2 ** 300000000` is 37 MB and minutes of CPU).
+_MAX_INT_BITS = 100_000
+
+
+class LetterTooLarge(RenderProblem):
+    """The letter, or a value a template builds for it, would pass MAX_LETTER_CHARS."""
+
+
+class _TooLarge(Exception):
+    """Raised while rendering; TemplateSet turns it into LetterTooLarge with file and line."""
+
+
+# What the current render may still build. One counter for the process, reset by every render:
+# two threads rendering at once (never the case today) would only share their budgets.
+_budget_left = _BUILD_BUDGET
+
+
+def _reset_budget() -> None:
+    global _budget_left
+    _budget_left = _BUILD_BUDGET
+
+
+def _charge(size: int, what: str = "characters") -> None:
+    """Count `size` characters (or items) about to be built; stop past a limit."""
+    global _budget_left
+    if size > MAX_LETTER_CHARS:
+        raise _TooLarge(f"a value of {size:,} {what}")
+    _budget_left -= size
+    if _budget_left < 0:
+        raise _TooLarge(f"{_BUILD_BUDGET:,} characters built in all")
+
+
+_SEQUENCES = (str, list, tuple)
+
+
+def _check_repeat(left: Any, right: Any) -> None:
+    if isinstance(left, _SEQUENCES) and isinstance(right, int):
+        _charge(len(left) * max(right, 0), "characters or items")
+    elif isinstance(right, _SEQUENCES) and isinstance(left, int):
+        _charge(len(right) * max(left, 0), "characters or items")
+    elif isinstance(left, int) and isinstance(right, int):
+        _check_bits(left.bit_length() + right.bit_length())
+
+
+def _check_bits(bits: int) -> None:
+    if bits > _MAX_INT_BITS:
+        raise _TooLarge(f"a number of {bits:,} bits")
+
+
+_PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_DIGITS = re.compile(r"\d+")
+
+
+def _check_widths(numbers: Iterable[str], star: bool, values: Iterable[Any]) -> None:
+    """Padding is the one way a format grows beyond its arguments: widths within the limit."""
+    for digits in numbers:
+        if len(digits) > 6 and int(digits) > MAX_LETTER_CHARS:
+            raise _TooLarge(f"a format width of {int(digits):,} characters")
+    if star:
+        for value in values:
+            if isinstance(value, int) and abs(value) > MAX_LETTER_CHARS:
+                raise _TooLarge(f"a format width of {value:,} characters")
+
+
+def _check_printf(text: str, values: Any) -> None:
+    numbers: list[str] = []
+    star = False
+    for match in _PRINTF_SPEC.finditer(text):
+        for group in match.groups():
+            if group == "*":
+                star = True
+            elif group:
+                numbers.append(group)
+    items = values if isinstance(values, tuple) else (values,)
+    if isinstance(values, Mapping):
+        items = tuple(values.values())
+    _check_widths(numbers, star, items)
+
+
+def _check_str_format(text: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    numbers: list[str] = []
+    star = False
+    try:
+        for _, _, spec, _ in string.Formatter().parse(text):
+            if spec:
+                numbers.extend(_DIGITS.findall(spec))
+                star = star or "{" in spec
+    except ValueError:
+        return  # malformed: str.format itself says so
+    _check_widths(numbers, star, (*args, *kwargs.values()))
+
+
+def _check_str_call(method: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Checks a call of a str method that can grow its string; returns the arguments to use."""
+    text: str = method.__self__
+    name = method.__name__
+    if name in ("ljust", "rjust", "center", "zfill"):
+        width = args[0] if args else kwargs.get("width", 0)
+        if isinstance(width, int):
+            _charge(max(width, len(text)))
+    elif name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(size, int):
+            _charge(len(text) + text.count("\t") * max(size, 0))
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str):
+        old, new = args[0], args[1]
+        if isinstance(new, str) and len(new) > len(old):
+            found = text.count(old) if old else len(text) + 1
+            if len(args) > 2 and isinstance(args[2], int) and args[2] >= 0:
+                found = min(found, args[2])
+            _charge(len(text) + found * (len(new) - len(old)))
+    elif name == "join" and args:
+        items = list(args[0])
+        _charge(
+            sum(len(i) if isinstance(i, str) else 0 for i in items)
+            + len(text) * max(len(items) - 1, 0)
+        )
+        return (items, *args[1:])
+    return args
+
+
+_GROWING_STR_METHODS = frozenset(
+    {"ljust", "rjust", "center", "zfill", "expandtabs", "replace", "join"}
+)
+
+
+def _str_join(seq: Iterable[Any]) -> str:
+    """`a ~ b` with the pieces counted before they are joined."""
+    pieces = [str(piece) for piece in seq]
+    _charge(sum(map(len, pieces)))
+    return "".join(pieces)
+
+
+def _markup_join(seq: Iterable[Any]) -> str:
+    pieces = list(seq)
+    _charge(sum(len(str(piece)) for piece in pieces))
+    return jinja2.runtime.markup_join(pieces)
+
+
+def _concat(pieces: Iterable[str]) -> str:
+    """A buffer's pieces (a `{% set %}` block, a macro's output), counted before joined."""
+    if not isinstance(pieces, list):
+        pieces = list(pieces)
+    _charge(sum(map(len, pieces)))
+    return "".join(pieces)
+
+
+class _LimitedTemplate(jinja2.Template):
+    """Templates whose `~` (compiled to str_join/markup_join) is counted like the rest."""
+
+    @classmethod
+    def _from_namespace(
+        cls,
+        environment: jinja2.Environment,
+        namespace: MutableMapping[str, Any],
+        globals: MutableMapping[str, Any],
+    ) -> jinja2.Template:
+        namespace["str_join"] = _str_join
+        namespace["markup_join"] = _markup_join
+        return super()._from_namespace(environment, namespace, globals)
+
+
+def _limit_filters(env: jinja2.Environment) -> None:
+    """The built-in filters that can grow a text, with their growth counted first."""
+    filters = env.filters
+    center, indent, replace, do_format = (
+        filters["center"],
+        filters["indent"],
+        filters["replace"],
+        filters["format"],
+    )
+
+    def limited_center(value: Any, width: int = 80) -> str:
+        if isinstance(width, int):
+            _charge(max(width, len(str(value))))
+        result: str = center(value, width)
+        return result
+
+    def limited_indent(
+        s: Any, width: int | str = 4, first: bool = False, blank: bool = False
+    ) -> str:
+        text = str(s)
+        step = width if isinstance(width, int) else len(str(width))
+        _charge(len(text) + (text.count("\n") + 2) * max(step, 0))
+        result: str = indent(s, width, first, blank)
+        return result
+
+    @jinja2.pass_eval_context
+    def limited_replace(
+        eval_ctx: jinja2.nodes.EvalContext, s: Any, old: Any, new: Any, count: int | None = None
+    ) -> str:
+        _check_str_call(str(s).replace, (str(old), str(new), -1 if count is None else count), {})
+        result: str = replace(eval_ctx, s, old, new, count)
+        return result
+
+    @jinja2.pass_eval_context
+    def limited_join(
+        eval_ctx: jinja2.nodes.EvalContext,
+        value: Iterable[Any],
+        d: str = "",
+        attribute: str | int | None = None,
+    ) -> str:
+        items = list(value)
+        if attribute is not None:
+            items = list(map(jinja2.filters.make_attrgetter(env, attribute), items))
+        _charge(sum(len(str(i)) for i in items) + len(str(d)) * max(len(items) - 1, 0))
+        result: str = jinja2.filters.sync_do_join(eval_ctx, items, d)
+        return result
+
+    def limited_format(value: Any, *args: Any, **kwargs: Any) -> str:
+        _check_printf(str(value), kwargs or args)
+        result: str = do_format(value, *args, **kwargs)
+        _charge(len(result))
+        return result
+
+    filters["center"] = limited_center
+    filters["indent"] = limited_indent
+    filters["replace"] = limited_replace
+    filters["join"] = limited_join
+    filters["format"] = limited_format
 
 
 _FORMAT_METHODS = frozenset({"format", "format_map"})
@@ -240,6 +507,10 @@ _DIRECT_CALLS = frozenset({jinja2.runtime.Macro, types.BuiltinMethodType})
 
 
 class _SandboxEnvironment(ImmutableSandboxedEnvironment):
+    template_class = _LimitedTemplate
+    # Operators that can build a large value are checked before they do (see size limits).
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
     # Jinja's verdict depends only on the object's type and the attribute name (isinstance
     # checks against ABCs, name rules), so it is computed once per pair instead of per access.
     _verdicts: dict[tuple[type, str], bool] = {}  # noqa: RUF012
@@ -276,11 +547,53 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
     ) -> Any:
         # Macros are template code, and a builtin method was vetted when it was looked up
         # (ImmutableSandbox refuses mutating ones): neither needs the generic call protocol.
-        if type(__obj) in _DIRECT_CALLS or __obj is jinja2.utils.Namespace:
+        kind = type(__obj)
+        if kind in _DIRECT_CALLS or __obj is jinja2.utils.Namespace:
             kwargs.pop("_block_vars", None)
             kwargs.pop("_loop_vars", None)
+            if (
+                kind is types.BuiltinMethodType
+                and __obj.__name__ in _GROWING_STR_METHODS
+                and isinstance(__obj.__self__, str)
+            ):
+                args = _check_str_call(__obj, args, kwargs)
             return __obj(*args, **kwargs)
         return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(
+        self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
+    ) -> Any:
+        if operator == "+":
+            # Lists grown in a loop (`ns.items + [item]`) are the common case: kept cheap.
+            if isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES):
+                _charge(len(left) + len(right), "characters or items")
+        elif operator == "*":
+            _check_repeat(left, right)
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+                _check_bits(right * left.bit_length())
+        elif isinstance(left, str):  # "%": printf-style formatting
+            _check_printf(left, right)
+            result = left % right
+            _charge(len(result))
+            return result
+        return self.binop_table[operator](left, right)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapper = super().wrap_str_format(value)
+        if wrapper is None:
+            return None
+        text: str = value.__self__
+        mapping = value.__name__ == "format_map"
+
+        def limited(*args: Any, **kwargs: Any) -> str:
+            given = args[0] if mapping and args and isinstance(args[0], Mapping) else kwargs
+            _check_str_format(text, () if mapping else args, given)
+            result = wrapper(*args, **kwargs)
+            _charge(len(result))
+            return result
+
+        return limited
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         if type(argument) is str:
@@ -291,7 +604,7 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
 
 
 def _make_env(*, autoescape: bool, loader: jinja2.BaseLoader) -> ImmutableSandboxedEnvironment:
-    return _SandboxEnvironment(
+    env = _SandboxEnvironment(
         loader=loader,
         undefined=_StrictUndefined,
         autoescape=autoescape,
@@ -301,6 +614,10 @@ def _make_env(*, autoescape: bool, loader: jinja2.BaseLoader) -> ImmutableSandbo
         auto_reload=False,
         cache_size=-1,
     )
+    # Buffers (`{% set %}` blocks, macros, `{% filter %}`) are joined by `concat`: counted.
+    env.concat = _concat  # type: ignore[method-assign]
+    _limit_filters(env)
+    return env
 
 
 def _install_filters(env: jinja2.Environment, locale: Locale) -> None:
@@ -428,6 +745,8 @@ class TemplateSet:
                 html_file=html_file,
                 html=html,
                 html_split=html_split,
+                uses_greeting=_uses_name(text, "greeting")
+                or (html is not None and _uses_name(html, "greeting")),
             )
             self._by_key[language.lower().replace("_", "-")] = language
 
@@ -538,9 +857,21 @@ class TemplateSet:
             requested=recipient.contact.language, default=campaign.default_language
         )
         variant = self._variants[language]
+        _reset_budget()  # per letter: its text and HTML versions share the budget
         partner = recipient.partnerships[0] if recipient.partnerships else None
+        contact = recipient.contact
+        greeting = greeting_for(
+            language=language,
+            contact_language=contact.language,
+            salutation=contact.salutation,
+            title=contact.title,
+            name=contact.name,
+            attributes=contact.attributes,
+            tags=contact.tags,
+        )
         context = {
-            "contact": recipient.contact,
+            "contact": contact,
+            "greeting": greeting,
             "city": recipient.city,
             "partnerships": recipient.partnerships,
             "partner": partner,
@@ -550,6 +881,8 @@ class TemplateSet:
             "unsubscribe_url": unsubscribe_url,
             "unsubscribe_mailto": unsubscribe_mailto,
             "today": today,
+            "first_letter": recipient.first_letter,
+            "previous_letter": recipient.previous_letter,
         }
         output = self._run(variant.text, context, variant.text_file)
         subject, found, body = output.partition(self._separator)
@@ -583,6 +916,9 @@ class TemplateSet:
             headers={},
             text=body.replace("\r\n", "\n").replace("\r", "\n"),
             html=html,
+            generic_greeting=variant.uses_greeting
+            and isinstance(greeting, Greeting)
+            and greeting.generic,
         )
 
     def _run(self, template: jinja2.Template, context: dict[str, Any], file: str) -> str:
@@ -599,6 +935,14 @@ class TemplateSet:
             line = _template_line(exc, self.prefix + file)
             name = _none_field(template, line, context)
             raise MissingFieldError(field=name, file=self.prefix + file, line=line) from None
+        except _TooLarge as exc:
+            line = _template_line(exc, self.prefix + file)
+            raise LetterTooLarge(
+                f"the letter would be larger than {MAX_LETTER_CHARS:,} characters, the limit "
+                f"for one letter ({exc})",
+                file=self.prefix + file,
+                line=line,
+            ) from None
         except SecurityError as exc:
             line = _template_line(exc, self.prefix + file)
             raise TemplateSecurityError(
@@ -616,17 +960,33 @@ class TemplateSet:
 
 
 def _render_template(template: jinja2.Template, context: dict[str, Any]) -> str:
-    """`template.render(context)` without re-flattening the globals for every letter."""
+    """`template.render(context)` without re-flattening the globals for every letter, and
+    stopped as soon as its output passes MAX_LETTER_CHARS (it streams: nothing larger exists)."""
     env = template.environment
     globals_: dict[str, Any] = template._mailer_globals  # type: ignore[attr-defined]
     ctx = env.context_class(
         env, {**globals_, **context}, template.name, template.blocks, globals=globals_
     )
+    pieces: list[str] = []
+    append = pieces.append
+    size = 0
     try:
-        return env.concat(template.root_render_func(ctx))
+        output: Generator[str, None, None] = template.root_render_func(ctx)  # type: ignore[assignment]
+        for piece in output:
+            size += len(piece)
+            if size > MAX_LETTER_CHARS:
+                # Raised where the template stands, so the error names its line.
+                output.throw(_TooLarge(f"more than {MAX_LETTER_CHARS:,} characters of output"))
+            append(piece)
+        return "".join(pieces)
     except Exception:
         # Rewrites the traceback to template lines (as Template.render does), then raises.
         env.handle_exception()
+
+
+def _uses_name(template: jinja2.Template, name: str) -> bool:
+    tree: nodes.Template = template._mailer_ast  # type: ignore[attr-defined]
+    return any(node.name == name for node in tree.find_all(nodes.Name))
 
 
 def _has_header_section(source: str) -> bool:
@@ -670,6 +1030,8 @@ def _walk_context(context: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
             "campaign",
             "partnerships",
             "signatories",
+            "first_letter",
+            "previous_letter",
         )
     ]
     seen: set[int] = set()

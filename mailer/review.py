@@ -2,6 +2,8 @@
 
 Everything here only reads. The outbox (`messages`) holds each recipient's current state, the
 `events` table the append-only history; both are read in pages so a log of any size streams.
+Times for people are local with their zone, times in CSV/JSON ISO 8601 UTC (mailer/localtime.py).
+The report (report.py) reads through the functions here too, so its figures are the status's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mailer.audience import (
     suppression_for,
 )
 from mailer.errors import InvalidValueError, NotFoundError
+from mailer.localtime import format_duration, format_iso, format_local, local_zone
 from mailer.models import (
     Campaign,
     City,
@@ -34,6 +37,8 @@ from mailer.models import (
     EventKind,
     Message,
     MessageStatus,
+    Partnership,
+    Suppression,
     city_key,
     utcnow,
 )
@@ -70,6 +75,114 @@ class FailureReason:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SendRate:
+    """How fast letters went out lately: the `sent` events of the RATE_WINDOW that ends at the
+    latest one, over the span they actually took (74 letters in 1 s are 74 a second, not "7.4 a
+    minute" averaged over ten minutes), and the configured limits beside it."""
+
+    letters: int = 0
+    first_at: dt.datetime | None = None
+    last_at: dt.datetime | None = None
+    # The latest letter went out within RATE_WINDOW of now: sending is going on.
+    current: bool = False
+    # The configured limit as written ("300/min"), the daily cap, and where they were set:
+    # "campaign" (its settings) or "mailer.toml" ([smtp] rate / daily_cap).
+    limit: str | None = None
+    limit_source: str | None = None
+    daily_cap: int | None = None
+    daily_cap_source: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        if self.first_at is None or self.last_at is None:
+            return 0.0
+        return (self.last_at - self.first_at).total_seconds()
+
+    @property
+    def per_second(self) -> float | None:
+        """Letters over the seconds they took (at least one: the clock's grain); None for fewer
+        than two letters, which have no span."""
+        if self.letters < 2:
+            return None
+        return self.letters / max(self.seconds, 1.0)
+
+    @property
+    def per_minute(self) -> float | None:
+        per_second = self.per_second
+        return None if per_second is None else per_second * 60
+
+    def to_json(self) -> dict[str, Any]:
+        per_minute = self.per_minute
+        return {
+            "letters": self.letters,
+            "first_at": format_iso(self.first_at),
+            "last_at": format_iso(self.last_at),
+            "seconds": round(self.seconds, 3),
+            "per_minute": round(per_minute, 1) if per_minute is not None else None,
+            "current": self.current,
+        }
+
+
+def _speed(per_second: float) -> str:
+    if per_second >= 1:
+        return f"{per_second:,.0f} a second" if per_second >= 10 else f"{per_second:.1f} a second"
+    per_minute = per_second * 60
+    if per_minute >= 1:
+        return f"{per_minute:,.1f} a minute"
+    return f"{per_minute * 60:,.1f} an hour"
+
+
+def format_rate(rate: SendRate, *, zone: dt.tzinfo | None = None) -> str:
+    """The recent rate in words, then the configured limit: one line for `status` and the
+    report."""
+    if rate.letters == 0 or rate.last_at is None:
+        words = "nothing sent yet"
+    else:
+        last = format_local(rate.last_at, zone=zone)
+        per_second = rate.per_second
+        if per_second is None:
+            stretch = f"1 letter in the last {_window_words()}, at {last}"
+            if not rate.current:
+                stretch = f"1 letter, at {last}"
+        else:
+            stretch = (
+                f"{rate.letters:,} letters in {format_duration(rate.seconds)} "
+                f"({_speed(per_second)}), the last at {last}"
+            )
+        words = (
+            stretch
+            if rate.current
+            else f"nothing sent in the last {_window_words()}; before that {stretch}"
+        )
+    return words + "; " + _limit_words(rate)
+
+
+def _short_rate(rate: SendRate) -> str:
+    """The rate for a table cell: `74 a second`, or `-` when nothing is going out now."""
+    per_second = rate.per_second
+    if not rate.current or per_second is None:
+        return "-"
+    return _speed(per_second)
+
+
+def _window_words() -> str:
+    return f"{int(RATE_WINDOW.total_seconds() // 60)} minutes"
+
+
+def _limit_words(rate: SendRate) -> str:
+    cap = f"{rate.daily_cap:,} a day" if rate.daily_cap is not None else None
+    if rate.limit is None and cap is None:
+        return "no rate limit set"
+    if rate.limit is None:
+        return f"no rate limit set, at most {cap} ({rate.daily_cap_source})"
+    if cap is None:
+        return f"limit {rate.limit} ({rate.limit_source})"
+    if rate.limit_source == rate.daily_cap_source:
+        return f"limit {rate.limit} and {cap} ({rate.limit_source})"
+    return f"limit {rate.limit} ({rate.limit_source}) and {cap} ({rate.daily_cap_source})"
+
+
+@dataclass(frozen=True, kw_only=True)
 class CampaignSummary:
     """One campaign's state, as `mailer status` shows it."""
 
@@ -79,7 +192,7 @@ class CampaignSummary:
     counts: dict[str, int]
     started_at: dt.datetime | None
     ended_at: dt.datetime | None
-    rate_per_minute: float
+    rate: SendRate = field(default_factory=SendRate)
     top_failures: list[FailureReason] = field(default_factory=list)
     # The earliest time a `retry` message is due again.
     next_retry_at: dt.datetime | None = None
@@ -88,10 +201,19 @@ class CampaignSummary:
     # Why the campaign is paused, and whether sending waits for the user (a bounce spike).
     pause_reason: str | None = None
     held: bool = False
+    # Queued letters held until later (a sending window, a follow-up's delay, a return date),
+    # and when the first of them falls due.
+    waiting: int = 0
+    next_due_at: dt.datetime | None = None
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def rate_per_minute(self) -> float | None:
+        """The rate now: 0 when nothing went out in the last RATE_WINDOW, None for one letter."""
+        return self.rate.per_minute if self.rate.current else 0.0
 
     @property
     def finished(self) -> int:
@@ -107,23 +229,40 @@ class CampaignSummary:
     def not_sent_yet(self) -> bool:
         return self.total == 0
 
-    def next_steps(self) -> list[str]:
-        """What the people running the campaign should do now, in plain words."""
+    def next_steps(self, *, zone: dt.tzinfo | None = None) -> list[str]:
+        """What the people running the campaign should do now, in plain words (times in
+        `zone`, by default the local one)."""
         slug, c = self.campaign, self.counts
         if self.held:
             return [
                 f"paused by a bounce spike: see `mailer log {slug} --status failed` and check the "
                 "list; sending resumes only once you acknowledge it"
             ]
+        if self.status == "cancelled":
+            return [f"{self.pause_reason or 'cancelled'}: nothing more is sent for it"]
+        if self.status == "paused" and (self.pause_reason or "").startswith("paused by "):
+            return [f"{self.pause_reason}; `mailer campaign resume {slug}` lets it go on"]
         if self.not_sent_yet:
             return [
                 f"check it with `mailer check {slug}`, then send with `mailer send {slug} --smtp URL`"
             ]
         steps = []
-        if c["queued"]:
-            steps.append(f"{c['queued']:,} waiting: `mailer send {slug} --smtp URL` sends them")
+        if c["queued"] - self.waiting > 0:
+            steps.append(
+                f"{c['queued'] - self.waiting:,} waiting: `mailer send {slug} --smtp URL` sends them"
+            )
+        if self.waiting:
+            steps.append(
+                f"{self.waiting:,} held until their time (sending window, follow-up delay or "
+                f"return date), the next due {format_local(self.next_due_at, zone=zone)}: `mailer send "
+                f"{slug} --smtp URL` then, or with --wait now"
+            )
         if c["retry"]:
-            due = f", due from {_human_time(self.next_retry_at)}" if self.next_retry_at else ""
+            due = (
+                f", due from {format_local(self.next_retry_at, zone=zone)}"
+                if self.next_retry_at
+                else ""
+            )
             steps.append(
                 f"{c['retry']:,} refused for now by the server: the next "
                 f"`mailer send {slug}` tries them again{due}"
@@ -161,25 +300,41 @@ class CampaignSummary:
                 "pause_reason": self.pause_reason,
                 "title": self.title,
                 "progress": self.progress,
-                "started_at": _iso(self.started_at),
-                "ended_at": _iso(self.ended_at),
-                "rate_per_minute": self.rate_per_minute,
+                "started_at": format_iso(self.started_at),
+                "ended_at": format_iso(self.ended_at),
+                "rate_per_minute": (
+                    round(self.rate_per_minute, 1) if self.rate_per_minute is not None else None
+                ),
+                "recent_rate": self.rate.to_json(),
+                "rate_limit": self.rate.limit,
+                "daily_cap": self.rate.daily_cap,
                 "top_failures": [
                     {"smtp_code": f.smtp_code, "reply": f.reply, "count": f.count}
                     for f in self.top_failures
                 ],
                 "note": "not sent yet" if self.not_sent_yet else None,
-                "next_retry_at": _iso(self.next_retry_at),
-                "next_steps": self.next_steps(),
+                "next_retry_at": format_iso(self.next_retry_at),
+                "waiting": self.waiting,
+                "next_due_at": format_iso(self.next_due_at),
+                # Words for people, but JSON: its times are UTC like every other in it.
+                "next_steps": self.next_steps(zone=dt.UTC),
             }
         )
         return data
 
 
 def campaign_status(
-    session: Session, slug: str | None = None, *, now: dt.datetime | None = None
+    session: Session,
+    slug: str | None = None,
+    *,
+    now: dt.datetime | None = None,
+    default_rate: str | None = None,
+    default_daily_cap: int | None = None,
 ) -> list[CampaignSummary]:
-    """Every campaign (or the one named), oldest first."""
+    """Every campaign (or the one named), oldest first.
+
+    `default_rate` and `default_daily_cap` are the workspace's ([smtp] rate and daily_cap in
+    mailer.toml): the limits shown for a campaign whose own settings name none."""
     if slug is not None:
         # Imported here: campaigns brings the template machinery, which reading needs not.
         from mailer.campaigns import get_campaign
@@ -187,10 +342,72 @@ def campaign_status(
         campaigns = [get_campaign(session, slug)]
     else:
         campaigns = list(session.scalars(select(Campaign).order_by(Campaign.id)))
-    return [_summary(session, c, now=now or utcnow()) for c in campaigns]
+    defaults = _Limits(rate=default_rate, daily_cap=default_daily_cap)
+    return [_summary(session, c, now=now or utcnow(), defaults=defaults) for c in campaigns]
 
 
-def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> CampaignSummary:
+def configured_rate(value: object) -> str | None:
+    """A rate as mailer.toml or a campaign's settings hold it ("300/min"), or None."""
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def configured_cap(value: object) -> int | None:
+    """A daily cap as mailer.toml or a campaign's settings hold it, or None (bool is no cap)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Limits:
+    rate: str | None
+    daily_cap: int | None
+
+
+def send_rate(
+    session: Session,
+    *,
+    campaign: Campaign,
+    now: dt.datetime,
+    default_rate: str | None = None,
+    default_daily_cap: int | None = None,
+) -> SendRate:
+    """The campaign's recent rate (see SendRate) and its configured limits."""
+    sent = (Event.campaign_id == campaign.id, Event.kind == EventKind.SENT.value)
+    # Newest first along the (campaign_id, at) index: stops at the first `sent` it meets.
+    last = _aware(
+        session.scalar(
+            select(Event.at).where(*sent, Event.at <= now).order_by(Event.at.desc()).limit(1)
+        )
+    )
+    letters, first = 0, None
+    if last is not None:
+        count, earliest = session.execute(
+            select(func.count(), func.min(Event.at)).where(
+                *sent, Event.at > last - RATE_WINDOW, Event.at <= last
+            )
+        ).one()
+        letters, first = int(count or 0), _aware(earliest)
+    settings = campaign.settings if isinstance(campaign.settings, dict) else {}
+    rate, rate_source = configured_rate(settings.get("rate")), "campaign"
+    if rate is None and default_rate:
+        rate, rate_source = default_rate, "mailer.toml"
+    cap, cap_source = configured_cap(settings.get("daily_cap")), "campaign"
+    if cap is None and default_daily_cap is not None:
+        cap, cap_source = default_daily_cap, "mailer.toml"
+    return SendRate(
+        letters=letters,
+        first_at=first,
+        last_at=last,
+        current=last is not None and last > now - RATE_WINDOW,
+        limit=rate,
+        limit_source=rate_source if rate is not None else None,
+        daily_cap=cap,
+        daily_cap_source=cap_source if cap is not None else None,
+    )
+
+
+def _summary(
+    session: Session, campaign: Campaign, *, now: dt.datetime, defaults: _Limits
+) -> CampaignSummary:
     counts: dict[str, int] = dict.fromkeys(STATES, 0)
     rows = session.execute(
         select(Message.status, func.count())
@@ -210,15 +427,13 @@ def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> Campa
     if ended is None and total > 0 and not any(counts[s] for s in OPEN_STATES):
         ended = last
 
-    recent = session.scalar(
-        select(func.count()).where(
-            Event.campaign_id == campaign.id,
-            Event.kind == EventKind.SENT.value,
-            Event.at > now - RATE_WINDOW,
-            Event.at <= now,
-        )
+    rate = send_rate(
+        session,
+        campaign=campaign,
+        now=now,
+        default_rate=defaults.rate,
+        default_daily_cap=defaults.daily_cap,
     )
-    rate = round(int(recent or 0) / (RATE_WINDOW.total_seconds() / 60), 1)
     next_retry = None
     if counts[MessageStatus.RETRY.value]:
         next_retry = session.scalar(
@@ -227,7 +442,18 @@ def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> Campa
                 Message.status == MessageStatus.RETRY.value,
             )
         )
+    waiting, next_due = 0, None
+    if counts[MessageStatus.QUEUED.value]:
+        waiting, next_due = session.execute(
+            select(func.count(), func.min(Message.next_attempt_at)).where(
+                Message.campaign_id == campaign.id,
+                Message.status == MessageStatus.QUEUED.value,
+                Message.next_attempt_at > now,
+            )
+        ).one()
     return CampaignSummary(
+        waiting=int(waiting or 0),
+        next_due_at=_aware(next_due),
         outcomes=campaign_outcomes(session, campaign_id=campaign.id),
         pause_reason=campaign.pause_reason,
         held=bool(campaign.held),
@@ -238,7 +464,7 @@ def _summary(session: Session, campaign: Campaign, *, now: dt.datetime) -> Campa
         counts=counts,
         started_at=started,
         ended_at=ended,
-        rate_per_minute=rate,
+        rate=rate,
         top_failures=failure_reasons(session, campaign_id=campaign.id, limit=5),
     )
 
@@ -296,40 +522,299 @@ def failure_reasons(
     return [FailureReason(smtp_code=code, reply=reply, count=n) for (code, reply), n in ordered]
 
 
-def format_status_text(summaries: Sequence[CampaignSummary]) -> str:
+_QUOTED_ADDRESS = re.compile(r"^invalid address (['\"]).*?\1: ")
+
+
+def skip_reasons(
+    session: Session, *, campaign_id: int, limit: int | None = None
+) -> list[FailureReason]:
+    """Skipped letters grouped by why (the detail of their latest `skipped` event: suppressed
+    and its reason, an unusable address, a cancelled campaign...), most first."""
+    latest = (
+        select(func.max(Event.id))
+        .where(
+            Event.message_id == Message.id,
+            Event.kind == EventKind.SKIPPED.value,
+        )
+        .correlate(Message)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(Event.detail, func.count())
+        .select_from(Message)
+        .outerjoin(Event, Event.id == latest)
+        .where(Message.campaign_id == campaign_id, Message.status == MessageStatus.SKIPPED.value)
+        .group_by(Event.detail)
+    )
+    merged: dict[str, int] = {}
+    for detail, n in rows:
+        # Each invalid address is its own text; the reason after it is what groups them.
+        key = _QUOTED_ADDRESS.sub("invalid address: ", _one_line(detail)) or "not sent on purpose"
+        merged[key] = merged.get(key, 0) + int(n)
+    ordered = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))
+    if limit is not None:
+        ordered = ordered[:limit]
+    return [FailureReason(smtp_code=None, reply=reply, count=n) for reply, n in ordered]
+
+
+# RFC 3463 enhanced status codes: the details a bounce names most, then each subject's meaning.
+DSN_MEANINGS = {
+    "5.1.1": "no such mailbox",
+    "5.1.2": "no such domain",
+    "5.1.3": "badly formed address",
+    "5.1.6": "mailbox has moved",
+    "5.1.10": "the domain accepts no mail",
+    "5.2.1": "mailbox disabled",
+    "5.2.2": "mailbox full",
+    "5.2.3": "letter too large for the mailbox",
+    "5.4.4": "no route to the recipient's server",
+    "5.7.1": "refused by the recipient's policy (blocked or not allowed)",
+    "5.7.26": "refused: the sender's domain failed authentication (SPF/DKIM/DMARC)",
+}
+DSN_SUBJECTS = {
+    "0": "other or unknown problem",
+    "1": "address problem",
+    "2": "mailbox problem",
+    "3": "mail system problem",
+    "4": "network or routing problem",
+    "5": "mail delivery protocol problem",
+    "6": "content problem",
+    "7": "security or policy refusal",
+}
+_DSN_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+
+
+def dsn_meaning(status: str | None) -> str:
+    """`5.1.1` -> "no such mailbox"; an unknown detail falls back on its subject (5.1.x:
+    "address problem")."""
+    if not status:
+        return "no delivery status given"
+    if status in DSN_MEANINGS:
+        return DSN_MEANINGS[status]
+    parts = status.split(".")
+    return DSN_SUBJECTS.get(parts[1], "unknown status") if len(parts) == 3 else "unknown status"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BounceReason:
+    """Bounced letters with one delivery status (RFC 3463, e.g. 5.1.1) and SMTP code."""
+
+    status: str | None
+    smtp_code: int | None
+    count: int
+    # One server answer of the group, as the bounce gave it.
+    example: str
+
+    @property
+    def meaning(self) -> str:
+        return dsn_meaning(self.status)
+
+
+def bounce_reasons(session: Session, *, campaign_id: int) -> list[BounceReason]:
+    """The campaign's bounced letters grouped by delivery status and SMTP code, most first."""
+    rows = session.execute(
+        select(Message.smtp_code, Message.smtp_reply, func.count())
+        .where(Message.campaign_id == campaign_id, Message.bounced_at.is_not(None))
+        .group_by(Message.smtp_code, Message.smtp_reply)
+    )
+    groups: dict[tuple[str | None, int | None], tuple[int, str]] = {}
+    for code, reply, n in rows:
+        text = _one_line(reply)
+        found = _DSN_STATUS.search(text)
+        key = (".".join(found.groups()) if found else None, code)
+        count, example = groups.get(key, (0, text))
+        groups[key] = (count + int(n), example)
+    ordered = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0][0] or "", kv[0][1] or 0))
+    return [
+        BounceReason(status=status, smtp_code=code, count=n, example=example)
+        for (status, code), (n, example) in ordered
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutcomeRow:
+    """One answer that came back (a reply, an unsubscribe...), with whom it came from."""
+
+    at: dt.datetime
+    kind: str
+    email: str | None
+    name: str | None
+    city: str | None
+    country: str | None
+    subject: str
+    excerpt: str
+
+
+def outcome_rows(
+    session: Session, *, campaign_id: int, kinds: Sequence[EventKind], limit: int
+) -> tuple[list[OutcomeRow], int]:
+    """The first `limit` events of these kinds (oldest first), and how many there are."""
+    wanted = (Event.campaign_id == campaign_id, Event.kind.in_([k.value for k in kinds]))
+    total = int(session.scalar(select(func.count()).select_from(Event).where(*wanted)) or 0)
+    rows = session.connection().execute(
+        select(
+            Event.at, Event.kind, Event.detail, Contact.email, Contact.name, City.name, City.country
+        )
+        .outerjoin(Contact, Contact.id == Event.contact_id)
+        .outerjoin(City, City.id == Contact.city_id)
+        .where(*wanted)
+        .order_by(Event.at, Event.id)
+        .limit(limit)
+    )
+    out = []
+    for at, kind, detail, email, name, city, country in rows:
+        if kind == EventKind.REPLIED.value:
+            subject, excerpt = split_reply_detail(detail)
+        else:
+            subject, excerpt = "", detail or ""
+        out.append(
+            OutcomeRow(
+                at=_aware(at) or at,
+                kind=kind,
+                email=email,
+                name=name,
+                city=city,
+                country=country,
+                subject=subject,
+                excerpt=excerpt,
+            )
+        )
+    return out, total
+
+
+@dataclass(frozen=True, kw_only=True)
+class LetterDetail:
+    """What a log row does not carry, for the few rows a report shows: the Ukrainian partner
+    cities of the recipient's city, and the letter's due time, return date and skip reason."""
+
+    partners: tuple[str, ...] = ()
+    next_attempt_at: dt.datetime | None = None
+    away_until: dt.date | None = None
+    auto_replied: bool = False
+    skip_reason: str | None = None
+
+
+def letter_details(
+    session: Session, *, campaign_id: int, contact_ids: Sequence[int]
+) -> dict[int, LetterDetail]:
+    """LetterDetail per contact id, a few queries for a whole list (meant for hundreds)."""
+    found: dict[int, dict[str, Any]] = {}
+    city_of: dict[int, int] = {}
+    conn = session.connection()
+    ids = list(dict.fromkeys(contact_ids))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        for cid, due, away, city_id in conn.execute(
+            select(Message.contact_id, Message.next_attempt_at, Message.away_until, Contact.city_id)
+            .join(Contact, Contact.id == Message.contact_id)
+            .where(Message.campaign_id == campaign_id, Message.contact_id.in_(chunk))
+        ):
+            found[cid] = {"next_attempt_at": _aware(due), "away_until": away}
+            if city_id is not None:
+                city_of[cid] = city_id
+        for event_contact, kind, detail in conn.execute(
+            select(Event.contact_id, Event.kind, Event.detail)
+            .where(
+                Event.campaign_id == campaign_id,
+                Event.contact_id.in_(chunk),
+                Event.kind.in_([EventKind.SKIPPED.value, EventKind.AUTO_REPLIED.value]),
+            )
+            .order_by(Event.id)
+        ):
+            if event_contact is None:
+                continue
+            item = found.setdefault(event_contact, {})
+            if kind == EventKind.SKIPPED.value:
+                item["skip_reason"] = _one_line(detail) or None
+            else:
+                item["auto_replied"] = True
+    partners: dict[int, list[str]] = {}
+    cities = sorted(set(city_of.values()))
+    for start in range(0, len(cities), 500):
+        for partner_city, name in conn.execute(
+            select(Partnership.partner_city_id, City.name)
+            .join(City, City.id == Partnership.ukrainian_city_id)
+            .where(Partnership.partner_city_id.in_(cities[start : start + 500]))
+            .order_by(Partnership.id)
+        ):
+            partners.setdefault(partner_city, []).append(name)
+    return {
+        cid: LetterDetail(
+            partners=tuple(partners.get(city_of.get(cid, -1), ())),
+            **found.get(cid, {}),
+        )
+        for cid in ids
+    }
+
+
+def why_not_sent(row: Row, detail: LetterDetail) -> str:
+    """Why a letter (a `log_rows` row) is not sent, in words: the server's answer, the bounce,
+    the skip reason, or what it waits for."""
+    status = row["status"]
+    reply = _one_line(row["smtp_reply"])
+    if status == MessageStatus.FAILED.value and row["bounced_at"] is not None:
+        return f"bounced: {reply}" if reply else "bounced"
+    if status in PROBLEM_STATES:
+        answer = " ".join(p for p in (str(row["smtp_code"] or ""), reply) if p)
+        return answer or "no answer from the server"
+    if status == MessageStatus.SKIPPED.value:
+        return detail.skip_reason or "not sent on purpose"
+    if status == MessageStatus.QUEUED.value:
+        return "waiting for `mailer send`"
+    if status == MessageStatus.SENDING.value:
+        return "being sent now; if no `mailer send` is running, the next one settles it"
+    return reply
+
+
+def follow_up_note(detail: LetterDetail) -> str:
+    """What a letter to follow up has had back: an automatic answer and its return date."""
+    if detail.away_until is not None:
+        return f"auto-reply: back on {detail.away_until.isoformat()}"
+    return "auto-reply" if detail.auto_replied else ""
+
+
+def format_status_text(
+    summaries: Sequence[CampaignSummary], *, zone: dt.tzinfo | None = None
+) -> str:
     """Plain aligned text: what `status` prints when the output is not a terminal."""
     if not summaries:
         return "No campaigns yet. Create one with `mailer campaign create SLUG ...`.\n"
+    zone = zone or local_zone()
     lines: list[str] = []
     for s in summaries:
-        lines.extend(_status_block(s))
+        lines.extend(_status_block(s, zone=zone))
         lines.append("")
     return "\n".join(lines)
 
 
-def _status_block(s: CampaignSummary) -> list[str]:
+def _status_block(s: CampaignSummary, *, zone: dt.tzinfo) -> list[str]:
     title = f" — {s.title}" if s.title else ""
     lines = [f"{s.campaign}{title}  [{s.status}]"]
     if s.pause_reason:
         lines.append(f"  PAUSED: {s.pause_reason}")
     if s.not_sent_yet:
         lines.append("  not sent yet: no messages queued")
-        lines.extend(f"  next: {step}" for step in s.next_steps())
+        lines.extend(f"  next: {step}" for step in s.next_steps(zone=zone))
         return lines
     width = max(len(state) for state in STATES)
     for state in STATES:
         lines.append(f"  {state:<{width}}  {s.counts[state]:>9,}")
     lines.append(f"  {'total':<{width}}  {s.total:>9,}")
     lines.append(f"  progress  {s.progress:.1f}% ({s.finished:,} of {s.total:,} finished)")
-    lines.append(f"  started   {_human_time(s.started_at)}")
-    lines.append(f"  ended     {_human_time(s.ended_at)}")
-    lines.append(f"  rate      {s.rate_per_minute:g}/min sent in the last 10 minutes")
+    lines.append(f"  started   {format_local(s.started_at, zone=zone)}")
+    lines.append(f"  ended     {format_local(s.ended_at, zone=zone)}")
+    lines.append(f"  rate      {format_rate(s.rate, zone=zone)}")
     lines.append(f"  outcomes  {format_outcomes(s.outcomes)}")
+    if s.waiting:
+        lines.append(
+            f"  waiting   {s.waiting:,} held for their window or delay; the next due "
+            f"{format_local(s.next_due_at, zone=zone)}"
+        )
     if s.top_failures:
         lines.append("  top failure reasons:")
         for reason in s.top_failures:
             lines.append(f"    {reason.count:>7,} × {_clip(reason.label(), 90)}")
-    lines.extend(f"  next: {step}" for step in s.next_steps())
+    lines.extend(f"  next: {step}" for step in s.next_steps(zone=zone))
     return lines
 
 
@@ -401,6 +886,9 @@ class LogFilter:
     city: str | None = None
     country: str | None = None
     since: dt.datetime | None = None
+    # Letters to follow up: sent, no human reply (an auto-reply is none), not bounced, and the
+    # address not suppressed since (unsubscribed, complaint, bounce, do-not-contact).
+    awaiting_reply: bool = False
 
 
 def parse_statuses(values: Iterable[str]) -> tuple[str, ...]:
@@ -424,10 +912,13 @@ _RELATIVE = re.compile(
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
+def parse_since(
+    value: str, *, now: dt.datetime | None = None, zone: dt.tzinfo | None = None
+) -> dt.datetime:
     """`2026-03-14`, `2026-03-14T09:30`, `...+02:00`, or relative: `30m`, `2h`, `3d`, `1w`.
 
-    A date or time without a zone is UTC, like every time mailer prints.
+    A date or time without a zone is in `zone` (by default the local one), the zone every time
+    mailer shows is in.
     """
     text = value.strip()
     match = _RELATIVE.match(text.lower())
@@ -443,7 +934,7 @@ def parse_since(value: str, *, now: dt.datetime | None = None) -> dt.datetime:
             "2026-03-14T09:30, or a relative age like 30m, 2h, 3d, 1w"
         ) from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
+        parsed = parsed.replace(tzinfo=zone or local_zone())
     return parsed.astimezone(dt.UTC)
 
 
@@ -457,6 +948,13 @@ def _filter_conditions(flt: LogFilter) -> list[ColumnElement[bool]]:
         conditions.append(City.name_key == city_key(flt.city))
     if flt.country:
         conditions.append(City.country == flt.country.strip().upper())
+    if flt.awaiting_reply:
+        conditions += [
+            Message.status == MessageStatus.SENT.value,
+            Message.replied_at.is_(None),
+            Message.bounced_at.is_(None),
+            ~exists().where(Suppression.email == Contact.email),
+        ]
     return conditions
 
 
@@ -483,11 +981,7 @@ def log_rows(
     from mailer.campaigns import get_campaign
 
     campaign = get_campaign(session, slug)
-    conditions = [Message.campaign_id == campaign.id, *_filter_conditions(flt)]
-    if flt.since is not None:
-        conditions.append(
-            exists().where(and_(Event.message_id == Message.id, Event.at >= flt.since))
-        )
+    conditions = _log_conditions(campaign_id=campaign.id, flt=flt)
     # Plain columns, not ORM objects: nothing piles up in the session's identity map.
     selected = (
         Message.contact_id,
@@ -527,6 +1021,29 @@ def log_rows(
         if len(page) < page_size:
             return
         last_id = page[-1][0]
+
+
+def _log_conditions(*, campaign_id: int, flt: LogFilter) -> list[ColumnElement[bool]]:
+    conditions = [Message.campaign_id == campaign_id, *_filter_conditions(flt)]
+    if flt.since is not None:
+        conditions.append(
+            exists().where(and_(Event.message_id == Message.id, Event.at >= flt.since))
+        )
+    return conditions
+
+
+def count_log_rows(session: Session, *, campaign_id: int, flt: LogFilter) -> int:
+    """How many rows `log_rows` would give for this filter (one COUNT, no rows read out)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Message)
+            .join(Contact, Contact.id == Message.contact_id)
+            .outerjoin(City, City.id == Contact.city_id)
+            .where(*_log_conditions(campaign_id=campaign_id, flt=flt))
+        )
+        or 0
+    )
 
 
 def event_rows(
@@ -575,6 +1092,95 @@ def event_rows(
         if len(page) < page_size:
             return
         after = (page[-1][1], page[-1][0])
+
+
+# The audit export (`mailer log --events --all`): every event of every campaign, import,
+# suppression change and campaign change, with who did it and from which machine.
+AUDIT_COLUMNS: tuple[str, ...] = (
+    "id",
+    "at",
+    "kind",
+    "campaign",
+    "email",
+    "status",
+    "smtp_code",
+    "detail",
+    "via",
+    "actor",
+    "host",
+    "message_id",
+)
+AUDIT_TABLE_COLUMNS: tuple[str, ...] = ("at", "kind", "campaign", "email", "actor", "detail")
+
+
+def actor_host(actor: str | None) -> str | None:
+    """The machine in an actor label (`user@host pid N`, see identity.Actor.label)."""
+    if not actor or "@" not in actor:
+        return None
+    return actor.partition("@")[2].rpartition(" pid ")[0] or None
+
+
+def audit_rows(
+    session: Session, *, flt: LogFilter | None = None, page_size: int = PAGE_SIZE
+) -> Iterator[Row]:
+    """Every event (AUDIT_COLUMNS) in the order it was written, read page by page on the
+    primary key: the export streams at any size, each page one index range. The filter's
+    contact, city, country and since apply; its statuses to the letters' current state."""
+    flt = flt or LogFilter()
+    conditions = _filter_conditions(flt)
+    if flt.since is not None:
+        conditions.append(Event.at >= flt.since)
+    base = (
+        select(
+            Event.id,
+            Event.at,
+            Event.kind,
+            Campaign.slug,
+            Contact.email,
+            Message.status,
+            Event.smtp_code,
+            Event.detail,
+            Event.via,
+            Event.actor,
+            Message.message_id,
+        )
+        .outerjoin(Campaign, Campaign.id == Event.campaign_id)
+        .outerjoin(Message, Message.id == Event.message_id)
+        .outerjoin(Contact, Contact.id == Event.contact_id)
+        .outerjoin(City, City.id == Contact.city_id)
+        .where(*conditions)
+        .order_by(Event.id)
+        .limit(page_size)
+    )
+    after = 0
+    while True:
+        page = session.connection().execute(base.where(Event.id > after)).all()
+        for row in page:
+            item = dict(
+                zip(
+                    (
+                        "id",
+                        "at",
+                        "kind",
+                        "campaign",
+                        "email",
+                        "status",
+                        "smtp_code",
+                        "detail",
+                        "via",
+                        "actor",
+                        "message_id",
+                    ),
+                    row,
+                    strict=True,
+                )
+            )
+            item["at"] = _aware(row[1])
+            item["host"] = actor_host(item["actor"])
+            yield item
+        if len(page) < page_size:
+            return
+        after = page[-1][0]
 
 
 # --------------------------------------------------------------------------- writers
@@ -630,9 +1236,17 @@ def write_table(
     max_width: int = 40,
     sample: int = 500,
     empty: str = "(no matching rows)\n",
+    zone: dt.tzinfo | None = None,
 ) -> int:
     """Plain aligned columns. Widths come from the first `sample` rows, so output streams.
-    With no rows at all, only `empty` is written."""
+    With no rows at all, only `empty` is written. Times are for people: local, with the zone."""
+    zone = zone or local_zone()
+
+    def cell(value: Any) -> str:
+        if isinstance(value, dt.datetime):
+            return format_local(value, zone=zone)
+        return _plain(value)
+
     iterator = iter(rows)
     head: list[Row] = []
     for row in iterator:
@@ -642,9 +1256,7 @@ def write_table(
     if not head:
         out.write(empty)
         return 0
-    widths = {
-        c: min(max_width, max(len(c), *(len(_plain(r.get(c))) for r in head))) for c in columns
-    }
+    widths = {c: min(max_width, max(len(c), *(len(cell(r.get(c))) for r in head))) for c in columns}
 
     def line(values: Iterable[str]) -> str:
         cells = [_clip(v, widths[c]).ljust(widths[c]) for c, v in zip(columns, values, strict=True)]
@@ -654,7 +1266,7 @@ def write_table(
     out.write(line("-" * widths[c] for c in columns))
     n = 0
     for row in _chain(head, iterator):
-        out.write(line(_plain(row.get(c)) for c in columns))
+        out.write(line(cell(row.get(c)) for c in columns))
         n += 1
     return n
 
@@ -726,6 +1338,7 @@ class ContactHistory:
     city: str | None = None
     region: str | None = None
     country: str | None = None
+    timezone: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     created_at: dt.datetime | None = None
@@ -822,6 +1435,7 @@ def contact_history(session: Session, email: str) -> ContactHistory:
         city=city.name if city else None,
         region=city.region if city else None,
         country=city.country if city else None,
+        timezone=contact.timezone,
         attributes=dict(contact.attributes or {}),
         tags=[str(t) for t in (contact.tags or [])],
         created_at=contact.created_at,
@@ -832,7 +1446,12 @@ def contact_history(session: Session, email: str) -> ContactHistory:
     )
 
 
-def format_contact_history(history: ContactHistory) -> str:
+def format_contact_history(history: ContactHistory, *, zone: dt.tzinfo | None = None) -> str:
+    zone = zone or local_zone()
+
+    def when(value: dt.datetime | None) -> str:
+        return format_local(value, zone=zone)
+
     lines: list[str] = []
     if not history.imported:
         lines.append(f"{history.email} is not an imported contact, but it is suppressed:")
@@ -845,6 +1464,7 @@ def format_contact_history(history: ContactHistory) -> str:
             ("organisation", history.organisation),
             ("city", ", ".join(p for p in (history.city, history.region, history.country) if p)),
             ("language", history.language),
+            ("time zone", history.timezone),
             ("tags", ", ".join(history.tags)),
         ):
             if value:
@@ -852,11 +1472,11 @@ def format_contact_history(history: ContactHistory) -> str:
         for key, value in sorted(history.attributes.items()):
             if value not in (None, ""):
                 lines.append(f"  {key:<13} {_plain(value)}")
-        lines.append(f"  {'imported':<13} {_human_time(history.created_at)}")
+        lines.append(f"  {'imported':<13} {when(history.created_at)}")
     if history.suppression:
         s = history.suppression
         source = f" (source: {s.source})" if s.source else ""
-        lines.append(f"  SUPPRESSED    {s.reason} since {_human_time(s.at)}{source}: never sent to")
+        lines.append(f"  SUPPRESSED    {s.reason} since {when(s.at)}{source}: never sent to")
     elif history.imported:
         lines.append("  suppressed    no")
     if not history.imported:
@@ -869,19 +1489,17 @@ def format_contact_history(history: ContactHistory) -> str:
         lines.append("Campaigns:")
         for m in history.messages:
             answer = " ".join(p for p in (str(m.smtp_code or ""), _one_line(m.smtp_reply)) if p)
-            when = (
-                f"sent {_human_time(m.sent_at)}"
-                if m.sent_at
-                else f"queued {_human_time(m.queued_at)}"
+            sent_or_queued = (
+                f"sent {when(m.sent_at)}" if m.sent_at else f"queued {when(m.queued_at)}"
             )
             came_back = [
-                f"replied {_human_time(m.replied_at)}" if m.replied_at else "",
-                f"bounced {_human_time(m.bounced_at)}" if m.bounced_at else "",
+                f"replied {when(m.replied_at)}" if m.replied_at else "",
+                f"bounced {when(m.bounced_at)}" if m.bounced_at else "",
                 f"away until {m.away_until.isoformat()}" if m.away_until else "",
             ]
             outcome = ", ".join(p for p in came_back if p)
             lines.append(
-                f"  {m.campaign}: {m.status}, {m.attempts} attempt(s), {when}"
+                f"  {m.campaign}: {m.status}, {m.attempts} attempt(s), {sent_or_queued}"
                 + (f", {outcome}" if outcome else "")
                 + (f" — {answer}" if answer else "")
             )
@@ -889,7 +1507,7 @@ def format_contact_history(history: ContactHistory) -> str:
         lines.append("")
         lines.append("Replies:")
         for r in history.replies:
-            lines.append(f"  {_human_time(r.at)}  {r.campaign or '-'}  {r.subject}")
+            lines.append(f"  {when(r.at)}  {r.campaign or '-'}  {r.subject}")
             lines.extend(f"    | {line}" for line in r.excerpt.splitlines())
     lines.append("")
     if not history.events:
@@ -897,7 +1515,7 @@ def format_contact_history(history: ContactHistory) -> str:
     else:
         lines.append("Events (oldest first):")
         for e in history.events:
-            parts = [_human_time(e.at), e.campaign or "-", e.kind]
+            parts = [when(e.at), e.campaign or "-", e.kind]
             if e.smtp_code is not None:
                 parts.append(str(e.smtp_code))
             if e.detail:
@@ -996,22 +1614,6 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is not dt.UTC:
-        value = value.astimezone(dt.UTC)
-    return value.isoformat()[:-6] + "Z"  # drop "+00:00"
-
-
-def _human_time(value: dt.datetime | None) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "-"
-
-
-def _short_time(value: dt.datetime | None) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M") if value else "-"
-
-
 def _one_line(text: str | None) -> str:
     return " ".join((text or "").split())
 
@@ -1024,7 +1626,7 @@ def _plain(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, dt.datetime):
-        return _iso(value) or ""
+        return format_iso(value) or ""
     if isinstance(value, str):
         return value
     if isinstance(value, (list, dict)):
@@ -1034,15 +1636,18 @@ def _plain(value: Any) -> str:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dt.datetime):
-        return _iso(value)
+        return format_iso(value)
     return value
 
 
-def status_renderables(summaries: Sequence[CampaignSummary]) -> list[Any]:
+def status_renderables(
+    summaries: Sequence[CampaignSummary], *, zone: dt.tzinfo | None = None
+) -> list[Any]:
     """Rich tables for a terminal: one overview row per campaign, then its failure reasons."""
     from rich.table import Table
     from rich.text import Text
 
+    zone = zone or local_zone()
     if not summaries:
         return ["No campaigns yet. Create one with `mailer campaign create SLUG ...`."]
     table = Table(title="Campaigns", title_justify="left")
@@ -1050,7 +1655,7 @@ def status_renderables(summaries: Sequence[CampaignSummary]) -> list[Any]:
     table.add_column("status")
     for state in STATES:
         table.add_column(state, justify="right")
-    for label in ("total", "progress", "started (UTC)", "ended (UTC)", "rate/min"):
+    for label in ("total", "progress", "started", "ended", "recent rate"):
         table.add_column(label, justify="right")
     for s in summaries:
         if s.not_sent_yet:
@@ -1064,14 +1669,15 @@ def status_renderables(summaries: Sequence[CampaignSummary]) -> list[Any]:
             *(f"{s.counts[state]:,}" for state in STATES),
             f"{s.total:,}",
             f"{s.progress:.1f}%",
-            _short_time(s.started_at),
-            _short_time(s.ended_at),
-            f"{s.rate_per_minute:g}",
+            format_local(s.started_at, zone=zone),
+            format_local(s.ended_at, zone=zone),
+            _short_rate(s.rate),
         )
     out: list[Any] = [table]
     for s in summaries:
         out.append(Text(f"{s.campaign}, next:"))
-        out.extend(Text(f"  • {step}") for step in s.next_steps())
+        out.append(Text(f"  rate: {format_rate(s.rate, zone=zone)}"))
+        out.extend(Text(f"  • {step}") for step in s.next_steps(zone=zone))
         if s.top_failures:
             reasons = Table(title=Text(f"{s.campaign}: top failure reasons"), title_justify="left")
             reasons.add_column("count", justify="right")

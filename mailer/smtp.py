@@ -15,13 +15,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
-import ipaddress
-import os
 import re
-import shlex
 import socket
 import ssl
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
+from mailer import secrets_source
 from mailer.errors import (
     AuthenticationRefused,
     InvalidValueError,
@@ -36,6 +33,7 @@ from mailer.errors import (
     TlsFailure,
     TransportError,
 )
+from mailer.secrets_source import is_loopback
 from mailer.transport import Outcome, OutcomeKind
 
 PASSWORD_ENV = "MAILER_SMTP_PASSWORD"
@@ -86,18 +84,6 @@ class SmtpSettings:
 
     def with_password(self, password: str | None) -> SmtpSettings:
         return replace(self, password=password)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is this machine by its very name (no DNS is asked: a name that merely
-    resolves to 127.0.0.1 today may not tomorrow)."""
-    name = host.strip("[]").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_smtp_url(
@@ -163,35 +149,15 @@ def resolve_password(
     """`MAILER_SMTP_PASSWORD`, then `[smtp] password_command`, then `prompt` (the CLI's, on a TTY)."""
     if settings.username is None:
         return None
-    from_env = os.environ.get(PASSWORD_ENV)
-    if from_env:
-        return from_env
-    if password_command:
-        return _run_password_command(password_command)
-    if prompt is not None:
-        return prompt(f"SMTP password for {settings.username}@{settings.via}")
-    raise TransportError(
-        f"no password for {settings.username}@{settings.via}: set ${PASSWORD_ENV}, "
-        "or [smtp] password_command in mailer.toml, or run on a terminal to be asked"
+    return secrets_source.resolve_password(
+        kind="SMTP",
+        login=f"{settings.username}@{settings.via}",
+        env_var=PASSWORD_ENV,
+        section="smtp",
+        password_command=password_command,
+        prompt=prompt,
+        error=TransportError,
     )
-
-
-def _run_password_command(command: str) -> str:
-    try:
-        argv = shlex.split(command)
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        raise TransportError(f"[smtp] password_command cannot run: {exc}") from None
-    if done.returncode != 0:
-        # stderr is reported, stdout never: stdout is where the secret would be.
-        raise TransportError(
-            f"[smtp] password_command exited with status {done.returncode}: "
-            f"{done.stderr.strip()[:200]}"
-        )
-    password = done.stdout.splitlines()[0] if done.stdout else ""
-    if not password:
-        raise TransportError("[smtp] password_command printed no password")
-    return password
 
 
 def tls_context(*, ca_file: Path | None) -> ssl.SSLContext:
@@ -555,9 +521,11 @@ class _Connection:
             smtp.close()
             tls = _ssl_cause(exc)
             if tls is not None:
+                # --ca-file helps a certificate from a private CA, not one made out for
+                # another name, and never when it was given already.
                 hint = (
                     " (for a private CA give --ca-file)"
-                    if isinstance(tls, ssl.SSLCertVerificationError)
+                    if isinstance(tls, ssl.SSLCertVerificationError) and s.ca_file is None
                     else ""
                 )
                 raise TlsFailure(f"TLS with {where} failed: {_ssl_text(tls)}{hint}") from None

@@ -30,6 +30,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "MAILER_IMAP_PASSWORD",
     ):
         monkeypatch.delenv(name, raising=False)
+    # Times are shown in the local zone: tests read them in UTC unless they set TZ themselves.
+    monkeypatch.setenv("TZ", "UTC")
 
 
 class Cli:

@@ -152,6 +152,7 @@ class SmtpTestServer:
         auth: tuple[str, str] | None = None,
         delay: float = 0.0,
         pipelining: bool = False,
+        smtputf8: bool = True,
     ) -> None:
         assert tls in ("none", "implicit", "starttls")
         self.received: list[Received] = []
@@ -166,7 +167,14 @@ class SmtpTestServer:
         self.pipelining = pipelining
         self.ehlo_replies: list[list[str]] = []
         self.auth_attempts = 0
-        kwargs: dict[str, Any] = {"hostname": "127.0.0.1", "port": 0, "ready_timeout": 10}
+        kwargs: dict[str, Any] = {
+            "hostname": "127.0.0.1",
+            "port": 0,
+            "ready_timeout": 10,
+            # aiosmtpd's Controller offers SMTPUTF8 (RFC 6531) unless told not to; many real
+            # servers do not, which `smtputf8=False` plays.
+            "enable_SMTPUTF8": smtputf8,
+        }
         if tls == "implicit":
             kwargs["ssl_context"] = server_context
         elif tls == "starttls":
@@ -246,8 +254,10 @@ def write_ca(ca: Any, directory: Path) -> Path:
     return path
 
 
-def server_context(ca: Any) -> ssl.SSLContext:
-    cert = ca.issue_cert("127.0.0.1", "localhost")
+def server_context(
+    ca: Any, *, names: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> ssl.SSLContext:
+    cert = ca.issue_cert(*names)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(context)
     return context

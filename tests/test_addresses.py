@@ -110,3 +110,61 @@ def test_preview_finds_the_contact_by_any_form(stored: Cli, asked: str) -> None:
     assert "Anna Berg" in result.output
     raw = stored.ok("preview", "c", "--contact", asked, "--raw").output
     assert f"<{PUNYCODE}>" in raw
+
+
+# --------------------------------------------------------------------------- one mailbox (11.7)
+
+
+@pytest.mark.parametrize(
+    ("written", "name", "address"),
+    [
+        ("office@example.org", None, "office@example.org"),
+        ("  Office <office@example.org> ", "Office", "office@example.org"),
+        ('"Office, Kyiv" <office@example.org>', "Office, Kyiv", "office@example.org"),
+        ('"Say \\"hi\\"" <office@example.org>', 'Say "hi"', "office@example.org"),
+        ("J. R. Smith <j@example.org>", "J. R. Smith", "j@example.org"),
+        ("Büro <buero@städte.de>", "Büro", "buero@städte.de"),
+        ("<office@example.org>", None, "office@example.org"),
+    ],
+)
+def test_one_mailbox_parses(written: str, name: str | None, address: str) -> None:
+    assert addresses.parse_mailbox(written, what="--from") == (name, address)
+
+
+@pytest.mark.parametrize(
+    ("written", "reason"),
+    [
+        ("Office <office@example.org>, Evil <x@evil.test>", "more than one address"),
+        ("office@example.org, x@evil.test", "more than one address"),
+        ("office@example.org; x@evil.test", "more than one address"),
+        ("Office, Kyiv <office@example.org>", "more than one address"),
+        ("<office@example.org> <x@evil.test>", "more than one address"),
+        ("Office <office@example.org> x@evil.test", "write one mailbox"),
+        ('"Office <office@example.org>', "not closed"),
+        ("Office office@example.org>", "without its <"),
+        ("Office: Kyiv <office@example.org>", "must be quoted"),
+        ("Office <office@example.org>\r\nBcc: x@evil.test", "line break"),
+        ("Office <office@>", "is not a valid address"),
+        ("", "is empty"),
+    ],
+)
+def test_anything_but_one_mailbox_is_refused(written: str, reason: str) -> None:
+    with pytest.raises(InvalidValueError, match=reason):
+        addresses.parse_mailbox(written, what="--from")
+
+
+@pytest.mark.parametrize("flag", ["--from", "--reply-to"])
+def test_the_cli_takes_exactly_one_address(run: Cli, flag: str) -> None:
+    two = "Office <office@example.org>, Evil <x@evil.test>"
+    args = {"--from": "office@example.org", "--reply-to": None}
+    args[flag] = two
+    command = ["campaign", "create", "c", "--template", "appeal"]
+    for option, value in args.items():
+        if value is not None:
+            command += [option, value]
+    result = run(*command)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"Error: {flag} '{two}': more than one address")
+    assert "No campaigns yet" in run.ok("campaign", "list").output

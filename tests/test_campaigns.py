@@ -98,6 +98,7 @@ def add_world(factory: sessionmaker[Session]) -> dict[str, int]:
                 "prezydent@krakow.example.org",
                 name="Zoë Łukasiewicz-Müller",
                 title="Prezydent Miasta",
+                salutation="Pani",
                 language="pl",
                 city_id=krakow.id,
                 attributes={"population": "800000"},
@@ -156,6 +157,8 @@ def create(
         "title": None,
         "default_language": "en",
         "templates_dir": workspace / "templates",
+        # What the CLI passes: the workspace's mailer.toml (unsubscribe settings).
+        "settings": find_workspace(start=workspace),
     }
     args.update(kwargs)
     with db.transaction(factory) as session:
@@ -176,7 +179,7 @@ def test_create_list_show_from_the_cli(run: Cli, world: dict[str, int]) -> None:
     assert re.search(r"appeal-2022\s+draft\s+template appeal", listed)
     shown = run.ok("campaign", "show", "appeal-2022").output
     assert "Status:    draft" in shown
-    assert "Template:  appeal (live from" in shown
+    assert "Template:  appeal (frozen copy)" in shown
     assert "Reply-To:  signatory" in shown
     assert "Audience:  tag=mayor: 3 contacts" in shown
     assert re.search(r"de-DE\s+1 -> de", shown)
@@ -357,7 +360,7 @@ def test_load_recipients_uses_a_few_queries_per_batch(
 # --------------------------------------------------------------------------- templates
 
 
-def test_templates_are_live_while_draft_and_frozen_once_sending(
+def test_the_letter_is_frozen_at_create_and_changed_only_by_update(
     session_factory: sessionmaker[Session], workspace: Path, world: dict[str, int]
 ) -> None:
     folder = workspace / "templates" / "note"
@@ -365,27 +368,41 @@ def test_templates_are_live_while_draft_and_frozen_once_sending(
     (folder / "en.txt.j2").write_text("Subject: First\n\nOne\n", encoding="utf-8")
     create(session_factory, workspace, template="note")
     templates = workspace / "templates"
+    (folder / "en.txt.j2").write_text("Subject: Second\n\nTwo\n", encoding="utf-8")
     with db.transaction(session_factory) as session:
         campaign = campaigns.get_campaign(session, "appeal")
+        # Frozen when created: a later edit of the folder changes nothing by itself...
         assert compose.template_set_for(campaign, templates_dir=templates).sources == {
             "en.txt.j2": "Subject: First\n\nOne\n"
         }
-        (folder / "en.txt.j2").write_text("Subject: Second\n\nTwo\n", encoding="utf-8")
-        live = compose.template_set_for(campaign, templates_dir=templates)
-        assert live.sources["en.txt.j2"] == "Subject: Second\n\nTwo\n"
-        campaigns.freeze_templates(session, campaign, templates_dir=templates)
+        # ... but is reported, with the command that takes it.
+        drift = campaigns.template_drift(campaign, templates_dir=templates)
+        assert drift is not None
+        assert "en.txt.j2 changed" in drift
+        assert "`mailer campaign update appeal --template note`" in drift
+        update = campaigns.update_campaign(
+            session, slug="appeal", templates_dir=templates, template="note"
+        )
+        assert update.changes == ("template note frozen again (en.txt.j2 changed)",)
+        assert campaigns.template_drift(campaign, templates_dir=templates) is None
     (folder / "en.txt.j2").write_text("Subject: Third\n\n{{ broken\n", encoding="utf-8")
     with db.transaction(session_factory) as session:
         campaign = campaigns.get_campaign(session, "appeal")
         assert campaign.template_sources == {"en.txt.j2": "Subject: Second\n\nTwo\n"}
         frozen = compose.template_set_for(campaign, templates_dir=templates)
         assert frozen.sources == {"en.txt.j2": "Subject: Second\n\nTwo\n"}
-        # Freezing again (a resumed campaign) keeps the first copy.
+        # A broken local edit is a difference, never a failure of the campaign.
+        assert "en.txt.j2 changed" in str(
+            campaigns.template_drift(campaign, templates_dir=templates)
+        )
+        # Freezing again (a resumed campaign) keeps the copy.
         campaigns.freeze_templates(session, campaign, templates_dir=templates)
         assert campaign.template_sources == {"en.txt.j2": "Subject: Second\n\nTwo\n"}
+        # A campaign made before migration 0005_team had no copy until its first send.
         campaign.template_sources = {}
         with pytest.raises(TemplateError, match=r"templates/note/en\.txt\.j2:3"):
             compose.template_set_for(campaign, templates_dir=templates)
+        assert campaigns.template_drift(campaign, templates_dir=templates) is None
 
 
 # --------------------------------------------------------------------------- composing
@@ -448,7 +465,8 @@ def test_compose_builds_the_whole_message(
     # Deterministic Message-ID: the same campaign and contact give the same id.
     assert comp.compose(nue).message_id == composed.message_id
     krakow = comp.compose(recipients[world["krakow"]])
-    assert parse(krakow.data)["Reply-To"] == "mayor@lviv.example.org"
+    # The signing mayor by name: the reader sees who will read the answer.
+    assert parse(krakow.data)["Reply-To"] == "Andriy Sadovyi <mayor@lviv.example.org>"
     assert krakow.message_id != composed.message_id
     fallback = comp.compose(recipients[world["nocity"]])
     assert (fallback.language, fallback.fell_back) == ("en", True)

@@ -126,6 +126,18 @@ def test_letters_are_personal(demo: Demo) -> None:
     assert "Nürnberg" in text and "Kharkiv" in text.replace("Charkiw", "Kharkiv")
 
 
+def test_replies_go_to_the_signing_mayor_by_name(demo: Demo) -> None:
+    received = _received(demo)
+    nuernberg = next(m for m in received if str(m["Delivered-To"]) == "mayor@nuernberg.example.org")
+    # Nürnberg's oldest tie is Kharkiv (1990): its mayor signs, and answers reach him.
+    reply_to = nuernberg["Reply-To"].addresses[0]
+    assert (reply_to.display_name, reply_to.addr_spec) == (
+        "Igor Terekhov",
+        "mayor@kharkiv.example.org",
+    )
+    assert all(m["Reply-To"].addresses[0].display_name for m in received if m["Reply-To"])
+
+
 def test_second_demo_in_the_same_folder_is_refused(
     demo: Demo, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -178,7 +178,7 @@ def test_unrecognised_columns_are_named_with_the_map_that_reads_them(
         "--map 'Stadtname=city' reads it as the city",
         "u.csv: column 'Einwohner' is not a field: kept as the attribute einwohner; "
         "--map 'Einwohner=FIELD' reads it as one of title, salutation, organisation, city, "
-        "region, country, language, tags",
+        "region, country, language, tags, timezone",
         "u.csv: 1 added, 0 updated, 0 unchanged, 0 rejected",
     ]
     partnerships = write(
@@ -241,7 +241,7 @@ def test_a_question_mark_where_a_letter_was_is_a_warning_with_the_row(
         "l.csv:3: name: warning: 'Wroc?aw Office' has '?' where a letter should be: the file "
         "was saved in an encoding without that letter (save it as CSV UTF-8 and import it again)",
         "l.csv: column 'note' is not a field: kept as the attribute note; --map 'note=FIELD' "
-        "reads it as one of title, salutation, organisation, region, language, tags",
+        "reads it as one of title, salutation, organisation, region, language, tags, timezone",
         "l.csv: 3 added, 0 updated, 0 unchanged, 0 rejected",
     ]
 

@@ -13,6 +13,7 @@ from email.message import EmailMessage
 
 import pytest
 
+from mailer.addresses import Mailbox
 from mailer.errors import InvalidValueError
 from mailer.message import (
     BuiltMessage,
@@ -26,6 +27,8 @@ from mailer.render import Rendered
 
 DATE = dt.datetime(2026, 11, 26, 12, 30, 5, tzinfo=dt.UTC)
 MID = "<0123456789abcdef@example.org>"
+SENDER = Mailbox("Campaign Office", "office@example.org")
+REPLY_TO = Mailbox(None, "mayor@lviv.example.org")
 
 
 def rendered(
@@ -52,8 +55,8 @@ def build(
     html: str | None = None,
     to_address: str = "ob@freiburg.example.org",
     to_name: str | None = "Zoë Müller",
-    sender: str = "Campaign Office <office@example.org>",
-    reply_to: str | None = "mayor@lviv.example.org",
+    sender: Mailbox = SENDER,
+    reply_to: Mailbox | None = REPLY_TO,
     url: str | None = None,
     test: bool = False,
 ) -> BuiltMessage:
@@ -299,9 +302,9 @@ def test_header_injection_through_an_address_is_refused(evil: str) -> None:
     with pytest.raises(InvalidValueError, match="not valid"):
         build(to_address=evil)
     with pytest.raises(InvalidValueError, match="not valid"):
-        build(reply_to=evil)
+        build(reply_to=Mailbox(None, evil))
     with pytest.raises(InvalidValueError, match="not valid"):
-        build(sender=f"Office <{evil}>")
+        build(sender=Mailbox("Office", evil))
 
 
 def test_non_ascii_local_part_needs_smtputf8() -> None:

@@ -30,6 +30,7 @@ from mailer.outbox import Attempted, Claim, NextState, Released, Unbuildable
 
 NOW = dt.datetime(2022, 3, 14, 12, 0, tzinfo=dt.UTC)
 SLUG = "appeal"
+ACTOR = Actor(user="olena", host="office.example.org", pid=4242)
 
 # The state each event leaves its message in: the last event of a message must explain its state.
 STATE_AFTER = {
@@ -64,7 +65,8 @@ class Store:
 
     def events(self, kind: EventKind | None = None) -> list[Event]:
         with Session(self.engine) as s:
-            query = select(Event).order_by(Event.id)
+            # The letters' events; audit events (the campaign's creation) name no letter.
+            query = select(Event).where(Event.message_id.is_not(None)).order_by(Event.id)
             if kind is not None:
                 query = query.where(Event.kind == kind.value)
             return list(s.scalars(query))
@@ -582,6 +584,42 @@ def test_start_freezes_the_templates_and_refuses_a_cancelled_campaign(store: Sto
         outbox.start_sending(
             store.engine, slug=SLUG, templates_dir=store.root / "templates", now=NOW
         )
+
+
+def test_start_refuses_a_held_campaign_as_send_does_and_never_lifts_the_hold(
+    store: Store,
+) -> None:
+    """One hold check: start_sending refuses what ensure_sendable refuses, with the same words,
+    and only `send --acknowledge-bounces` (ensure_sendable) lifts a bounce-spike hold."""
+    from mailer.errors import CampaignHeld
+
+    templates = store.root / "templates"
+    outbox.start_sending(store.engine, slug=SLUG, templates_dir=templates, now=NOW)
+    with Session(store.engine) as s, s.begin():
+        assert outbox.pause_for_bounce_spike(
+            s, campaign_id=store.campaign.id, reason="bounce spike: 9 of 30", now=NOW
+        )
+    for refuse in (
+        lambda: outbox.start_sending(store.engine, slug=SLUG, templates_dir=templates, now=NOW),
+        lambda: outbox.ensure_sendable(
+            store.engine, slug=SLUG, acknowledge_bounces=False, actor=ACTOR, now=NOW
+        ),
+    ):
+        with pytest.raises(CampaignHeld, match=r"bounce spike: 9 of 30.*--acknowledge-bounces"):
+            refuse()
+    assert (store.campaign.status, store.campaign.held) == ("paused", True)
+    outbox.ensure_sendable(store.engine, slug=SLUG, acknowledge_bounces=True, actor=ACTOR, now=NOW)
+    started = outbox.start_sending(store.engine, slug=SLUG, templates_dir=templates, now=NOW)
+    assert (started.status, started.held) == ("sending", False)
+    with Session(store.engine) as s:
+        acknowledged = s.execute(
+            select(Event.detail, Event.actor).where(
+                Event.kind == EventKind.CAMPAIGN_RESUMED.value
+            )
+        ).all()
+    assert acknowledged == [
+        (f"campaign {SLUG}: bounce spike acknowledged (send --acknowledge-bounces)", ACTOR.label)
+    ]
 
 
 def test_finish_says_done_paused_or_sending(store: Store) -> None:

@@ -146,5 +146,6 @@ def test_stop_reasons_keep_their_words() -> None:
         "systemic",
         "bounce-spike",
         "error",
+        "held",
     ]
     assert StopReason.DAILY_CAP == "daily-cap"

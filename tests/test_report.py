@@ -101,7 +101,7 @@ def test_report_shows_totals_chart_breakdowns_failures_and_follow_ups(
     failures = page.text_by_id["failures"]
     assert UNKNOWN_USER in failures and "4.7.0 Try again later" in failures
     assert "no answer from the server" not in failures  # emil's timeout has a reply text
-    problems = page.text_by_id["problems"]
+    problems = page.text_by_id["not-sent"]
     for email in (
         "carla@example.org",
         "dora@example.org",
@@ -109,9 +109,13 @@ def test_report_shows_totals_chart_breakdowns_failures_and_follow_ups(
         "emil@example.org",
     ):
         assert email in problems
-    for email in ("anna@example.org", "fritz@example.org", "greta@example.org"):
+    for email in ("anna@example.org", "bruno@example.org", "berta@example.org"):
         assert email not in problems
+        assert email in page.text_by_id["contacted"]
     assert "timeout after DATA" in problems
+    # Skipped on purpose is listed with why, and in the reasons too.
+    assert "ida@example.org" in problems and "suppressed: unsubscribed" in problems
+    assert "suppressed: unsubscribed" in failures and "No failures" not in text
     assert "What the states mean" in text
     steps = page.text_by_id["next"]
     assert "3 failed: see why with `mailer log spring --status failed`" in steps
@@ -130,7 +134,18 @@ def test_report_breakdown_rows_count_per_state(sample: sessionmaker[Session]) ->
     assert [b.label for b in data.by_language] == ["French (fr)", "German (de)", "Polish (pl)"]
     assert sum(b.total for b in data.by_language) == 11
     assert data.sent_events == 3 and data.bucket == dt.timedelta(minutes=5)
-    assert data.problems_total == 4 and len(data.problems) == 4
+    (problems, retry, skipped, waiting) = data.not_sent
+    assert problems.statuses == ("failed", "uncertain") and problems.people.total == 4
+    assert [p.email for p in problems.people.rows] == [
+        "carla@example.org",
+        "dora@example.org",
+        "mallory@example.org",
+        "emil@example.org",
+    ]
+    assert [p.email for p in skipped.people.rows] == ["ida@example.org"]
+    assert waiting.people.total == 2 and retry.people.total == 1
+    (german,) = [b for b in data.by_language if b.label == "German (de)"]
+    assert (german.contacted, german.replied, german.reply_rate) == (1, 0, 0.0)
 
 
 def test_report_escapes_every_value(sample: sessionmaker[Session], tmp_path: Path) -> None:
@@ -143,8 +158,8 @@ def test_report_escapes_every_value(sample: sessionmaker[Session], tmp_path: Pat
     assert "<b>rejected</b>" not in text and "&lt;b&gt;rejected&lt;/b&gt; &amp; blocked" in text
     page = _parse(text)
     assert page.tags.count("script") == 0
-    assert SCRIPT_NAME in page.text_by_id["problems"]  # shown to the reader as plain text
-    assert FORMULA_NAME not in page.text_by_id["problems"]  # hans is `sending`, not a problem
+    assert SCRIPT_NAME in page.text_by_id["not-sent"]  # shown to the reader as plain text
+    assert FORMULA_NAME in page.text_by_id["not-sent"]  # hans is `sending`: waiting, as text
 
 
 def test_report_is_self_contained(sample: sessionmaker[Session], tmp_path: Path) -> None:
@@ -153,9 +168,15 @@ def test_report_is_self_contained(sample: sessionmaker[Session], tmp_path: Path)
         report.write_report(session, slug="spring", output=out)
     text = out.read_text(encoding="utf-8")
     page = _parse(text)
-    assert page.urls == []
+    # Links only within the page (its table of contents): nothing is fetched.
+    assert page.urls and all(url.startswith("#") for url in page.urls)
     assert not {"script", "link", "img", "iframe", "object", "embed"} & set(page.tags)
-    assert not re.search(r"url\(|@import|https?://(?!www\.w3\.org/2000/svg)", text)
+    # No URL in the style sheet or in any attribute but the SVG namespace. (Text may name one,
+    # like hans's hostile name or a letter's link: text is shown, never loaded.)
+    (style,) = re.findall(r"<style>(.*?)</style>", text, flags=re.S)
+    assert not re.search(r"url\(|@import|https?:", style)
+    attributes = re.findall(r'[\w:-]+="([^"]*)"', text)
+    assert [a for a in attributes if "://" in a] == ["http://www.w3.org/2000/svg"]
     assert "default-src 'none'" in text
 
 
@@ -257,21 +278,35 @@ def test_report_replaces_an_existing_file_whole(
     assert [p.name for p in out.parent.iterdir()] == ["r.html"]  # no temporary file left behind
 
 
-def test_report_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+def test_report_on_postgresql(pg_url: str, workspace: Path, tmp_path: Path) -> None:
+    from test_report_people import build_outcomes
+
     from mailer import db
+    from mailer.config import find_workspace
 
     engine = db.make_engine(pg_url)
     try:
         db.upgrade(engine)
         factory = db.session_factory(engine)
-        build_sample(factory)
+        build_outcomes(factory, workspace)
         with factory() as session:
-            data = report.write_report(session, slug="spring", output=tmp_path / "pg.html")
-        assert data.summary.total == 11 and data.sent_events == 3
+            data = report.write_report(
+                session,
+                slug="spring",
+                output=tmp_path / "pg.html",
+                workspace=find_workspace(start=workspace),
+            )
+        assert data.summary.total == 13 and data.sent_events == 5
         assert data.bucket == dt.timedelta(minutes=5)
         assert [b.label for b in data.by_country] == ["Austria (AT)", "France (FR)", "Poland (PL)"]
-        assert data.problems_total == 4 and data.failures[0].count == 2
+        assert data.not_sent[0].people.total == 5 and data.failures[0].count == 2
+        assert [p.email for p in data.follow_up.rows] == ["bruno@example.org", "kurt@example.org"]
+        assert data.contacted.rows[0].partners == ("Kyiv", "Lviv")
+        assert [s.language for s in data.samples] == ["de", "fr", "pl"]
+        assert all(s.error is None for s in data.samples)
+        assert data.bounces[0].status == "5.1.1" and data.replies[0].name == "Anna Nowak"
+        assert [b.reply for b in data.skipped] == ["suppressed: unsubscribed"]
         page = _parse((tmp_path / "pg.html").read_text(encoding="utf-8"))
-        assert page.text_by_id["count-failed"] == "3"
+        assert page.text_by_id["count-failed"] == "4"
     finally:
         engine.dispose()

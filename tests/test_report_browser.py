@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
-from test_review_data import SCRIPT_NAME, build_sample
+from test_report_people import build_outcomes
+from test_review_data import SCRIPT_NAME
 
 from mailer import report
+from mailer.config import find_workspace
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT = 120
@@ -54,11 +56,13 @@ def console_messages(stderr: str) -> list[str]:
 
 
 @pytest.fixture
-def report_file(session_factory: sessionmaker[Session], tmp_path: Path) -> Path:
-    build_sample(session_factory)
+def report_file(session_factory: sessionmaker[Session], workspace: Path, tmp_path: Path) -> Path:
+    build_outcomes(session_factory, workspace)
     out = tmp_path / "report.html"
     with session_factory() as session:
-        report.write_report(session, slug="spring", output=out)
+        report.write_report(
+            session, slug="spring", output=out, workspace=find_workspace(start=workspace)
+        )
     return out
 
 
@@ -69,12 +73,15 @@ def test_report_loads_in_chromium_without_console_errors_and_shows_totals(
     assert result.returncode == 0, result.stderr[-2000:]
     assert console_messages(result.stderr) == []
     dom = result.stdout
-    for state, n in (("total", 11), ("sent", 3), ("failed", 3), ("uncertain", 1), ("skipped", 1)):
+    for state, n in (("total", 13), ("sent", 4), ("failed", 4), ("uncertain", 1), ("skipped", 1)):
         assert f'id="count-{state}">{n}</div>' in dom, state
     # The hostile name reached the DOM as text, not as an element.
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
     assert SCRIPT_NAME not in dom
     assert "<svg" in dom and "Why letters did not arrive" in dom
+    # People, what came back, and the letters themselves reached the page.
+    assert "To follow up" in dom and "kurt@example.org" in dom
+    assert "We stand with Kyiv." in dom and 'id="sample-pl"' in dom
 
 
 def test_console_check_catches_a_script_error(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -94,18 +96,84 @@ def test_interrupt_pauses_cleanly(workspace: Path, engine: Engine, signum: signa
         wait_for_arrivals(server, proc, 10)
         proc.send_signal(signum)
         output, _ = proc.communicate(timeout=60)
+        # A pause is not an error (issue 14, item 3): exit 130, no `Error:`, and the last line
+        # says what this run sent and what waits, from the database's own counts.
         assert proc.returncode == 130, output
-        assert "Error: interrupted" in output
+        assert "Error:" not in output
         states = assert_consistent(engine, server)
         counts = collections.Counter(states.values())
         assert counts["sent"] >= 10 and counts["queued"] > 0
-        # Nothing the server took is left unaccounted for, and the rest goes out on the next run.
-        proc = start_send(workspace, server.url())
+        last = output.strip().splitlines()[-1]
+        match = re.fullmatch(r"Paused: (\d+) sent this run, (\d+) waiting — `(.+)` goes on", last)
+        assert match is not None, output
+        assert int(match.group(1)) == counts["sent"]
+        assert int(match.group(2)) == counts["queued"] + counts["retry"]
+        assert f"Campaign appeal: {counts['sent']} sent, {counts['queued']} queued" in output
+        # Progress never runs ahead of what was sent, nor counts a letter put back as done.
+        shown = [int(m) for m in re.findall(r"^sent (\d+) of \d+", output, re.MULTILINE)]
+        assert shown == sorted(shown) and all(n <= counts["sent"] for n in shown)
+        assert "%)" not in output
+        # The printed command goes on, as printed.
+        argv = shlex.split(match.group(3))
+        assert argv[:3] == ["mailer", "send", SLUG]
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from mailer.cli import main; main()",
+                "-w",
+                str(workspace),
+                *argv[1:],
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output
         states = assert_consistent(engine, server)
         assert set(states.values()) == {"sent"}
         assert len(server.received) == 200
+
+
+def test_the_remembered_server_goes_on_after_ctrl_c(workspace: Path, engine: Engine) -> None:
+    """`[smtp] url` and `rate` in mailer.toml: `mailer send appeal --yes` alone sends, and the
+    command a Ctrl-C prints is exactly that (issue 14, item 2)."""
+    seed_campaign(engine, workspace, count=120)
+    with SmtpTestServer(delay=0.02) as server:
+        config = workspace / "mailer.toml"
+        config.write_text(
+            config.read_text().replace(
+                "[smtp]\n", f'[smtp]\nurl = "{server.url()}"\nrate = "6000/min"\n'
+            )
+        )
+        command = [sys.executable, "-c", "from mailer.cli import main; main()"]
+        proc = subprocess.Popen(
+            [*command, "-w", str(workspace), "send", SLUG, "--yes"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        wait_for_arrivals(server, proc, 5)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, output
+        assert f"transport: {server.url()} (from mailer.toml)" in output
+        assert "limits:    rate 6000/min (mailer.toml)" in output
+        assert output.strip().splitlines()[-1].endswith("— `mailer send appeal --yes` goes on")
+        proc = subprocess.Popen(
+            [*command, "-w", str(workspace), "send", SLUG, "--yes"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output
+        assert set(assert_consistent(engine, server).values()) == {"sent"}
+        assert len(server.received) == 120
 
 
 def test_sigkill_at_random_points_then_resume(

@@ -1,7 +1,7 @@
 """senders (identity, lease, heartbeat), the campaign's shared pace, an index for the daily cap
 
-Revision ID: 0005_reliability
-Revises: 0004_event_actor
+Revision ID: 0007_reliability
+Revises: 0006_windows
 Create Date: 2026-12-02 15:00:00
 
 - `senders`: one row per `mailer send` run on a campaign: who (OS user, host, process, SMTP
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005_reliability"
-down_revision: str | None = "0004_event_actor"
+revision: str = "0007_reliability"
+down_revision: str | None = "0006_windows"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
