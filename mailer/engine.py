@@ -40,6 +40,8 @@ Promises while it runs:
   advances (outbox.claim). With `--spread`, the spread (timing.SpreadLimiter, never faster than
   `--rate`) is this sender's pace instead: it spreads the cap over the window with jitter, kept
   in this process, and the shared pace is not advanced by it (the cap still holds for all).
+- Quiet days hold at the claim too: a letter whose contact another campaign wrote to within the
+  campaign's `quiet_days` (since it was queued) is skipped there (outbox.claim).
 - A letter's handover (the journal's mark, just before its payload) is its delivery time: the
   run's clock at that moment becomes its `sent_at`.
 - 5.1.1-class refusals suppress the address (hard bounce) and count toward the bounce spike,
@@ -233,6 +235,9 @@ class _Run:
         # many results exist that are not yet committed (for `--wait`: see _wait_for_held).
         self.unrecorded: list[outbox.Result] = []
         self.unwritten = 0
+        # Quiet days (campaign setting): re-checked at every claim (outbox.claim).
+        quiet = (campaign.settings or {}).get("quiet_days")
+        self.quiet_days = int(quiet) if quiet else None
         # Peeked (being composed or waiting for the claimer): not to be peeked again.
         self.peeked: set[int] = set()
         # Set once no further batch will be claimed (a budget ran out): the peeker stops.
@@ -433,7 +438,7 @@ class _Run:
         # Sending windows and follow-ups were judged before composing (peeker, Gate.admit): a
         # held letter carries its due time, which the claim's own due check respects, so it
         # is neither claimed nor counted against the cap or the pace. Checks that need the
-        # database at the claim's moment (suppressions, the cap) are outbox.claim's.
+        # database at the claim's moment (suppressions, quiet days, the cap) are outbox.claim's.
         try:
             self.journal.claiming(ids)
         except OSError as exc:
@@ -450,6 +455,7 @@ class _Run:
             raise
         self.unwritten -= len(results)
         self.report.suppressed += claimed.skipped
+        self.report.skipped += claimed.quiet
         if claimed.capped:
             self._end_of_budget(StopReason.DAILY_CAP)
         jobs = []
@@ -530,6 +536,7 @@ class _Run:
             actor=self.actor,
             daily_cap=self.daily_cap,
             pace=self.pace,
+            quiet_days=self.quiet_days,
         )
         self._written(results)
         return claimed

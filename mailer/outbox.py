@@ -173,6 +173,9 @@ class Claimed:
 
     claims: list[Claim]
     skipped: int = 0
+    # Due letters skipped because another campaign wrote to their contact within the
+    # campaign's quiet days.
+    quiet: int = 0
     capped: bool = False
     pace_start: dt.datetime | None = None
 
@@ -694,6 +697,7 @@ def claim(
     actor: str | None = None,
     daily_cap: int | None = None,
     pace: float | None = None,
+    quiet_days: int | None = None,
 ) -> Claimed:
     """`queued`/due `retry` -> `sending` for those of `ids` still due, each with its `claimed`
     event, committed before any byte of them goes out. In the same transaction (one commit,
@@ -702,6 +706,8 @@ def claim(
     1. `results` of earlier claims are recorded (unless another process has declared this
        sender gone: then ClaimsLost, and nothing is written);
     2. a due letter whose address is suppressed now is `skipped` with the reason, not claimed;
+       with `quiet_days`, so is one whose contact another campaign wrote to within them (since
+       it was queued: queue_audience skipped those written to before);
     3. under a `daily_cap`, the letters sent in the last 24 hours (every campaign) and those
        being sent now are counted, and no more than the cap leaves room for are claimed -- the
        count is serialised across processes, so two senders never share one slot;
@@ -721,6 +727,17 @@ def claim(
             conn, campaign_id=campaign_id, ids=ids, now=now, actor=actor
         )
         wanted = [i for i in ids if i not in skipped]
+        quiet: set[int] = set()
+        if quiet_days and wanted:
+            quiet = _skip_quiet_among(
+                conn,
+                campaign_id=campaign_id,
+                ids=wanted,
+                quiet_days=quiet_days,
+                now=now,
+                actor=actor,
+            )
+            wanted = [i for i in wanted if i not in quiet]
         capped = False
         if daily_cap is not None and wanted:
             room = max(0, _cap_room(conn, cap=daily_cap, now=now))
@@ -736,7 +753,9 @@ def claim(
             start = _reserve_pace(
                 conn, campaign_id=campaign_id, count=len(claims), rate=pace, now=now
             )
-    return Claimed(claims=claims, skipped=len(skipped), capped=capped, pace_start=start)
+    return Claimed(
+        claims=claims, skipped=len(skipped), quiet=len(quiet), capped=capped, pace_start=start
+    )
 
 
 def _hold_on(conn: Connection, sender_id: str) -> None:
@@ -820,6 +839,67 @@ def _skip_suppressed_among(
         actor=actor,
     )
     return found
+
+
+def _skip_quiet_among(
+    conn: Connection,
+    *,
+    campaign_id: int,
+    ids: Sequence[int],
+    quiet_days: int,
+    now: dt.datetime,
+    actor: str | None,
+) -> set[int]:
+    """Quiet days at the claim: due letters among `ids` whose contact another campaign wrote to
+    within `quiet_days` (a send that ran since this one queued them) become `skipped`, each
+    with an event naming that campaign and day. Returns their ids."""
+    c = MESSAGES.c
+    due = and_(
+        c.status.in_([MessageStatus.QUEUED.value, MessageStatus.RETRY.value]),
+        or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
+    )
+    rows = conn.execute(select(c.id, c.contact_id).where(c.id.in_(list(ids)), due)).all()
+    if not rows:
+        return set()
+    recent = recently_contacted(
+        conn,
+        campaign_id=campaign_id,
+        contact_ids=sorted({int(cid) for _, cid in rows}),
+        since=now - dt.timedelta(days=quiet_days),
+    )
+    found = [(int(mid), int(cid)) for mid, cid in rows if cid in recent]
+    if not found:
+        return set()
+    conn.execute(
+        update(MESSAGES)
+        .where(c.id.in_([mid for mid, _ in found]), due)
+        .values(status=MessageStatus.SKIPPED.value, updated_at=now, next_attempt_at=None)
+    )
+    _insert_events(
+        conn,
+        [
+            (
+                mid,
+                campaign_id,
+                cid,
+                now,
+                EventKind.SKIPPED.value,
+                None,
+                _quiet_detail(*recent[cid], quiet_days=quiet_days) + "; found at its claim",
+                None,
+            )
+            for mid, cid in found
+        ],
+        actor=actor,
+    )
+    return {mid for mid, _ in found}
+
+
+def _quiet_detail(slug: str, when: dt.datetime, *, quiet_days: int) -> str:
+    return (
+        f"quiet days: campaign {slug} wrote to this contact on {when:%Y-%m-%d}, within the "
+        f"{quiet_days} quiet day(s)"
+    )
 
 
 def _suppressed_detail(reason: str, source: str | None) -> str:
@@ -2056,8 +2136,8 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
 # campaign, and every running sender polls `campaign_state` to obey at once. Each change here is
 # written with its audit event (message_id NULL, `events.actor` = who) in the same transaction,
 # so `mailer log --events --all` answers "who did what, from where". Quiet days (issue 14) skip
-# contacts another campaign wrote to lately, at queue time (`skip_recently_contacted`); the claim
-# may re-check them with `recently_contacted`.
+# contacts another campaign wrote to lately, at queue time (`skip_recently_contacted`), and the
+# claim re-checks them (`claim(quiet_days=...)`, through `recently_contacted`).
 
 # Messages still waiting for a first or a further attempt: what cancel and quiet days skip.
 _PENDING = (MessageStatus.QUEUED.value, MessageStatus.RETRY.value)
@@ -2482,7 +2562,7 @@ def recently_contacted(
     since: dt.datetime,
 ) -> dict[int, tuple[str, dt.datetime]]:
     """Of `contact_ids`, those another campaign sent a letter to since `since`: the campaign's
-    slug and when (the latest). The claim may call this to re-check quiet days per batch; a
+    slug and when (the latest). The claim re-checks quiet days with it per batch; a
     follow-up's parent does not count (the follow-up exists to write again)."""
     excluded = [campaign_id]
     parent = getattr(Campaign, "parent_id", None)
@@ -2556,8 +2636,7 @@ def skip_recently_contacted(
                         now,
                         EventKind.SKIPPED.value,
                         None,
-                        f"quiet days: campaign {recent[cid][0]} wrote to this contact on "
-                        f"{recent[cid][1]:%Y-%m-%d}, within the {quiet_days} quiet day(s)",
+                        _quiet_detail(*recent[cid], quiet_days=quiet_days),
                         None,
                     )
                     for mid, cid in changed
