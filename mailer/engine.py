@@ -1084,6 +1084,7 @@ def _letter(job: _Job) -> journal.Letter:
         language=job.language,
         subject=job.subject,
         body_hash=job.body_hash,
+        handed_at=job.handed_at,
     )
 
 
@@ -1191,6 +1192,7 @@ def _recovered(
                 language=known.letter.language,
                 subject=known.letter.subject,
                 body_hash=known.letter.body_hash,
+                handed_at=known.letter.handed_at,
             )
         if claim.id not in taken.trail.handed:
             return outbox.Released(claim=claim, reason=f"{who} stopped before handing it over")

@@ -26,6 +26,7 @@ Knows nothing of the database; imports only `transport` (the Outcome it writes d
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import json
 import mmap
@@ -157,6 +158,7 @@ class Journal:
                 letter.language,
                 letter.subject,
                 letter.body_hash,
+                letter.handed_at.isoformat() if letter.handed_at is not None else None,
             ],
             ensure_ascii=False,
         )
@@ -184,6 +186,9 @@ class Letter:
     language: str | None = None
     subject: str | None = None
     body_hash: str | None = None
+    # When its payload was handed over (the `p` mark's moment, on the sender's clock): the
+    # letter's `sent_at` if the answer says it was accepted.
+    handed_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -297,7 +302,11 @@ def _read(fd: int, *, sender_id: str, boot: str) -> Trail | None:
                 handed.add(int(rest))
             elif kind == "o":
                 message, _, text = rest.partition(" ")
-                verdict, code, reply, via, mid, language, subject, body_hash = json.loads(text)
+                verdict, code, reply, via, mid, language, subject, body_hash, *rest = (
+                    json.loads(text)
+                )
+                # The handover time came later: a line without it is still read.
+                handed_at = dt.datetime.fromisoformat(rest[0]) if rest and rest[0] else None
                 outcomes[int(message)] = Known(
                     outcome=Outcome(
                         kind=OutcomeKind(verdict),
@@ -306,7 +315,11 @@ def _read(fd: int, *, sender_id: str, boot: str) -> Trail | None:
                         via=str(via),
                     ),
                     letter=Letter(
-                        message_id=mid, language=language, subject=subject, body_hash=body_hash
+                        message_id=mid,
+                        language=language,
+                        subject=subject,
+                        body_hash=body_hash,
+                        handed_at=handed_at,
                     ),
                 )
         except (ValueError, TypeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from mailer import journal
 from mailer.transport import Outcome, OutcomeKind
 
 SENT = Outcome(kind=OutcomeKind.ACCEPTED, code=250, reply="2.0.0 queued as Ü1", via="mx:25")
+HANDED = dt.datetime(2022, 3, 14, 9, 30, 12, 345678, tzinfo=dt.UTC)
 
 
 def test_a_dead_senders_journal_says_what_each_claim_became(tmp_path: Path) -> None:
@@ -21,7 +23,7 @@ def test_a_dead_senders_journal_says_what_each_claim_became(tmp_path: Path) -> N
     j = journal.Journal.create(tmp_path, sender_id="s1", boot=boot)
     j.claiming([1, 2, 3, 4])
     j.handing(1)
-    j.outcome(1, SENT, journal.Letter(message_id="<1@x>", subject="Grüße"))
+    j.outcome(1, SENT, journal.Letter(message_id="<1@x>", subject="Grüße", handed_at=HANDED))
     j.handing(2)
     # 4 was handed over, answered, then claimed again (a retry): only the new claim counts.
     j.handing(4)
@@ -38,7 +40,10 @@ def test_a_dead_senders_journal_says_what_each_claim_became(tmp_path: Path) -> N
         assert trail.handed == {1, 2}
         assert set(trail.outcomes) == {1}
         assert trail.outcomes[1].outcome == SENT
-        assert trail.outcomes[1].letter == journal.Letter(message_id="<1@x>", subject="Grüße")
+        # The handover's moment comes back too: the letter's `sent_at`.
+        assert trail.outcomes[1].letter == journal.Letter(
+            message_id="<1@x>", subject="Grüße", handed_at=HANDED
+        )
         # Another process cannot take it while this one settles its claims.
         assert not journal.is_abandoned(str(j.path), sender_id="s1", boot=boot)
         taken.remove()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime as dt
 import os
 import pwd
 import shutil
@@ -308,6 +309,7 @@ def test_answers_kept_past_the_outage_window_are_recorded_by_the_next_run(
         # Some answers came while the database was locked: known to the journal only.
         unrecorded = set(first) - recorded_sent
         assert unrecorded
+        second_run = dt.datetime.now(dt.UTC)
         report = send_engine.send_campaign(
             workspace=Workspace(root=workspace),
             engine=engine,
@@ -323,5 +325,11 @@ def test_answers_kept_past_the_outage_window_are_recorded_by_the_next_run(
     assert sorted(received) == sorted(emails) and set(received.values()) == {1}
     with Session(engine) as s:
         assert set(s.scalars(select(Message.status))) == {"sent"}
+        kept_sent_at = s.scalars(
+            select(Message.sent_at).join(Message.contact).where(Contact.email.in_(unrecorded))
+        ).all()
+    # A letter's `sent_at` is its handover, which the journal kept: not the time it was
+    # recorded by the next run.
+    assert all(at is not None and at < second_run for at in kept_sent_at)
     assert not list(journal.journal_dir(workspace).glob("*.journal"))
     engine.dispose()
