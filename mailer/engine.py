@@ -642,9 +642,13 @@ class _Run:
     def _may_go(self, job: _Job) -> bool:
         """Whether this letter may be handed over now (asked once more, at the last moment,
         by the transport when a connection is free)."""
+        if self.gate is not None and job.held_until is None:
+            # Its window may have closed while it waited for the connection.
+            job.held_until = self.gate.closed(job.claim.id, now=self.clock())
         return (
             not self.stop.is_set()
             and job.suppressed is None
+            and job.held_until is None
             and self.handing.is_set()
             and self._lease_fresh()
             and not self._db_stalled()
@@ -765,7 +769,7 @@ class _Run:
                 )
             finally:
                 self.inflight.discard(job.claim.id)
-            if outcome is not None:
+            if outcome is not None or job.held_until is not None:
                 return outcome
             # Not handed over: it waited for a connection while the gate closed (the database
             # went away, the lease ran short, its address was suppressed) or the run stopped.
@@ -887,6 +891,8 @@ class _Run:
         # Off the outstanding list the moment its result exists, so a cancelled run never
         # records a message twice.
         self.outstanding.pop(result.job.claim.id, None)
+        if self.gate is not None:
+            self.gate.forget(result.job.claim.id)
         self.unwritten += 1
         results.put_nowait(result)
 

@@ -272,6 +272,38 @@ def test_in_the_autumn_hour_that_occurs_twice_no_letter_goes_twice_or_outside_it
     )
 
 
+def test_a_letter_whose_window_closes_while_it_waits_for_a_connection_is_held(
+    run: Cli, workspace: Path, engine: Engine, ws: Workspace, server: SmtpTestServer
+) -> None:
+    """Two senders on one connection: the second letter passed its window check and waits for
+    the connection while the first one's server takes 31 minutes; by then its window has
+    closed, so it is held for the next one, not handed over."""
+    rows = [(f"w{i}@example.org", f"W{i}", "Berlin", "DE", "") for i in range(2)]
+    import_contacts(run, workspace, rows, "email,name,city,country,timezone")
+    create(run, workspace)
+    clock = FakeClock(dt.datetime(2024, 6, 3, 9, tzinfo=UTC))  # a Monday
+
+    def slow_server(envelope: object) -> None:
+        clock.now += dt.timedelta(minutes=31)
+
+    server.on_data = slow_server
+    report = send_engine.send_campaign(
+        workspace=ws,
+        engine=engine,
+        slug=SLUG,
+        transport=SmtpPool(parse_smtp_url(server.url(), timeout=10), size=1),
+        concurrency=2,
+        clock=clock,
+        sleep=clock.sleep,
+        timing_options=timing.RunTiming(windows=("Mon 09:00-09:30",), window_zone="UTC"),
+    )
+    assert report.sent == 1 and len(server.recipients()) == 1
+    assert list(sent_at(engine).values()) == [dt.datetime(2024, 6, 3, 9, tzinfo=UTC)]
+    assert [d.split(" not made ")[1] for d in event_details(engine, "requeued")] == [
+        "(its sending window closed); due 2024-06-10 09:00 UTC"
+    ]
+
+
 @pytest.mark.parametrize("rate", [None, 1.0], ids=["no-rate", "with-a-faster-rate"])
 def test_spread_paces_a_days_cap_evenly_over_the_window(
     run: Cli,
