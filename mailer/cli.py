@@ -1639,7 +1639,8 @@ class _send_progress:
             self.bar.update(self.task, completed=done, total=total, sent=report.sent, detail=detail)
             return
         tenth = (done * 10 // total) if total else 10
-        if done and (now - self.last_time >= 5 or tenth > self.last_tenth):
+        down = report.database_down is not None
+        if (done or down) and (now - self.last_time >= 5 or tenth > self.last_tenth):
             self.last_time, self.last_tenth = now, tenth
             click.echo(format_progress(report, total=total, rate=rate))
 
@@ -1674,13 +1675,25 @@ def retry(slug: str, failed: bool, uncertain: bool) -> None:
 
     if not (failed or uncertain):
         raise click.UsageError("say what to retry: --failed, --uncertain, or both")
-    moved = outbox.requeue(
-        state().engine(), slug=slug, failed=failed, uncertain=uncertain, now=utcnow()
+    from mailer.identity import Actor
+
+    requeued = outbox.requeue(
+        state().engine(),
+        slug=slug,
+        failed=failed,
+        uncertain=uncertain,
+        now=utcnow(),
+        actor=Actor.current().label,
     )
-    parts = [f"{n} {status}" for status, n in moved.items()]
+    parts = [f"{n} {status}" for status, n in requeued.moved.items()]
     click.echo(
         f"Requeued {' and '.join(parts)} message(s) of {slug}; `mailer send {slug} ...` sends them."
     )
+    if requeued.suppressed:
+        click.echo(
+            f"Left {requeued.suppressed} alone: their address is suppressed (a hard bounce, an "
+            "unsubscribe...), so a retry cannot help; `mailer suppress list` shows why."
+        )
 
 
 # --------------------------------------------------------------------------- inbox
@@ -2001,6 +2014,77 @@ def status(slug: str | None, fmt: str) -> None:
             console.print(renderable)
     else:
         click.echo(review.format_status_text(summaries), nl=False)
+
+
+@cli.command(name="senders")
+@click.argument("slug", required=False)
+@click.option(
+    "--all",
+    "include_stopped",
+    is_flag=True,
+    help="Also the senders that ended, were declared gone, or lost their lease.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+def senders_cmd(slug: str | None, include_stopped: bool, fmt: str) -> None:
+    """Who is sending: the live senders of each campaign (or of SLUG).
+
+    For each: who (OS user, host, process, SMTP login), what it holds (letters claimed and not
+    yet settled), what it has sent, its rate, and its last heartbeat. A sender whose lease has
+    run out is no longer live: the next `send` of the campaign settles what it held.
+
+    \b
+    Example:
+      mailer senders
+      mailer senders appeal-2022 --all
+    """
+    import json
+
+    from mailer import senders
+    from mailer.clock import utcnow
+
+    engine = state().engine()
+    if slug is not None:
+        with db.session_factory(engine)() as session:
+            from mailer import campaigns
+
+            campaigns.get_campaign(session, slug)
+    now = utcnow()
+    views = senders.list_senders(engine, slug=slug, now=now, include_stopped=include_stopped)
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": v.id,
+                        "campaign": v.campaign,
+                        "actor": v.actor,
+                        "via": v.via,
+                        "live": v.live,
+                        "holding": v.holding,
+                        "sent": v.sent,
+                        "rate": v.rate,
+                        "started_at": v.started_at.isoformat(),
+                        "heartbeat_at": v.heartbeat_at.isoformat(),
+                        "lease_until": v.lease_until.isoformat(),
+                        "stopped_at": v.stopped_at.isoformat() if v.stopped_at else None,
+                        "stop_reason": v.stop_reason,
+                    }
+                    for v in views
+                ],
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+        return
+    for line in senders.format_senders(views, now=now, slug=slug):
+        click.echo(line)
 
 
 @cli.command(name="log")

@@ -279,13 +279,14 @@ class Composing:
             future = worker.compose(contact_ids)
             future.add_done_callback(self._count)
             return future
-        return self._here(contact_ids)
+        return self.here(contact_ids)
 
     def _count(self, future: asyncio.Future[Batch]) -> None:
         if not future.cancelled() and future.exception() is None:
             self.by_worker += len(future.result())
 
-    def _here(self, contact_ids: Sequence[int]) -> asyncio.Future[Batch]:
+    def here(self, contact_ids: Sequence[int]) -> asyncio.Future[Batch]:
+        """Composed in this process (one thread)."""
         loop = asyncio.get_running_loop()
         return asyncio.ensure_future(
             loop.run_in_executor(self._thread, self.local.compose, list(contact_ids))
@@ -295,7 +296,7 @@ class Composing:
         try:
             return await future
         except WorkerGone:
-            return await self._here(contact_ids)
+            return await self.here(contact_ids)
 
     async def close(self) -> None:
         if self.worker is not None:

@@ -77,6 +77,11 @@ class Interrupted(MailerError):
     exit_code = 130
 
 
+class ClaimsLost(DatabaseError):
+    """Another process declared this sender gone (its lease had expired) and settled the
+    letters it held: it must hand nothing more over."""
+
+
 class CampaignHeld(MailerError):
     """A campaign paused by a bounce spike: sending resumes only once the user acknowledges it."""
 

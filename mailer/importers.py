@@ -97,7 +97,6 @@ _LOST_LETTER = (
 )
 
 
-
 class StrictImportFailed(StrictImportError):
     """`--strict` refused the file; carries the summary so the caller can list the rejects."""
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Boolean,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -271,6 +273,9 @@ class Campaign(Base):
     # campaign its own letter is due (seconds).
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"), index=True)
     follow_up_after: Mapped[int | None] = mapped_column(Integer)
+    # The campaign's shared pace under a `--rate`: the earliest time the next letter may leave,
+    # advanced by every sender's claim (so several senders together keep one rate).
+    pace_next_at: Mapped[dt.datetime | None] = mapped_column()
 
 
 class Message(Base):
@@ -315,7 +320,17 @@ class Event(Base):
     """The append-only send log: every state change with its time and the server's answer."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_campaign_at", "campaign_id", "at"),)
+    __table_args__ = (
+        Index("ix_events_campaign_at", "campaign_id", "at"),
+        # The rolling 24-hour daily cap counts `sent` events inside each claim: only those rows
+        # are indexed, so the other events cost nothing more to write.
+        Index(
+            "ix_events_sent_at",
+            "at",
+            sqlite_where=text("kind = 'sent'"),
+            postgresql_where=text("kind = 'sent'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     message_id: Mapped[int | None] = mapped_column(
@@ -331,6 +346,40 @@ class Event(Base):
     via: Mapped[str | None] = mapped_column(String(300))
     # Who acted: `user@host pid N` (mailer/identity.py), so a team's shared log says who did it.
     actor: Mapped[str | None] = mapped_column(String(300))
+
+
+class Sender(Base):
+    """A `mailer send` run working one campaign: who it is, the lease on its claims (renewed
+    by its heartbeat), what it holds, and when and why it stopped. Only a sender whose lease has
+    expired (or that is provably dead on this very machine) has its claims recovered by another."""
+
+    __tablename__ = "senders"
+    __table_args__ = (Index("ix_senders_campaign_stopped", "campaign_id", "stopped_at"),)
+
+    # Also `messages.claimed_by` of every letter it holds.
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    os_user: Mapped[str] = mapped_column(String(100))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    smtp_user: Mapped[str | None] = mapped_column(String(320))
+    # Where its letters go (`host:port`, a Maildir).
+    via: Mapped[str | None] = mapped_column(String(300))
+    # `user@host pid N`, as written into events.actor.
+    actor: Mapped[str] = mapped_column(String(300))
+    # The kernel's boot id and the handover journal's path: on the same boot of the same
+    # machine another process can read the journal and prove the sender dead (see journal.py).
+    boot_id: Mapped[str | None] = mapped_column(String(64))
+    journal: Mapped[str | None] = mapped_column(String(1000))
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[dt.datetime] = mapped_column()
+    # Letters it holds (`sending`) and has sent, as of its last heartbeat; its rate (msg/s).
+    holding: Mapped[int] = mapped_column(Integer, default=0)
+    sent: Mapped[int] = mapped_column(Integer, default=0)
+    rate: Mapped[float | None] = mapped_column(Float)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column()
+    stop_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Suppression(Base):

@@ -8,11 +8,16 @@ server's answer) holds by construction.
 
 The verbs, in the order a send uses them:
 
-    start_sending -> recover_stale_claims -> queue_audience (and skip_suppressed) ->
-    Due.peek -> claim (which also records the results gathered since the last claim, in the
-    same commit) -> record -> requeue_streak -> finish_sending
+    claims_held_by + settle_for_gone (the claims of a sender that is gone, see senders.py) ->
+    start_sending -> queue_audience (and skip_suppressed) -> Due.peek -> claim (which also
+    records the results gathered since the last claim, skips the newly suppressed, takes the
+    daily cap and the campaign's pace, all in the same commit) -> record (and
+    pause_on_bounce_spike while hard bounces come in) -> requeue_streak -> finish_sending
 
-and `requeue` for `mailer retry`; `status_counts`, `sent_in_window` and `cap_resume_at` read.
+and `requeue` for `mailer retry`; `status_counts`, `suppressed_contacts`, `sent_in_window` and
+`cap_resume_at` read. A claim or a record by a sender that another process has declared gone
+raises ClaimsLost and writes nothing; the one statement that declares a sender gone (in
+`senders`) runs here, in the transaction that settles its claims.
 What follows an attempt is decided by `mailer.policy.next_state` and arrives here as a
 `NextState`; the outbox only writes it down.
 
@@ -31,11 +36,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import os
-import socket
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,7 +65,7 @@ from sqlalchemy.orm import Session
 from mailer import audience as audience_mod
 from mailer import campaigns
 from mailer.addresses import address_problem
-from mailer.errors import CampaignHeld, CampaignPaused, InvalidValueError
+from mailer.errors import CampaignHeld, CampaignPaused, ClaimsLost, InvalidValueError
 from mailer.identity import Actor
 from mailer.models import (
     Campaign,
@@ -73,12 +75,14 @@ from mailer.models import (
     EventKind,
     Message,
     MessageStatus,
+    Sender,
     Suppression,
     SuppressionReason,
 )
 
 MESSAGES = cast(Table, Message.__table__)
 EVENTS = cast(Table, Event.__table__)
+SENDERS = cast(Table, Sender.__table__)
 
 # --------------------------------------------------------------------------- values
 
@@ -92,6 +96,9 @@ class NextState:
     event: EventKind
     detail: str | None
     next_attempt_at: dt.datetime | None = None
+    # A refusal that says the address does not exist (5.1.1): the address is suppressed as
+    # `hard_bounce`, with the server's answer, in the transaction that records the result.
+    hard_bounce: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,48 +152,37 @@ class Unbuildable:
     error: str
 
 
-Result = Attempted | Released | Unbuildable
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Skipped:
+    """A claimed message not handed over because its address was suppressed after its claim
+    (an unsubscribe, `suppress add`): `skipped`, the attempt not counted, with the reason."""
+
+    claim: Claim
+    reason: str
+
+
+Result = Attempted | Released | Unbuildable | Skipped
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claimed:
+    """What a claim took: the claims (message id order), how many due letters it skipped
+    because their address is suppressed now, whether the daily cap left room for fewer than
+    asked, and under a pace when the first claimed letter may leave (each next one a
+    1/rate later)."""
+
+    claims: list[Claim]
+    skipped: int = 0
+    # Due letters skipped because another campaign wrote to their contact within the
+    # campaign's quiet days.
+    quiet: int = 0
+    capped: bool = False
+    pace_start: dt.datetime | None = None
 
 
 class Queued(NamedTuple):
     queued: int
     skipped: int
-
-
-# --------------------------------------------------------------------------- run identity
-
-
-def new_run_id() -> str:
-    """Who holds a claim: host, process and a random part (several runs may share a process)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-# Runs of this process that have ended: a claim of theirs still `sending` has no owner.
-_ENDED_RUNS: set[str] = set()
-
-
-def end_run(run_id: str) -> None:
-    """This run holds nothing any more: a claim of it still `sending` is dead."""
-    _ENDED_RUNS.add(run_id)
-
-
-def _claim_is_dead(
-    claimed_by: str | None, updated_at: dt.datetime, *, now: dt.datetime, stale: dt.timedelta
-) -> bool:
-    if not claimed_by or claimed_by in _ENDED_RUNS:
-        return True
-    host, _, rest = claimed_by.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host == socket.gethostname() and pid_text.isdigit():
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    # Another machine's sender, or a pid since reused: only a claim far older than any batch
-    # takes is presumed dead.
-    return now - updated_at > stale
 
 
 # --------------------------------------------------------------------------- writing
@@ -246,25 +242,31 @@ def _datetime_to_db(conn: Connection) -> Callable[[dt.datetime | None], Any]:
     return convert
 
 
-def _insert_events(conn: Connection, events: Sequence[_EventRow]) -> None:
+def _insert_events(
+    conn: Connection, events: Sequence[_EventRow], *, actor: str | None = None
+) -> None:
+    """The events, each with `actor` (who acted: `user@host pid N`, see identity.py)."""
     if not events:
         return
     ph = _PLACEHOLDER.get(conn.dialect.name)
     if ph is None:
-        conn.execute(EVENTS.insert(), [dict(zip(_EVENT_COLUMNS, e, strict=True)) for e in events])
+        conn.execute(
+            EVENTS.insert(),
+            [{**dict(zip(_EVENT_COLUMNS, e, strict=True)), "actor": actor} for e in events],
+        )
         return
     to_db = _datetime_to_db(conn)
     # Many rows in one statement: the driver runs it in one step (one release of the GIL, see
     # engine._Run.db_thread) instead of one step per row.
     for start in range(0, len(events), _ROWS_A_STATEMENT):
         chunk = events[start : start + _ROWS_A_STATEMENT]
-        values = ", ".join([f"({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})"] * len(chunk))
+        values = ", ".join([f"({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})"] * len(chunk))
         params: list[Any] = []
         for mid, campaign_id, contact_id, at, kind, code, detail, via in chunk:
-            params.extend((mid, campaign_id, contact_id, to_db(at), kind, code, detail, via))
+            params.extend((mid, campaign_id, contact_id, to_db(at), kind, code, detail, via, actor))
         conn.exec_driver_sql(
             "INSERT INTO events (message_id, campaign_id, contact_id, at, kind, smtp_code, "
-            f"detail, via) VALUES {values}",
+            f"detail, via, actor) VALUES {values}",
             tuple(params),
         )
 
@@ -312,20 +314,23 @@ def _insert_messages(
 # --------------------------------------------------------------------------- a send's start
 
 
-def start_sending(engine: Engine, *, slug: str, templates_dir: Path, now: dt.datetime) -> Campaign:
+def start_sending(
+    engine: Engine,
+    *,
+    slug: str,
+    templates_dir: Path,
+    now: dt.datetime,
+) -> Campaign:
     """The campaign becomes `sending`, its templates frozen on its first send. Returns it
-    detached. Raises InvalidValueError for a cancelled campaign."""
+    detached. Refuses, as ensure_sendable does, a cancelled campaign (InvalidValueError), one
+    someone paused (CampaignPaused) and one a bounce spike holds (CampaignHeld): `send
+    --acknowledge-bounces` lifts a hold in ensure_sendable, before the run starts."""
     # An IMMEDIATE transaction: two senders starting at once must queue, not fail on upgrade.
     with _writing(engine) as conn, Session(bind=conn) as session:
         campaign = campaigns.get_campaign(session, slug)
-        if campaign.status == CampaignStatus.CANCELLED.value:
-            raise InvalidValueError(f"campaign {slug} is cancelled; nothing is sent for it")
-        if campaign.status == CampaignStatus.PAUSED.value and (campaign.paused_by or campaign.held):
-            # Paused by a person or a bounce spike (since `send` checked): not lifted here.
-            raise CampaignPaused(
-                f"campaign {slug} is {campaign.pause_reason or 'paused'}; "
-                f"`mailer campaign resume {slug}` lets it go on"
-            )
+        # The one check `send` makes (ensure_sendable), again in the run's own transaction:
+        # a pause or hold since then stands. Here a bounce-spike hold is never lifted.
+        _refuse_unsendable(session, campaign, acknowledge_bounces=False, now=now)
         if not campaign.template_sources:
             campaigns.freeze_templates(session, campaign, templates_dir=templates_dir)
         campaign.status = CampaignStatus.SENDING.value
@@ -336,68 +341,70 @@ def start_sending(engine: Engine, *, slug: str, templates_dir: Path, now: dt.dat
     return campaign
 
 
-def recover_stale_claims(
-    engine: Engine, *, campaign_id: int, now: dt.datetime, run_id: str, stale: dt.timedelta
-) -> int:
-    """`sending` rows whose sender is gone: their outcome is unknown, so they become `uncertain`.
-
-    A claim is dead when its run ended in this process, its process on this host is gone, or
-    (another host's) it has not moved for `stale`. Returns how many were recovered."""
+def claims_held_by(engine: Engine, *, campaign_id: int, holder: str | None) -> list[Claim]:
+    """The campaign's `sending` claims of one holder (None: claims with no holder)."""
+    c = MESSAGES.c
+    held = c.claimed_by.is_(None) if holder is None else c.claimed_by == holder
     with engine.connect() as conn:
         rows = conn.execute(
-            select(
-                MESSAGES.c.id, MESSAGES.c.contact_id, MESSAGES.c.claimed_by, MESSAGES.c.updated_at
-            ).where(
-                MESSAGES.c.campaign_id == campaign_id,
-                MESSAGES.c.status == MessageStatus.SENDING.value,
-            )
+            select(c.id, c.contact_id, c.attempts)
+            .where(c.campaign_id == campaign_id, c.status == MessageStatus.SENDING.value, held)
+            .order_by(c.id)
         ).all()
-    dead = [
-        (mid, cid, claimed_by)
-        for mid, cid, claimed_by, updated_at in rows
-        if _claim_is_dead(claimed_by, updated_at, now=now, stale=stale)
-    ]
-    if not dead:
-        return 0
-    recovered = 0
+    return [Claim(id=int(m), contact_id=int(k), attempts=int(n)) for m, k, n in rows]
+
+
+def settle_for_gone(
+    engine: Engine,
+    *,
+    campaign_id: int,
+    holder: str | None,
+    results: Sequence[Result],
+    now: dt.datetime,
+    actor: str | None,
+    why: str,
+    lease_expired: bool,
+) -> int | None:
+    """Settle the claims of a sender that is gone (see senders.gone): each still `sending` and
+    still its own gets its result (back to the queue, a known outcome, or `uncertain`), and the
+    sender's row is marked gone -- in one transaction. With `lease_expired`, the sender must
+    still be past its lease when this commits: if it renewed it meanwhile, it lives, nothing is
+    written and None is returned. Returns how many claims were settled."""
     with _writing(engine) as conn:
-        for mid, cid, claimed_by in dead:
-            changed = conn.execute(
-                update(MESSAGES)
+        if holder is not None:
+            row = conn.execute(
+                select(SENDERS.c.stopped_at, SENDERS.c.lease_until)
+                .where(SENDERS.c.id == holder)
+                .with_for_update()
+            ).first()
+            if row is not None and row.stopped_at is None:
+                if lease_expired and _as_utc(row.lease_until) >= now:
+                    return None
+                conn.execute(
+                    update(SENDERS)
+                    .where(SENDERS.c.id == holder)
+                    .values(
+                        stopped_at=now,
+                        stop_reason=f"declared gone by {actor or 'another sender'}: {why}"[:1000],
+                        holding=0,
+                    )
+                )
+        c = MESSAGES.c
+        held = c.claimed_by.is_(None) if holder is None else c.claimed_by == holder
+        still = set(
+            conn.execute(
+                select(c.id)
                 .where(
-                    MESSAGES.c.id == mid,
-                    MESSAGES.c.status == MessageStatus.SENDING.value,
-                    MESSAGES.c.claimed_by.is_(None)
-                    if claimed_by is None
-                    else MESSAGES.c.claimed_by == claimed_by,
+                    c.id.in_([r.claim.id for r in results]),
+                    c.status == MessageStatus.SENDING.value,
+                    held,
                 )
-                .values(
-                    status=MessageStatus.UNCERTAIN.value,
-                    claimed_by=None,
-                    updated_at=now,
-                    smtp_reply="the sender stopped while this message was being sent",
-                )
-            ).rowcount
-            if changed:
-                recovered += 1
-                _insert_events(
-                    conn,
-                    [
-                        (
-                            mid,
-                            campaign_id,
-                            cid,
-                            now,
-                            EventKind.UNCERTAIN.value,
-                            None,
-                            f"found in `sending` left by {claimed_by or 'an unknown sender'}: "
-                            "it may or may not have been delivered; "
-                            "`mailer retry --uncertain` re-sends",
-                            run_id,
-                        )
-                    ],
-                )
-    return recovered
+                .with_for_update()
+            ).scalars()
+        )
+        mine = [r for r in results if r.claim.id in still]
+        _record_in(conn, campaign_id=campaign_id, results=mine, now=now, actor=actor)
+    return len(mine)
 
 
 # --------------------------------------------------------------------------- queue and skip
@@ -684,42 +691,307 @@ def claim(
     *,
     campaign_id: int,
     ids: Sequence[int],
-    run_id: str,
+    sender_id: str,
     now: dt.datetime,
     results: Sequence[Result] = (),
-) -> list[Claim]:
+    actor: str | None = None,
+    daily_cap: int | None = None,
+    pace: float | None = None,
+    quiet_days: int | None = None,
+) -> Claimed:
     """`queued`/due `retry` -> `sending` for those of `ids` still due, each with its `claimed`
-    event, committed before any byte of them goes out. `results` (of earlier claims) are
-    recorded in the same transaction: one commit, one fsync on SQLite, for both.
+    event, committed before any byte of them goes out. In the same transaction (one commit,
+    one fsync on SQLite):
 
-    Returns the claims in message id order; a message another sender took since it was peeked
-    is left out."""
+    1. `results` of earlier claims are recorded (unless another process has declared this
+       sender gone: then ClaimsLost, and nothing is written);
+    2. a due letter whose address is suppressed now is `skipped` with the reason, not claimed;
+       with `quiet_days`, so is one whose contact another campaign wrote to within them (since
+       it was queued: queue_audience skipped those written to before);
+    3. under a `daily_cap`, the letters sent in the last 24 hours (every campaign) and those
+       being sent now are counted, and no more than the cap leaves room for are claimed -- the
+       count is serialised across processes, so two senders never share one slot;
+    4. the claim itself: only rows still due (another sender's claim since the peek wins);
+    5. under a `pace` (letters per second for the campaign, shared by every sender of it),
+       the claimed letters' departure times are reserved on the campaign's pace.
+
+    Sending windows and follow-up delays are judged before: the engine asks timing.Gate.admit
+    which peeked letters are due now, and only those are composed and offered here, so a held
+    letter is neither claimed nor counted against the cap or the pace."""
     with _writing(engine) as conn:
-        _record_in(conn, campaign_id=campaign_id, results=results, now=now)
-        if conn.dialect.name == "sqlite":
-            return _claim_in_sqlite(conn, ids=ids, run_id=run_id, now=now)
-        claimed = sorted(
-            (int(mid), int(cid), int(n))
-            for mid, cid, n in conn.execute(
-                _claim_statement(), {"now": now, "ids": list(ids), "run": run_id}
+        _hold_on(conn, sender_id)
+        _record_in(
+            conn, campaign_id=campaign_id, results=results, now=now, actor=actor, holder=sender_id
+        )
+        skipped = _skip_suppressed_among(
+            conn, campaign_id=campaign_id, ids=ids, now=now, actor=actor
+        )
+        wanted = [i for i in ids if i not in skipped]
+        quiet: set[int] = set()
+        if quiet_days and wanted:
+            quiet = _skip_quiet_among(
+                conn,
+                campaign_id=campaign_id,
+                ids=wanted,
+                quiet_days=quiet_days,
+                now=now,
+                actor=actor,
             )
+            wanted = [i for i in wanted if i not in quiet]
+        capped = False
+        if daily_cap is not None and wanted:
+            room = max(0, _cap_room(conn, cap=daily_cap, now=now))
+            if room < len(wanted):
+                wanted, capped = wanted[:room], True
+        claims: list[Claim] = []
+        if wanted:
+            claims = _claim_rows(
+                conn, campaign_id=campaign_id, ids=wanted, sender_id=sender_id, now=now, actor=actor
+            )
+        start = None
+        if pace is not None and claims:
+            start = _reserve_pace(
+                conn, campaign_id=campaign_id, count=len(claims), rate=pace, now=now
+            )
+    return Claimed(
+        claims=claims, skipped=len(skipped), quiet=len(quiet), capped=capped, pace_start=start
+    )
+
+
+def _hold_on(conn: Connection, sender_id: str) -> None:
+    """Raises ClaimsLost if another process has declared this sender gone (its lease expired):
+    the letters it held are settled already. On PostgreSQL the sender's row stays locked to the
+    end of the transaction, so a recovery waits for it (SQLite's write lock does that)."""
+    ph = _PLACEHOLDER.get(conn.dialect.name)
+    if ph is None:
+        row = conn.execute(
+            select(SENDERS.c.stopped_at, SENDERS.c.stop_reason).where(SENDERS.c.id == sender_id)
+        ).first()
+    else:
+        # Run once per claim and per record: as plain SQL it costs a tenth of a statement
+        # SQLAlchemy builds.
+        lock = " FOR UPDATE" if conn.dialect.name == "postgresql" else ""
+        row = conn.exec_driver_sql(
+            f"SELECT stopped_at, stop_reason FROM senders WHERE id = {ph}{lock}", (sender_id,)
+        ).first()
+    if row is not None and row[0] is not None:
+        raise ClaimsLost(
+            f"this sender's claims were taken over ({row[1] or 'it was stopped'}): "
+            "it hands nothing more over"
         )
-        _insert_events(
-            conn,
-            [
-                (mid, campaign_id, cid, now, EventKind.CLAIMED.value, None, f"attempt {n}", run_id)
-                for mid, cid, n in claimed
-            ],
+
+
+def _ids_param(conn: Connection, ids: Sequence[int]) -> tuple[str, Any]:
+    """`id IN (...)` for a list of ids as one parameter: SQLite's json_each, PostgreSQL's ANY."""
+    if conn.dialect.name == "sqlite":
+        return "(SELECT value FROM json_each(?))", json.dumps(list(ids))
+    return "(SELECT unnest(%s::bigint[]))", list(ids)
+
+
+# A message still due (for the claim's own re-check), in SQL over `m` (messages) and a `now`.
+# A queued letter held until later (a window, a follow-up's delay: timing.py) is not due.
+_DUE_SQL = (
+    "(m.status IN ('queued', 'retry') AND (m.next_attempt_at IS NULL "
+    "OR m.next_attempt_at <= {now}))"
+)
+
+
+def _skip_suppressed_among(
+    conn: Connection, *, campaign_id: int, ids: Sequence[int], now: dt.datetime, actor: str | None
+) -> set[int]:
+    """Due letters among `ids` whose address is suppressed now become `skipped` (with the
+    reason): an unsubscribe or `suppress add` during a send stops every letter not yet
+    claimed. One indexed look-up per id; usually nothing is found."""
+    ph = _PLACEHOLDER.get(conn.dialect.name)
+    if ph is None or not ids:
+        return set()
+    among, param = _ids_param(conn, ids)
+    at = _datetime_to_db(conn)(now)
+    rows = conn.exec_driver_sql(
+        "SELECT m.id, m.contact_id, s.reason, s.source FROM messages m "
+        "JOIN contacts c ON c.id = m.contact_id JOIN suppressions s ON s.email = c.email "
+        f"WHERE m.id IN {among} AND {_DUE_SQL.format(now=ph)}",
+        (param, at),
+    ).all()
+    if not rows:
+        return set()
+    found = {int(r[0]) for r in rows}
+    conn.execute(
+        update(MESSAGES)
+        .where(MESSAGES.c.id.in_(sorted(found)))
+        .values(status=MessageStatus.SKIPPED.value, updated_at=now, next_attempt_at=None)
+    )
+    _insert_events(
+        conn,
+        [
+            (
+                int(mid),
+                campaign_id,
+                int(cid),
+                now,
+                EventKind.SKIPPED.value,
+                None,
+                _suppressed_detail(reason, source),
+                None,
+            )
+            for mid, cid, reason, source in rows
+        ],
+        actor=actor,
+    )
+    return found
+
+
+def _skip_quiet_among(
+    conn: Connection,
+    *,
+    campaign_id: int,
+    ids: Sequence[int],
+    quiet_days: int,
+    now: dt.datetime,
+    actor: str | None,
+) -> set[int]:
+    """Quiet days at the claim: due letters among `ids` whose contact another campaign wrote to
+    within `quiet_days` (a send that ran since this one queued them) become `skipped`, each
+    with an event naming that campaign and day. Returns their ids."""
+    c = MESSAGES.c
+    due = and_(
+        c.status.in_([MessageStatus.QUEUED.value, MessageStatus.RETRY.value]),
+        or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now),
+    )
+    rows = conn.execute(select(c.id, c.contact_id).where(c.id.in_(list(ids)), due)).all()
+    if not rows:
+        return set()
+    recent = recently_contacted(
+        conn,
+        campaign_id=campaign_id,
+        contact_ids=sorted({int(cid) for _, cid in rows}),
+        since=now - dt.timedelta(days=quiet_days),
+    )
+    found = [(int(mid), int(cid)) for mid, cid in rows if cid in recent]
+    if not found:
+        return set()
+    conn.execute(
+        update(MESSAGES)
+        .where(c.id.in_([mid for mid, _ in found]), due)
+        .values(status=MessageStatus.SKIPPED.value, updated_at=now, next_attempt_at=None)
+    )
+    _insert_events(
+        conn,
+        [
+            (
+                mid,
+                campaign_id,
+                cid,
+                now,
+                EventKind.SKIPPED.value,
+                None,
+                _quiet_detail(*recent[cid], quiet_days=quiet_days) + "; found at its claim",
+                None,
+            )
+            for mid, cid in found
+        ],
+        actor=actor,
+    )
+    return {mid for mid, _ in found}
+
+
+def _quiet_detail(slug: str, when: dt.datetime, *, quiet_days: int) -> str:
+    return (
+        f"quiet days: campaign {slug} wrote to this contact on {when:%Y-%m-%d}, within the "
+        f"{quiet_days} quiet day(s)"
+    )
+
+
+def _suppressed_detail(reason: str, source: str | None) -> str:
+    return f"suppressed: {reason}" + (f" ({source})" if source else "")
+
+
+# PostgreSQL: the transaction-scoped advisory lock that serialises the daily cap's count and
+# take across every sender (SQLite's write lock does that by itself).
+_CAP_LOCK = 0x6D61696C  # "mail"
+
+
+def _cap_room(conn: Connection, *, cap: int, now: dt.datetime) -> int:
+    """How many more letters the rolling 24-hour cap allows: the cap, less what was sent in the
+    last 24 hours (every campaign), less what is being sent now (claimed, every campaign)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (_CAP_LOCK,))
+    ph = _PLACEHOLDER.get(conn.dialect.name, "?")
+    since = _datetime_to_db(conn)(now - dt.timedelta(hours=24))
+    # `kind = 'sent'` as a literal: SQLite uses the partial index ix_events_sent_at only then.
+    sent = conn.exec_driver_sql(
+        f"SELECT count(*) FROM events WHERE kind = 'sent' AND at > {ph}", (since,)
+    ).scalar_one()
+    # Per campaign through ix_messages_campaign_status, not a scan of every message.
+    sending = conn.exec_driver_sql(
+        "SELECT count(*) FROM messages WHERE campaign_id IN (SELECT id FROM campaigns) "
+        "AND status = 'sending'"
+    ).scalar_one()
+    return cap - int(sent) - int(sending)
+
+
+def _reserve_pace(
+    conn: Connection, *, campaign_id: int, count: int, rate: float, now: dt.datetime
+) -> dt.datetime:
+    """Reserve `count` departures at `rate` on the campaign's pace (a token bucket kept in the
+    database: the earliest time its next letter may leave). Returns when the first may leave;
+    every sender of the campaign advances the same pace, so together they keep one rate."""
+    row = conn.execute(
+        select(Campaign.pace_next_at).where(Campaign.id == campaign_id).with_for_update()
+    ).first()
+    next_at = _as_utc(row[0]) if row is not None and row[0] is not None else None
+    start = now if next_at is None or next_at < now else next_at
+    conn.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign_id)
+        .values(pace_next_at=start + dt.timedelta(seconds=count / rate))
+    )
+    return start
+
+
+def reserve_pace(
+    engine: Engine, *, campaign_id: int, count: int, rate: float, now: dt.datetime
+) -> dt.datetime:
+    """New departures on the campaign's pace for letters a sender holds already (their slots
+    passed while it could not send them). Returns when the first may leave."""
+    with _writing(engine) as conn:
+        return _reserve_pace(conn, campaign_id=campaign_id, count=count, rate=rate, now=now)
+
+
+def _claim_rows(
+    conn: Connection,
+    *,
+    campaign_id: int,
+    ids: Sequence[int],
+    sender_id: str,
+    now: dt.datetime,
+    actor: str | None,
+) -> list[Claim]:
+    if conn.dialect.name == "sqlite":
+        return _claim_in_sqlite(conn, ids=ids, sender_id=sender_id, now=now, actor=actor)
+    claimed = sorted(
+        (int(mid), int(cid), int(n))
+        for mid, cid, n in conn.execute(
+            _claim_statement(), {"now": now, "ids": list(ids), "run": sender_id}
         )
+    )
+    _insert_events(
+        conn,
+        [
+            (mid, campaign_id, cid, now, EventKind.CLAIMED.value, None, f"attempt {n}", sender_id)
+            for mid, cid, n in claimed
+        ],
+        actor=actor,
+    )
     return [Claim(id=mid, contact_id=cid, attempts=n) for mid, cid, n in claimed]
 
 
 def _claim_in_sqlite(
-    conn: Connection, *, ids: Sequence[int], run_id: str, now: dt.datetime
+    conn: Connection, *, ids: Sequence[int], sender_id: str, now: dt.datetime, actor: str | None
 ) -> list[Claim]:
     """The claim as three statements of one step each: RETURNING would be a driver step
     (and a wait for the GIL) per row. The rows this claim took are the batch's rows now
-    `sending` for this run: none of them was before (each was due when peeked)."""
+    `sending` for this sender: none of them was before (each was due when peeked)."""
     at = _datetime_to_db(conn)(now)
     wanted = json.dumps(list(ids))
     mine = "id IN (SELECT value FROM json_each(?)) AND claimed_by = ? AND status = 'sending'"
@@ -727,17 +999,17 @@ def _claim_in_sqlite(
         "UPDATE messages SET status = 'sending', attempts = attempts + 1, claimed_by = ?, "
         "updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) AND status IN ('queued', "
         "'retry') AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
-        (run_id, at, wanted, at),
+        (sender_id, at, wanted, at),
     )
     conn.exec_driver_sql(
         "INSERT INTO events (message_id, campaign_id, contact_id, at, kind, smtp_code, "
-        "detail, via) SELECT id, campaign_id, contact_id, ?, ?, NULL, 'attempt ' || "
-        f"attempts, ? FROM messages WHERE {mine} ORDER BY id",
-        (at, EventKind.CLAIMED.value, run_id, wanted, run_id),
+        "detail, via, actor) SELECT id, campaign_id, contact_id, ?, ?, NULL, 'attempt ' || "
+        f"attempts, ?, ? FROM messages WHERE {mine} ORDER BY id",
+        (at, EventKind.CLAIMED.value, sender_id, actor, wanted, sender_id),
     )
     found = conn.exec_driver_sql(
         f"SELECT json_group_array(json_array(id, contact_id, attempts)) FROM messages WHERE {mine}",
-        (wanted, run_id),
+        (wanted, sender_id),
     ).scalar_one()
     return [
         Claim(id=int(mid), contact_id=int(cid), attempts=int(n))
@@ -746,13 +1018,25 @@ def _claim_in_sqlite(
 
 
 def record(
-    engine: Engine, *, campaign_id: int, results: Sequence[Result], now: dt.datetime
+    engine: Engine,
+    *,
+    campaign_id: int,
+    results: Sequence[Result],
+    now: dt.datetime,
+    sender_id: str | None = None,
+    actor: str | None = None,
 ) -> None:
-    """Each claimed message's result: its new state, the server's answer and its event."""
+    """Each claimed message's result: its new state, the server's answer and its event (and
+    for a 5.1.1-class refusal the address's `hard_bounce` suppression). Raises ClaimsLost if
+    another process has declared `sender_id` gone meanwhile: nothing is written."""
     if not results:
         return
     with _writing(engine) as conn:
-        _record_in(conn, campaign_id=campaign_id, results=results, now=now)
+        if sender_id is not None:
+            _hold_on(conn, sender_id)
+        _record_in(
+            conn, campaign_id=campaign_id, results=results, now=now, actor=actor, holder=sender_id
+        )
 
 
 # One result's message row: status, attempts, next attempt, sent at, SMTP code, reply,
@@ -773,17 +1057,29 @@ _ResultRow = tuple[
 
 
 def _record_in(
-    conn: Connection, *, campaign_id: int, results: Sequence[Result], now: dt.datetime
+    conn: Connection,
+    *,
+    campaign_id: int,
+    results: Sequence[Result],
+    now: dt.datetime,
+    actor: str | None = None,
+    holder: str | None = None,
 ) -> None:
+    """The results' rows and events. With `holder` (PostgreSQL), only rows still `sending` for
+    it change and only theirs get events: a result written a second time, because the answer
+    to a COMMIT was lost with the connection, changes nothing the second time."""
     if not results:
         return
     rows: list[_ResultRow] = []
     events: list[_EventRow] = []
+    bounced: list[Attempted] = []
     sent = MessageStatus.SENT
     for result in results:
         c = result.claim
         if isinstance(result, Attempted):
             state = result.state
+            if state.hard_bounce:
+                bounced.append(result)
             rows.append(
                 (
                     state.status.value,
@@ -811,35 +1107,41 @@ def _record_in(
                     result.via,
                 )
             )
-        elif isinstance(result, Released):
-            rows.append(
-                (
-                    MessageStatus.QUEUED.value,
-                    c.attempts - 1,
-                    result.due_at,
-                    None,
-                    None,
-                    None,
+        elif isinstance(result, Released | Skipped):
+            # Never handed over: the claim was no attempt, and the count goes back.
+            due_at = None
+            if isinstance(result, Released):
+                status, kind = MessageStatus.QUEUED, EventKind.REQUEUED
+                # Its window closed before it could go: held until the next one (timing.py).
+                due_at = result.due_at
+                detail = f"released unsent, attempt {c.attempts} not made ({result.reason})" + (
+                    f"; due {_utc_text(due_at)}" if due_at else ""
+                )
+                mid, lang, subject, body_hash = (
                     result.message_id,
                     result.language,
                     result.subject,
                     result.body_hash,
-                    c.id,
                 )
-            )
-            events.append(
+            else:
+                status, kind, detail = MessageStatus.SKIPPED, EventKind.SKIPPED, result.reason
+                mid = lang = subject = body_hash = None
+            rows.append(
                 (
+                    status.value,
+                    c.attempts - 1,
+                    due_at,
+                    None,
+                    None,
+                    None,
+                    mid,
+                    lang,
+                    subject,
+                    body_hash,
                     c.id,
-                    campaign_id,
-                    c.contact_id,
-                    now,
-                    EventKind.REQUEUED.value,
-                    None,
-                    f"released unsent ({result.reason})"
-                    + (f"; due {_utc_text(result.due_at)}" if result.due_at else ""),
-                    None,
                 )
             )
+            events.append((c.id, campaign_id, c.contact_id, now, kind.value, None, detail, None))
         else:
             rows.append(
                 (
@@ -868,8 +1170,51 @@ def _record_in(
                     None,
                 )
             )
-    _update_results(conn, rows, now)
-    _insert_events(conn, events)
+    changed = _update_results(conn, rows, now, holder=holder)
+    if changed is not None:
+        events = [e for e in events if e[0] in changed]
+        bounced = [r for r in bounced if r.claim.id in changed]
+    _insert_events(conn, events, actor=actor)
+    if bounced:
+        _suppress_hard_bounces(conn, bounced, now=now)
+
+
+def hard_bounce_source(result: Attempted) -> str:
+    """The suppression's source for a 5.1.1-class answer: the server's words, and the letter."""
+    answer = " ".join(f"{result.code or ''} {result.reply or ''}".split())
+    return f"smtp {result.via or ''}: {answer}"[:270] + f" [message {result.claim.id}]"
+
+
+def _suppress_hard_bounces(
+    conn: Connection, bounced: Sequence[Attempted], *, now: dt.datetime
+) -> None:
+    """The address said not to exist: `bounced_at` on the letter (it counts toward the bounce
+    spike) and a `hard_bounce` suppression with the server's answer (an address suppressed
+    already keeps its first reason)."""
+    conn.execute(
+        update(MESSAGES)
+        .where(MESSAGES.c.id.in_([r.claim.id for r in bounced]))
+        .values(bounced_at=now)
+    )
+    emails = contact_emails(conn, [r.claim.contact_id for r in bounced])
+    rows = [
+        {
+            "email": emails[r.claim.contact_id],
+            "reason": SuppressionReason.HARD_BOUNCE.value,
+            "source": hard_bounce_source(r),
+            "created_at": now,
+        }
+        for r in bounced
+        if r.claim.contact_id in emails
+    ]
+    statement = _SUPPRESS.get(conn.dialect.name)
+    for row in rows:
+        if statement is not None:
+            conn.execute(statement, row)
+        elif not conn.execute(
+            select(SUPPRESSIONS.c.id).where(SUPPRESSIONS.c.email == row["email"])
+        ).first():
+            conn.execute(insert(SUPPRESSIONS), row)
 
 
 @functools.cache
@@ -910,14 +1255,18 @@ _RESULT_KEYS = (
 )
 
 
-def _update_results(conn: Connection, rows: Sequence[_ResultRow], now: dt.datetime) -> None:
+def _update_results(
+    conn: Connection, rows: Sequence[_ResultRow], now: dt.datetime, *, holder: str | None = None
+) -> set[int] | None:
+    """Writes the rows; returns the ids it changed where that is known (PostgreSQL, with a
+    `holder`: only rows still `sending` for it), else None (every row)."""
     ph = _PLACEHOLDER.get(conn.dialect.name)
     if ph is None:
         conn.execute(
             _record_statement(),
             [{**dict(zip(_RESULT_KEYS, row, strict=True)), "b_now": now} for row in rows],
         )
-        return
+        return None
     to_db = _datetime_to_db(conn)
     at = to_db(now)
     params = [
@@ -957,19 +1306,48 @@ def _update_results(conn: Connection, rows: Sequence[_ResultRow], now: dt.dateti
             conn.exec_driver_sql(
                 "UPDATE messages SET status = v.column1, attempts = v.column2, "
                 "next_attempt_at = v.column3, sent_at = v.column4, smtp_code = v.column5, "
-                "smtp_reply = v.column6, message_id = v.column7, language = v.column8, "
-                "subject = v.column9, body_hash = v.column10, claimed_by = NULL, "
+                "smtp_reply = v.column6, message_id = coalesce(v.column7, message_id), "
+                "language = coalesce(v.column8, language), "
+                "subject = coalesce(v.column9, subject), "
+                "body_hash = coalesce(v.column10, body_hash), claimed_by = NULL, "
                 f"updated_at = v.column11 FROM (VALUES {values}) AS v "
                 "WHERE messages.id = v.column12",
                 tuple(value for row in chunk for value in row),
             )
-        return
+        return None
+    if conn.dialect.name == "postgresql":
+        # One statement per chunk, never executemany: psycopg runs executemany in pipeline
+        # mode, which a connection lost mid-batch ends with a noisy "error ignored terminating
+        # <psycopg.Pipeline [BAD]>" (issue 11); and one statement is one round trip.
+        row_sql = (
+            "(%s::text, %s::int, %s::timestamptz, %s::timestamptz, %s::int, %s::text, "
+            "%s::text, %s::text, %s::text, %s::text, %s::timestamptz, %s::int)"
+        )
+        changed: set[int] = set()
+        mine = " AND messages.status = 'sending' AND messages.claimed_by = %s" if holder else ""
+        for start in range(0, len(params), _ROWS_A_STATEMENT // 2):
+            chunk = params[start : start + _ROWS_A_STATEMENT // 2]
+            result = conn.exec_driver_sql(
+                "UPDATE messages SET status = v.status, attempts = v.attempts, "
+                "next_attempt_at = v.next_at, sent_at = v.sent_at, smtp_code = v.code, "
+                "smtp_reply = v.reply, message_id = coalesce(v.mid, messages.message_id), "
+                "language = coalesce(v.lang, messages.language), "
+                "subject = coalesce(v.subject, messages.subject), "
+                "body_hash = coalesce(v.hash, messages.body_hash), claimed_by = NULL, "
+                f"updated_at = v.at FROM (VALUES {', '.join([row_sql] * len(chunk))}) AS "
+                "v(status, attempts, next_at, sent_at, code, reply, mid, lang, subject, hash, "
+                f"at, id) WHERE messages.id = v.id{mine} RETURNING messages.id",
+                (*(value for row in chunk for value in row), *((holder,) if holder else ())),
+            )
+            changed.update(int(mid) for (mid,) in result)
+        return changed if holder else None
     conn.exec_driver_sql(
         f"UPDATE messages SET status={ph}, attempts={ph}, next_attempt_at={ph}, sent_at={ph}, "
         f"smtp_code={ph}, smtp_reply={ph}, message_id={ph}, language={ph}, subject={ph}, "
         f"body_hash={ph}, claimed_by=NULL, updated_at={ph} WHERE id={ph}",
         params,
     )
+    return None
 
 
 # --------------------------------------------------------------------------- back to the queue
@@ -979,16 +1357,27 @@ def requeue_streak(
     engine: Engine, *, campaign_id: int, ids: Sequence[int], now: dt.datetime
 ) -> int:
     """Messages refused as part of a systemic failure (`failed` by this run) go back to
-    `queued`: the refusal said nothing about these recipients. Returns how many moved."""
+    `queued`: the refusal said nothing about these recipients, so a `hard_bounce` suppression
+    it added is taken back too. Returns how many moved."""
     if not ids:
         return 0
     with _writing(engine) as conn:
         rows = conn.execute(
             update(MESSAGES)
             .where(MESSAGES.c.id.in_(list(ids)), MESSAGES.c.status == MessageStatus.FAILED.value)
-            .values(status=MessageStatus.QUEUED.value, updated_at=now)
+            .values(status=MessageStatus.QUEUED.value, updated_at=now, bounced_at=None)
             .returning(MESSAGES.c.id, MESSAGES.c.contact_id)
         ).all()
+        emails = contact_emails(conn, [cid for _, cid in rows])
+        for mid, cid in rows:
+            if cid in emails:
+                conn.execute(
+                    SUPPRESSIONS.delete().where(
+                        SUPPRESSIONS.c.email == emails[cid],
+                        SUPPRESSIONS.c.reason == SuppressionReason.HARD_BOUNCE.value,
+                        SUPPRESSIONS.c.source.like(f"smtp %[message {int(mid)}]"),
+                    )
+                )
         _insert_events(
             conn,
             [
@@ -1008,11 +1397,76 @@ def requeue_streak(
     return len(rows)
 
 
+def release_unhanded(
+    engine: Engine,
+    *,
+    campaign_id: int,
+    sender_id: str,
+    now: dt.datetime,
+    actor: str | None = None,
+) -> int:
+    """At the end of a run that settled everything it knew of: any row still `sending` for
+    this sender was claimed by a commit whose answer was lost with the connection (the sender
+    took it for failed and never handed the letter over). Back to the queue, with its event."""
+    c = MESSAGES.c
+    with _writing(engine) as conn:
+        rows = conn.execute(
+            update(MESSAGES)
+            .where(
+                c.campaign_id == campaign_id,
+                c.status == MessageStatus.SENDING.value,
+                c.claimed_by == sender_id,
+            )
+            .values(
+                status=MessageStatus.QUEUED.value,
+                attempts=c.attempts - 1,
+                claimed_by=None,
+                updated_at=now,
+            )
+            .returning(c.id, c.contact_id)
+        ).all()
+        _insert_events(
+            conn,
+            [
+                (
+                    mid,
+                    campaign_id,
+                    cid,
+                    now,
+                    EventKind.REQUEUED.value,
+                    None,
+                    "released unsent: claimed by a commit whose answer was lost with the "
+                    "database connection, never handed over",
+                    None,
+                )
+                for mid, cid in rows
+            ],
+            actor=actor,
+        )
+    return len(rows)
+
+
+class Requeued(NamedTuple):
+    """What `mailer retry` moved back to the queue, per former status, and how many it left
+    alone because their address is suppressed (a retry cannot help them)."""
+
+    moved: dict[str, int]
+    suppressed: int
+
+
 def requeue(
-    engine: Engine, *, slug: str, failed: bool, uncertain: bool, now: dt.datetime
-) -> dict[str, int]:
-    """`mailer retry`: failed and/or uncertain messages back to `queued`, their attempts reset;
-    a `done` campaign is `sending` again. Returns how many moved, per former status."""
+    engine: Engine,
+    *,
+    slug: str,
+    failed: bool,
+    uncertain: bool,
+    now: dt.datetime,
+    actor: str | None = None,
+) -> Requeued:
+    """`mailer retry`: failed and/or uncertain messages back to `queued` (a suppressed address
+    is left alone); a `done` campaign is `sending` again. The attempt count goes on (the log
+    and the message agree on how often a letter was tried): a letter that had used up its
+    attempts gets one more try per retry."""
     if not (failed or uncertain):
         raise InvalidValueError(
             "say what to retry: --failed (refused or given up), --uncertain (outcome unknown: "
@@ -1022,22 +1476,37 @@ def requeue(
         s for s, on in ((MessageStatus.FAILED, failed), (MessageStatus.UNCERTAIN, uncertain)) if on
     ]
     moved: dict[str, int] = {}
+    c = MESSAGES.c
+    suppressed_address = (
+        select(Contact.id)
+        .join(Suppression, Suppression.email == Contact.email)
+        .where(Contact.id == c.contact_id)
+        .exists()
+    )
     with _writing(engine) as conn:
         with Session(bind=conn) as session:
             campaign = campaigns.get_campaign(session, slug)
             campaign_id, status = campaign.id, campaign.status
+        left = int(
+            conn.execute(
+                select(func.count()).where(
+                    c.campaign_id == campaign_id,
+                    c.status.in_([state.value for state in wanted]),
+                    suppressed_address,
+                )
+            ).scalar_one()
+        )
         for state in wanted:
             rows = conn.execute(
                 update(MESSAGES)
-                .where(MESSAGES.c.campaign_id == campaign_id, MESSAGES.c.status == state.value)
+                .where(c.campaign_id == campaign_id, c.status == state.value, ~suppressed_address)
                 .values(
                     status=MessageStatus.QUEUED.value,
-                    attempts=0,
                     next_attempt_at=None,
                     claimed_by=None,
                     updated_at=now,
                 )
-                .returning(MESSAGES.c.id, MESSAGES.c.contact_id)
+                .returning(c.id, c.contact_id, c.attempts)
             ).all()
             moved[state.value] = len(rows)
             _insert_events(
@@ -1050,11 +1519,12 @@ def requeue(
                         now,
                         EventKind.REQUEUED.value,
                         None,
-                        f"mailer retry: was {state.value}",
+                        f"mailer retry: was {state.value} after {n} attempt(s)",
                         None,
                     )
-                    for mid, cid in rows
+                    for mid, cid, n in rows
                 ],
+                actor=actor,
             )
         if sum(moved.values()) and status == CampaignStatus.DONE.value:
             conn.execute(
@@ -1062,7 +1532,7 @@ def requeue(
                 .where(Campaign.id == campaign_id)
                 .values(status=CampaignStatus.SENDING.value)
             )
-    return moved
+    return Requeued(moved=moved, suppressed=left)
 
 
 # --------------------------------------------------------------------------- a send's end
@@ -1089,11 +1559,29 @@ def finish_sending(
         # stands (and a cancelled campaign's handed-back letters are skipped).
         if finish_sending_team(conn, campaign_id=campaign_id, now=now):
             return status_counts_in(conn, campaign_id=campaign_id)
-        conn.execute(update(Campaign).where(Campaign.id == campaign_id).values(**values))
+        # A campaign held by a bounce spike stays paused until the user acknowledges it.
+        conn.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id, Campaign.held.is_(False))
+            .values(**values)
+        )
     return totals
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def suppressed_contacts(engine: Engine, contact_ids: Sequence[int]) -> dict[int, str]:
+    """Of these contacts, those whose address is suppressed now, with the reason in words."""
+    if not contact_ids:
+        return {}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(Contact.id, Suppression.reason, Suppression.source)
+            .join(Suppression, Suppression.email == Contact.email)
+            .where(Contact.id.in_(list(contact_ids)))
+        ).all()
+    return {int(cid): _suppressed_detail(reason, source) for cid, reason, source in rows}
 
 
 def status_counts(engine: Engine, *, campaign_id: int) -> dict[str, int]:
@@ -1166,29 +1654,36 @@ def cap_resume_at(engine: Engine, *, now: dt.datetime, cap: int) -> dt.datetime 
 __all__ = [
     "Attempted",
     "Claim",
+    "Claimed",
     "Due",
     "NextState",
     "Queued",
     "Released",
+    "Requeued",
     "Result",
+    "Skipped",
     "Unbuildable",
     "cap_resume_at",
     "claim",
+    "claims_held_by",
     "contact_emails",
-    "end_run",
     "finish_sending",
-    "new_run_id",
+    "hard_bounce_source",
+    "pause_on_bounce_spike",
     "queue_audience",
     "record",
-    "recover_stale_claims",
+    "release_unhanded",
     "requeue",
     "requeue_streak",
+    "reserve_pace",
     "sent_in_window",
+    "settle_for_gone",
     "settled_contacts",
     "skip_suppressed",
     "start_sending",
     "status_counts",
     "status_counts_in",
+    "suppressed_contacts",
 ]
 
 
@@ -1540,21 +2035,29 @@ def record_unsubscribe(
 _PAUSABLE = (CampaignStatus.SENDING.value, CampaignStatus.PAUSED.value, CampaignStatus.DONE.value)
 
 
+def _bounce_counts(session: Session | Connection, campaign_id: int) -> tuple[int, int]:
+    """(hard bounces, letters that reached a server) of a campaign. A hard bounce is a DSN
+    that came back (inbox sync) or a 5.1.1-class refusal of a running send (both set
+    `bounced_at`); a letter refused at once never got `sent_at`, so it is counted in both."""
+    bounced, sent, refused = session.execute(
+        select(
+            func.count(Message.bounced_at),
+            func.count(Message.sent_at),
+            func.count(Message.bounced_at).filter(Message.sent_at.is_(None)),
+        ).where(Message.campaign_id == campaign_id)
+    ).one()
+    return int(bounced), int(sent) + int(refused)
+
+
 def bounce_spike(
     session: Session, *, campaign_id: int, policy: BounceSpikePolicy | None = None
 ) -> str | None:
     """Why the campaign's hard bounces amount to a spike (its words for people), or None."""
     policy = policy or BounceSpikePolicy()
-    bounced, sent = session.execute(
-        select(
-            func.count(Message.bounced_at),
-            func.count(Message.sent_at),
-        ).where(Message.campaign_id == campaign_id)
-    ).one()
+    bounced, sent = _bounce_counts(session, campaign_id)
     acknowledged = int(
         session.scalar(select(Campaign.bounces_acknowledged).where(Campaign.id == campaign_id)) or 0
     )
-    bounced, sent = int(bounced), int(sent)
     if bounced - acknowledged < policy.minimum or not sent or bounced <= policy.ratio * sent:
         return None
     return (
@@ -1562,6 +2065,25 @@ def bounce_spike(
         f"({100.0 * bounced / sent:.1f}%, above {100.0 * policy.ratio:g}%); "
         "check the list's quality before sending more"
     )
+
+
+def pause_on_bounce_spike(
+    engine: Engine, *, campaign_id: int, now: dt.datetime, policy: BounceSpikePolicy | None = None
+) -> str | None:
+    """What a running send calls while its SMTP answers bring hard bounces: pauses and holds
+    the campaign on a spike. Returns the reason if the campaign is held (now or already)."""
+    with _writing(engine) as conn, Session(bind=conn) as session:
+        held, reason = session.execute(
+            select(Campaign.held, Campaign.pause_reason).where(Campaign.id == campaign_id)
+        ).one()
+        if held:
+            return str(reason or "held by a bounce spike")
+        spike = bounce_spike(session, campaign_id=campaign_id, policy=policy)
+        if spike is None:
+            return None
+        pause_for_bounce_spike(session, campaign_id=campaign_id, reason=spike, now=now)
+        session.flush()
+        return spike
 
 
 def pause_for_bounce_spike(
@@ -1606,12 +2128,7 @@ def ensure_not_held(
 def acknowledge_bounce_spike(session: Session, *, campaign_id: int, now: dt.datetime) -> None:
     """Lift a bounce-spike hold: the bounces seen so far are accepted, a new spike pauses again.
     The campaign stays `paused` (send resumes it); only the hold and its reason go."""
-    bounced = int(
-        session.scalar(
-            select(func.count(Message.bounced_at)).where(Message.campaign_id == campaign_id)
-        )
-        or 0
-    )
+    bounced, _ = _bounce_counts(session, campaign_id)
     session.execute(
         update(Campaign)
         .where(Campaign.id == campaign_id)
@@ -1632,8 +2149,8 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
 # campaign, and every running sender polls `campaign_state` to obey at once. Each change here is
 # written with its audit event (message_id NULL, `events.actor` = who) in the same transaction,
 # so `mailer log --events --all` answers "who did what, from where". Quiet days (issue 14) skip
-# contacts another campaign wrote to lately, at queue time (`skip_recently_contacted`); the claim
-# may re-check them with `recently_contacted`.
+# contacts another campaign wrote to lately, at queue time (`skip_recently_contacted`), and the
+# claim re-checks them (`claim(quiet_days=...)`, through `recently_contacted`).
 
 # Messages still waiting for a first or a further attempt: what cancel and quiet days skip.
 _PENDING = (MessageStatus.QUEUED.value, MessageStatus.RETRY.value)
@@ -1738,23 +2255,13 @@ def ensure_sendable(
 ) -> None:
     """What `send` asks before anything else: a cancelled campaign sends nothing, a campaign
     someone paused waits for `campaign resume`, and one a bounce spike holds waits for
-    `--acknowledge-bounces` (see ensure_not_held; the acknowledgement is logged)."""
+    `--acknowledge-bounces` (see ensure_not_held; the acknowledgement is logged). The run's
+    start_sending asks the same again, without lifting anything."""
     with _writing(engine) as conn, Session(bind=conn) as session:
         campaign = campaigns.get_campaign(session, slug)
-        if campaign.status == CampaignStatus.CANCELLED.value:
-            raise InvalidValueError(
-                f"campaign {slug} is cancelled ({campaign.pause_reason or 'cancelled'}); "
-                "nothing is sent for it"
-            )
-        if campaign.status == CampaignStatus.PAUSED.value and campaign.paused_by:
-            raise CampaignPaused(
-                f"campaign {slug} is {campaign.pause_reason or 'paused by ' + campaign.paused_by}"
-                f"; `mailer campaign resume {slug}` lets it go on"
-            )
-        if campaign.held:
-            ensure_not_held(
-                session, campaign_id=campaign.id, acknowledge=acknowledge_bounces, now=now
-            )
+        if _refuse_unsendable(
+            session, campaign, acknowledge_bounces=acknowledge_bounces, now=now
+        ):
             log_change(
                 session,
                 kind=EventKind.CAMPAIGN_RESUMED,
@@ -1763,6 +2270,30 @@ def ensure_sendable(
                 at=now,
                 campaign_id=campaign.id,
             )
+
+
+def _refuse_unsendable(
+    session: Session, campaign: Campaign, *, acknowledge_bounces: bool, now: dt.datetime
+) -> bool:
+    """The one check of whether a campaign may be sent (ensure_sendable, start_sending):
+    raises for a cancelled campaign, one paused by someone, and one a bounce spike holds unless
+    `acknowledge_bounces` -- then the hold is lifted and True returned."""
+    slug = campaign.slug
+    if campaign.status == CampaignStatus.CANCELLED.value:
+        raise InvalidValueError(
+            f"campaign {slug} is cancelled ({campaign.pause_reason or 'cancelled'}); "
+            "nothing is sent for it"
+        )
+    if campaign.status == CampaignStatus.PAUSED.value and campaign.paused_by:
+        raise CampaignPaused(
+            f"campaign {slug} is {campaign.pause_reason or 'paused by ' + campaign.paused_by}"
+            f"; `mailer campaign resume {slug}` lets it go on"
+        )
+    if not campaign.held:
+        return False
+    ensure_not_held(session, campaign_id=campaign.id, acknowledge=acknowledge_bounces, now=now)
+    session.refresh(campaign)
+    return True
 
 
 def pause_campaign(
@@ -2044,7 +2575,7 @@ def recently_contacted(
     since: dt.datetime,
 ) -> dict[int, tuple[str, dt.datetime]]:
     """Of `contact_ids`, those another campaign sent a letter to since `since`: the campaign's
-    slug and when (the latest). The claim may call this to re-check quiet days per batch; a
+    slug and when (the latest). The claim re-checks quiet days with it per batch; a
     follow-up's parent does not count (the follow-up exists to write again)."""
     excluded = [campaign_id]
     parent = getattr(Campaign, "parent_id", None)
@@ -2118,8 +2649,7 @@ def skip_recently_contacted(
                         now,
                         EventKind.SKIPPED.value,
                         None,
-                        f"quiet days: campaign {recent[cid][0]} wrote to this contact on "
-                        f"{recent[cid][1]:%Y-%m-%d}, within the {quiet_days} quiet day(s)",
+                        _quiet_detail(*recent[cid], quiet_days=quiet_days),
                         None,
                     )
                     for mid, cid in changed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,9 +24,13 @@ from mailer.transport import Outcome, OutcomeKind
 class SendPolicy:
     """The knobs a careful operator would rarely touch; tests turn them down."""
 
-    # Small batches keep the claimed-but-unsent window small: after a crash, every claim of it
-    # becomes `uncertain`.
+    # Letters claimed at once. After a crash the claims never handed over go back to the queue
+    # (see journal.py), so a batch costs nothing in doubt; it is kept small because another
+    # machine recovering a dead sender cannot read its journal and must treat every claim of it
+    # as possibly sent.
     batch_size: int = 100
+    # Under a --rate a claim takes about this many seconds of sending, so claims stay young.
+    claim_horizon: float = 1.0
     max_attempts: int = 5
     backoff_base: dt.timedelta = dt.timedelta(minutes=1)
     backoff_cap: dt.timedelta = dt.timedelta(hours=2)
@@ -40,8 +45,25 @@ class SendPolicy:
     compose_worker_from: int = 2000
     # After a stop, how long in-flight sends may take before they are given up (as uncertain).
     grace: float = 30.0
-    # A `sending` claim by another machine is only presumed dead after this long.
-    stale_claim: dt.timedelta = dt.timedelta(hours=1)
+    # The heartbeat renews the sender's lease every `heartbeat` seconds for `lease`; another
+    # process recovers a sender's claims only once its lease has expired (or, on this machine,
+    # its process is provably gone). No letter is handed over within `lease_margin` of the end
+    # of the lease, so a sender cut off from the database (or a laptop that slept) never hands
+    # over a letter someone else may have recovered. The lease outlasts `db_outage` with room.
+    heartbeat: float = 5.0
+    lease: dt.timedelta = dt.timedelta(seconds=120)
+    lease_margin: dt.timedelta = dt.timedelta(seconds=15)
+    # How long a sender waits for an unreachable (or locked) database to come back, handing
+    # nothing over and keeping its results, before it gives up.
+    db_outage: float = 60.0
+    # A database step that takes longer than this (a lock held by another process, a hung
+    # connection) stops the handing over until it is through: results must keep up.
+    db_stall: float = 1.0
+    # How often the letters claimed and not yet handed over are checked against suppressions
+    # added since their claim (the claim itself checks them too).
+    suppression_poll: float = 0.5
+    # The bounce spike is judged at most this often while hard bounces come in.
+    spike_check: float = 2.0
     # How often a running sender reads its campaign's state (paused or cancelled by anyone).
     state_poll: float = 1.0
 
@@ -61,6 +83,7 @@ class StopReason(enum.StrEnum):
     PAUSED = "paused"  # too many recent messages failed
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM
     SYSTEMIC = "systemic"  # the server, not the list: login refused, unreachable, a refusal streak
+    BOUNCE_SPIKE = "bounce-spike"  # the campaign's hard bounces passed the threshold: held
     ERROR = "error"  # a fault of mailer's own or of the database
     HELD = "held"  # paused or cancelled in the database (by a person, or a bounce spike)
 
@@ -104,7 +127,38 @@ def next_state(
     detail = outcome.reply
     if kind is OutcomeKind.TRANSIENT:
         detail = f"{outcome.reply} (gave up after {attempts} attempts)"
-    return NextState(status=MessageStatus.FAILED, event=EventKind.FAILED, detail=detail)
+    return NextState(
+        status=MessageStatus.FAILED,
+        event=EventKind.FAILED,
+        detail=detail,
+        hard_bounce=is_hard_bounce(outcome),
+    )
 
 
-__all__ = ["RateLimiter", "SendPolicy", "StopReason", "next_state"]
+# RFC 3463 subjects that say the address itself is bad: 5.1.1 bad mailbox, 5.1.6 mailbox has
+# moved, 5.1.10 the domain accepts no mail (null MX, RFC 7505). A policy refusal (5.7.x), a
+# full mailbox (5.2.2) or a message too big (5.3.4) says nothing against the address.
+_BAD_ADDRESS_STATUS = re.compile(r"5\.1\.(?:1|6|10)(?!\d)")
+_ENHANCED_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?!\d)")
+# Without an enhanced status code, only unmistakable words count.
+_BAD_ADDRESS_WORDS = re.compile(
+    r"no such (?:user|mailbox|recipient|address)|user unknown|unknown user|"
+    r"recipient (?:address )?unknown|unknown recipient|mailbox (?:not found|does not exist)|"
+    r"(?:user|mailbox|address|recipient) does not exist",
+    re.IGNORECASE,
+)
+
+
+def is_hard_bounce(outcome: Outcome) -> bool:
+    """A permanent refusal that says the address does not exist (a 5.1.1-class answer, at RCPT
+    or after DATA): the address is suppressed as `hard_bounce` with the server's answer."""
+    if outcome.kind is not OutcomeKind.PERMANENT or outcome.code not in (550, 551, 553, 554):
+        return False
+    reply = outcome.reply.lstrip()
+    enhanced = _ENHANCED_STATUS.match(reply)
+    if enhanced is not None:
+        return _BAD_ADDRESS_STATUS.fullmatch(enhanced.group()) is not None
+    return _BAD_ADDRESS_WORDS.search(reply) is not None
+
+
+__all__ = ["RateLimiter", "SendPolicy", "StopReason", "is_hard_bounce", "next_state"]

@@ -29,7 +29,12 @@ class SendReport:
     via: str
     run_id: str
     due: int = 0
+    # Claims of senders that were gone (see senders.gone), settled at the start of this run:
+    # `uncertain` (handed over, no answer known), back in the queue (never handed over), or
+    # with the answer their sender's journal kept.
     recovered: int = 0
+    recovered_requeued: int = 0
+    recovered_known: int = 0
     newly_queued: int = 0
     skipped: int = 0
     claimed: int = 0
@@ -40,6 +45,11 @@ class SendReport:
     released: int = 0
     build_errors: int = 0
     fell_back: int = 0
+    # Letters skipped because their address was suppressed after they were queued (found by
+    # the claim or while they waited to be handed over).
+    suppressed: int = 0
+    # 5.1.1-class refusals: the address is suppressed as `hard_bounce`.
+    hard_bounces: int = 0
     # Messages composed by the worker process (see compose_worker), not by the sender itself.
     composed_by_worker: int = 0
     # A test send (`--test-to`): the address it went to; nothing is recorded.
@@ -62,6 +72,15 @@ class SendReport:
     # after it: when the next ones fall due (see timing.py).
     held: int = 0
     next_due: Waiting | None = None
+    # While the database cannot be reached: since when (seconds) and for how long the sender
+    # keeps trying, for the progress line; None when it can.
+    database_down: tuple[float, float] | None = None
+    # Other senders of the campaign with a live lease when this run ended (their labels):
+    # letters they hold are under way, so no advice may suggest re-sending them.
+    live_senders: list[str] = field(default_factory=list)
+    # Why a bounce spike held the campaign (StopReason.BOUNCE_SPIKE, or HELD when the hold was
+    # seen in the database: this run's, another sender's or inbox sync's).
+    spike: str | None = None
 
     @property
     def test(self) -> bool:
@@ -84,6 +103,7 @@ class SendReport:
             StopReason.DAILY_CAP,
             StopReason.PAUSED,
             StopReason.HELD,
+            StopReason.BOUNCE_SPIKE,
         )
 
     @property
@@ -209,12 +229,26 @@ def format_progress(report: SendReport, *, total: int, rate: float) -> str:
     """One progress line (off a terminal): `sent 12 of 300`, then only the problems there
     are, each by its own name, then messages a second."""
     parts = [f"sent {report.sent:,} of {total:,}", *_run_problems(report), f"{rate:,.0f} msg/s"]
-    return ", ".join(parts)
+    line = ", ".join(parts)
+    waiting = format_database_wait(report)
+    return f"{line}; {waiting}" if waiting else line
 
 
 def format_progress_detail(report: SendReport, *, rate: float) -> str:
-    """What the progress bar shows beside `sent N of M`."""
-    return " · ".join([*_run_problems(report), f"{rate:,.0f} msg/s"])
+    """What the progress bar shows beside `sent N of M` (while the database cannot be
+    reached, what the sender does about it)."""
+    return format_database_wait(report) or " · ".join([*_run_problems(report), f"{rate:,.0f} msg/s"])
+
+
+def format_database_wait(report: SendReport) -> str | None:
+    """While the database cannot be reached: what the sender does about it, for the progress."""
+    if report.database_down is None:
+        return None
+    down, limit = report.database_down
+    return (
+        f"database unreachable for {down:.0f} s: nothing is handed over, the answers are kept; "
+        f"retrying for up to {limit:.0f} s"
+    )
 
 
 def format_send_counts(report: SendReport) -> str:
@@ -240,10 +274,21 @@ def format_send_summary(report: SendReport) -> list[str]:
             *(f"  {e}" for e in report.errors),
         ]
     lines = []
+    if report.recovered_requeued or report.recovered_known:
+        lines.append(
+            f"{report.recovered_requeued + report.recovered_known} message(s) left `sending` by "
+            f"a sender that stopped: {report.recovered_requeued} never handed over, back in the "
+            f"queue; {report.recovered_known} with the answer its journal kept"
+        )
     if report.recovered:
+        advice = (
+            f"`mailer retry {report.campaign} --uncertain` re-sends them"
+            if not report.live_senders
+            else "wait until the other sender(s) of this campaign finish before any retry"
+        )
         lines.append(
             f"{report.recovered} message(s) left `sending` by an earlier run are now `uncertain` "
-            f"(they may have been delivered); `mailer retry {report.campaign} --uncertain` re-sends them"
+            f"(they may have been delivered); {advice}"
         )
     if report.newly_queued or report.skipped:
         lines.append(
@@ -256,8 +301,17 @@ def format_send_summary(report: SendReport) -> list[str]:
         + (f", {report.released} put back in the queue" if report.released else "")
         + f" ({report.rate:,.0f} msg/s via {report.via})"
     )
+    if report.suppressed:
+        lines.append(
+            f"Skipped {report.suppressed} message(s) whose address was suppressed during the send"
+        )
     if report.totals:
         lines.append(format_campaign_counts(report.campaign, report.totals))
+    if report.live_senders:
+        lines.append(
+            f"Still sending this campaign: {', '.join(report.live_senders)} "
+            f"(`mailer senders {report.campaign}` shows them)"
+        )
     if report.stopped is StopReason.LIMIT:
         lines.append(f"Stopped at --limit; run `{report.resume_command}` again for the rest.")
     if report.stopped is StopReason.HELD:
@@ -295,6 +349,13 @@ def format_held(report: SendReport) -> str:
         )
     if "cancelled" in who or "deleted" in who:
         return f"Stopped: {who}. {report.sent:,} sent this run"
+    if report.spike is not None:
+        # Held by a bounce spike: `campaign resume` alone would not lift it.
+        return (
+            f"Stopped: {who}. {report.sent:,} sent this run, {report.waiting:,} waiting — see "
+            f"`mailer log {slug} --status failed`; `{report.resume_command} "
+            "--acknowledge-bounces` goes on"
+        )
     return (
         f"Stopped: {who}. {report.sent:,} sent this run, {report.waiting:,} waiting — "
         f"`mailer campaign resume {slug}`, then `{report.resume_command}` goes on"
@@ -312,6 +373,13 @@ def format_incomplete_reason(report: SendReport) -> str:
     if report.stopped is StopReason.DAILY_CAP:
         when = f"{report.resume_at:%Y-%m-%d %H:%M} UTC" if report.resume_at else "later"
         return f"daily cap reached for {slug}; sending may continue after {when}"
+    if report.stopped is StopReason.BOUNCE_SPIKE or (
+        report.stopped is StopReason.HELD and report.spike is not None
+    ):
+        return (
+            f"paused {slug}: {report.spike or 'bounce spike'}; see `mailer log {slug} --status "
+            f"failed`; to send anyway, run `{report.resume_command} --acknowledge-bounces`"
+        )
     if report.stopped is StopReason.HELD:
         return f"campaign {slug} was stopped: {report.halted_by or 'paused in the database'}"
     if report.stopped is StopReason.PAUSED:
@@ -332,6 +400,12 @@ def format_incomplete_reason(report: SendReport) -> str:
         )
     t = report.totals
     left = ", ".join(f"{t.get(k, 0)} {k}" for k in ("failed", "uncertain", "retry") if t.get(k, 0))
+    if report.live_senders:
+        # Letters another sender holds are under way: a retry now could send them twice.
+        return (
+            f"campaign {slug} is not complete: {left}; another sender is still at work on it "
+            f"(`mailer senders {slug}`): wait until it finishes before `mailer retry`"
+        )
     return (
         f"campaign {slug} is not complete: {left}; retries go out on a later `mailer send`, "
         f"`mailer retry {slug} --failed/--uncertain` requeues the others"
@@ -344,6 +418,7 @@ __all__ = [
     "SendPlan",
     "SendReport",
     "format_campaign_counts",
+    "format_database_wait",
     "format_held",
     "format_incomplete_reason",
     "format_paused",

@@ -625,13 +625,19 @@ class Gate:
         return due
 
     def closed(self, message: int, *, now: dt.datetime) -> dt.datetime | None:
-        """Asked just before a letter is handed over: None when it may go; else its window has
-        closed since it was admitted, and this is when the next one opens (it is held till then)."""
-        deadline = self._deadlines.pop(message, None)
+        """Asked just before a letter is handed over (and again at the very last moment, when
+        the transport has a connection for it: it may be asked several times): None when it
+        may go; else its window has closed since it was admitted, and this is when the next
+        one opens (it is held till then)."""
+        deadline = self._deadlines.get(message)
         if deadline is None or now < deadline[0]:
             return None
         assert self.rules.schedule is not None
         return self.rules.schedule.next_open(now, zone_info(deadline[1]))
+
+    def forget(self, message: int) -> None:
+        """The letter is settled (handed over, or given back): its deadline is no longer asked."""
+        self._deadlines.pop(message, None)
 
     def reconsider(self, *, now: dt.datetime) -> None:
         """At a run's start: letters held by an earlier run are judged again under this run's

@@ -103,6 +103,9 @@ class _Handler:
             dropped=action == DROP,
             mail_options=tuple(envelope.mail_options),
         )
+        with self.owner.lock:
+            # Every payload that came in whole, whatever the answer (if any) will be.
+            self.owner.arrived.append(record)
         if self.owner.delay:
             await asyncio.sleep(self.owner.delay)
         if isinstance(action, Stall):
@@ -154,6 +157,9 @@ class SmtpTestServer:
         assert tls in ("none", "implicit", "starttls")
         self.received: list[Received] = []
         self.stalled: list[Received] = []
+        # Every payload the server took in whole, answered or not (a client killed while the
+        # server was still thinking never got the answer, but the server has the letter).
+        self.arrived: list[Received] = []
         self.lock = threading.Lock()
         self.on_rcpt: Callable[[str], str | None] | None = None
         self.on_data: Callable[[Any], DataAction] | None = None
@@ -230,6 +236,11 @@ class SmtpTestServer:
         """Every envelope recipient the server took a payload for (dropped ones included)."""
         with self.lock:
             return [rcpt for r in self.received for rcpt in r.rcpt_tos]
+
+    def arrived_recipients(self) -> list[str]:
+        """Every envelope recipient whose payload reached the server, answered or not."""
+        with self.lock:
+            return [rcpt for r in self.arrived for rcpt in r.rcpt_tos]
 
     def wait_for(self, count: int, *, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

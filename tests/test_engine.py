@@ -464,7 +464,7 @@ def test_retry_needs_a_flag_and_moves_only_what_was_asked(
     run: Cli, workspace: Path, engine: Engine, server: SmtpTestServer
 ) -> None:
     emails = seed_campaign(engine, workspace, count=3)
-    server.on_rcpt = {emails[0]: "550 5.1.1 no"}.get
+    server.on_rcpt = {emails[0]: "550 5.7.1 refused by policy"}.get
     server.on_data = lambda env: DROP if env.rcpt_tos == [emails[1]] else None
     assert run("send", SLUG, "--smtp", server.url(), "--yes").exit_code == 3
     assert run("retry", SLUG).exit_code == 2
@@ -535,3 +535,86 @@ def test_interrupt_with_sends_stuck_past_the_grace(
     # The two messages whose bytes were at the server are uncertain; nothing else was sent.
     assert statuses(engine) == {"uncertain": 2, "queued": 18}
     assert len(server.stalled) == 2
+
+
+# --------------------------------------------------------------------------- hard bounces
+
+
+def test_no_such_user_suppresses_the_address_and_retry_leaves_it_alone(
+    run: Cli, workspace: Path, engine: Engine, server: SmtpTestServer
+) -> None:
+    """Issue 14 item 7: a 5.1.1-class refusal (at RCPT or after DATA) suppresses the address
+    as `hard_bounce` with the server's answer; `retry --failed` leaves it alone and says so."""
+    from mailer.models import Contact, Suppression
+
+    emails = seed_campaign(engine, workspace, count=5)
+    at_rcpt, after_data, policy_refusal = emails[:3]
+    server.on_rcpt = {
+        at_rcpt: f"550 5.1.1 <{at_rcpt}>: Recipient address rejected: User unknown",
+        policy_refusal: "554 5.7.1 Service unavailable; client host blocked",
+    }.get
+    server.on_data = lambda env: (
+        "550 5.1.1 mailbox does not exist" if env.rcpt_tos == [after_data] else None
+    )
+    result = run("send", SLUG, "--smtp", server.url(), "--yes")
+    assert result.exit_code == 3, result.output
+    with Session(engine) as s:
+        suppressed = {x.email: x for x in s.scalars(select(Suppression))}
+    assert set(suppressed) == {at_rcpt, after_data}
+    assert all(x.reason == "hard_bounce" for x in suppressed.values())
+    assert "550 5.1.1" in (suppressed[at_rcpt].source or "")
+    assert "User unknown" in (suppressed[at_rcpt].source or "")
+    assert "mailbox does not exist" in (suppressed[after_data].source or "")
+    rows = by_email(engine)
+    assert rows[at_rcpt].bounced_at is not None and rows[after_data].bounced_at is not None
+    assert rows[policy_refusal].bounced_at is None
+
+    server.on_rcpt = server.on_data = None
+    out = run.ok("retry", SLUG, "--failed").output
+    assert "Requeued 1 failed" in out
+    assert "Left 2 alone: their address is suppressed" in out
+    assert run("send", SLUG, "--smtp", server.url(), "--yes").exit_code == 3
+    assert server.recipients().count(policy_refusal) == 1
+    assert at_rcpt not in server.recipients() and server.recipients().count(after_data) == 1
+    # The event list and the message agree on how often the letter was tried.
+    with Session(engine) as s:
+        contact = s.scalar(select(Contact.id).where(Contact.email == policy_refusal))
+        kinds = s.scalars(select(Event.kind).where(Event.contact_id == contact)).all()
+        claims = s.scalars(
+            select(Event.detail).where(Event.contact_id == contact, Event.kind == "claimed")
+        ).all()
+    row = by_email(engine)[policy_refusal]
+    assert (row.status, row.attempts) == ("sent", 2)
+    assert sum(1 for k in kinds if k in ("sent", "failed", "deferred", "uncertain")) == 2
+    assert claims == ["attempt 1", "attempt 2"]
+
+
+def test_hard_bounces_of_a_running_send_pause_and_hold_the_campaign(
+    run: Cli, workspace: Path, engine: Engine, server: SmtpTestServer
+) -> None:
+    """Issue 12: the SMTP answers of a running send count toward the bounce spike."""
+    emails = seed_campaign(engine, workspace, count=80)
+    bad = set(emails[::4])
+    server.on_rcpt = lambda a: f"550 5.1.1 <{a}>: user unknown" if a in bad else None
+    result = run(
+        "send", SLUG, "--smtp", server.url(), "--rate", "25/s", "--concurrency", "2", "--yes"
+    )
+    assert result.exit_code == 3, result.output
+    assert "bounce spike" in result.output and "--acknowledge-bounces" in result.output
+    with Session(engine) as s:
+        campaign = s.scalar(select(Campaign))
+        assert campaign is not None
+        assert (campaign.status, campaign.held) == ("paused", True)
+        assert "hard bounces" in (campaign.pause_reason or "")
+    # It stopped mid-run, and a plain send does not resume it.
+    assert statuses(engine).get("queued", 0) > 0
+    again = run("send", SLUG, "--smtp", server.url(), "--yes")
+    assert again.exit_code == 1 and again.output.count("Error:") == 1
+    assert "bounce spike" in again.output
+    server.on_rcpt = None
+    resumed = run("send", SLUG, "--smtp", server.url(), "--acknowledge-bounces", "--yes")
+    assert resumed.exit_code == 3, resumed.output  # the hard bounces stay failed
+    # The hard bounces of the first run stay failed; the rest went out once acknowledged.
+    counts = statuses(engine)
+    assert set(counts) == {"sent", "failed"} and counts["sent"] + counts["failed"] == 80
+    assert 10 <= counts["failed"] < 20

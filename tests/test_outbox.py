@@ -4,11 +4,6 @@ paths): every state change comes with its event, so the log explains every messa
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
-import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +13,9 @@ from smtp_server import seed_campaign
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
 
-from mailer import campaigns, db, outbox
-from mailer.errors import InvalidValueError, NotFoundError
+from mailer import campaigns, db, outbox, senders
+from mailer.errors import ClaimsLost, InvalidValueError, NotFoundError
+from mailer.identity import Actor
 from mailer.models import (
     Campaign,
     CampaignStatus,
@@ -34,6 +30,7 @@ from mailer.outbox import Attempted, Claim, NextState, Released, Unbuildable
 
 NOW = dt.datetime(2022, 3, 14, 12, 0, tzinfo=dt.UTC)
 SLUG = "appeal"
+ACTOR = Actor(user="olena", host="office.example.org", pid=4242)
 
 # The state each event leaves its message in: the last event of a message must explain its state.
 STATE_AFTER = {
@@ -102,9 +99,9 @@ class Store:
             self.engine,
             campaign_id=self.campaign.id,
             ids=[mid for mid, _ in rows],
-            run_id=run,
+            sender_id=run,
             now=now,
-        )
+        ).claims
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -227,10 +224,10 @@ def test_claim_takes_only_what_is_still_due_and_logs_each_claim(store: Store) ->
         store.engine,
         campaign_id=store.campaign.id,
         ids=[c.id for c in claims],
-        run_id="run-b",
+        sender_id="run-b",
         now=NOW,
     )
-    assert again == []
+    assert again.claims == [] and not again.capped and again.skipped == 0
     assert len(store.events(EventKind.CLAIMED)) == 4
     store.assert_log_explains_every_state()
 
@@ -277,10 +274,10 @@ def test_each_kind_of_result_is_recorded_with_its_event(store: Store) -> None:
         store.engine,
         campaign_id=store.campaign.id,
         ids=[m.id for e, m in store.messages().items() if e == store.emails[6]],
-        run_id="run-a",
+        sender_id="run-a",
         now=NOW,
         results=results,
-    )
+    ).claims
     rows = {m.id: m for m in store.messages().values()}
     got = {
         c.id: (rows[c.id].status, rows[c.id].attempts, rows[c.id].smtp_code, rows[c.id].smtp_reply)
@@ -312,7 +309,7 @@ def test_each_kind_of_result_is_recorded_with_its_event(store: Store) -> None:
         retry.id: ("deferred", 451, "4.3.0 later (attempt 1)", "mx.example.org:25"),
         refused.id: ("failed", 550, "5.1.1 unknown", "mx.example.org:25"),
         unknown.id: ("uncertain", None, "cut", "mx.example.org:25"),
-        released.id: ("requeued", None, "released unsent (interrupted)", None),
+        released.id: ("requeued", None, "released unsent, attempt 1 not made (interrupted)", None),
         unbuildable.id: ("failed", None, "cannot build the message: no subject", None),
     }
     store.assert_log_explains_every_state()
@@ -338,8 +335,8 @@ def test_record_alone_and_a_retry_is_claimed_again_once_due(store: Store) -> Non
     fresh = outbox.Due(store.engine, campaign_id=store.campaign.id)
     assert fresh.peek(1, skip=frozenset(), now=later)[0][0] == first.id
     (second,) = outbox.claim(
-        store.engine, campaign_id=store.campaign.id, ids=[first.id], run_id="run-b", now=later
-    )
+        store.engine, campaign_id=store.campaign.id, ids=[first.id], sender_id="run-b", now=later
+    ).claims
     assert (second.id, second.attempts) == (first.id, 2)
     assert store.events(EventKind.CLAIMED)[-1].detail == "attempt 2"
     store.assert_log_explains_every_state()
@@ -355,8 +352,8 @@ def test_the_peek_reads_in_claim_order_and_notices_new_retries(store: Store) -> 
     assert min(following) > max(ids)
     # A message of the first peek is claimed and deferred to be due at once.
     (claim,) = outbox.claim(
-        store.engine, campaign_id=store.campaign.id, ids=[ids[0]], run_id="r", now=NOW
-    )
+        store.engine, campaign_id=store.campaign.id, ids=[ids[0]], sender_id="r", now=NOW
+    ).claims
     outbox.record(
         store.engine,
         campaign_id=store.campaign.id,
@@ -393,46 +390,101 @@ def test_nothing_due_when_everything_is_out(store: Store) -> None:
 # --------------------------------------------------------------------------- recovery and requeue
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_claims_of_dead_senders_become_uncertain_and_live_ones_stay(store: Store) -> None:
+def test_the_claims_of_a_gone_sender_are_settled_once_and_a_live_one_is_left_alone(
+    store: Store,
+) -> None:
     store.queue()
-    host = socket.gethostname()
-    tag = uuid.uuid4().hex[:8]  # ended runs are remembered by the process: a new name each time
-    dead_run = f"{host}:{_dead_pid()}:{tag}"
-    live_run = f"{host}:{os.getpid()}:{tag}"
-    far_run = f"elsewhere.example.org:42:{tag}"
-    dead, live, far = (store.claim(1, run=run)[0] for run in (dead_run, live_run, far_run))
     campaign_id = store.campaign.id
+    lease = dt.timedelta(minutes=2)
+    for name in ("gone", "live"):
+        senders.register(
+            store.engine,
+            identity=senders.SenderIdentity(id=name, actor=Actor.current()),
+            campaign_id=campaign_id,
+            now=NOW,
+            lease=lease,
+            rate=None,
+        )
+    gone = store.claim(3, run="gone")
+    live = store.claim(1, run="live")
+    legacy = store.claim(1, run="host:4242:cafe")
+    holders = {h.id: h for h in senders.holders(store.engine, campaign_id=campaign_id)}
+    assert set(holders) == {"gone", "live", "host:4242:cafe"}
+    later = NOW + dt.timedelta(minutes=3)
+    # The live sender renewed its lease; the other did not; the legacy claim has no sender.
+    assert senders.renew(
+        store.engine,
+        sender_id="live",
+        now=NOW + dt.timedelta(minutes=2),
+        lease=lease,
+        holding=1,
+        sent=0,
+    )
+    holders = {h.id: h for h in senders.holders(store.engine, campaign_id=campaign_id)}
+    assert senders.gone(holders["live"], now=later) is None
+    verdict = senders.gone(holders["gone"], now=later)
+    assert verdict is not None and verdict.by_lease and "lease ran out" in verdict.why
+    legacy_verdict = senders.gone(holders["host:4242:cafe"], now=later)
+    assert legacy_verdict is not None and not legacy_verdict.by_lease
 
-    def recover(now: dt.datetime) -> int:
-        return outbox.recover_stale_claims(
+    uncertain = NextState(status=MessageStatus.UNCERTAIN, event=EventKind.UNCERTAIN, detail="?")
+    results: list[outbox.Result] = [
+        Released(claim=gone[0], reason="gone stopped before handing it over"),
+        attempted(gone[1], uncertain, code=None, reply="?"),
+        attempted(
+            gone[2],
+            NextState(status=MessageStatus.SENT, event=EventKind.SENT, detail="ok"),
+            code=250,
+            reply="ok",
+        ),
+    ]
+    # Not yet expired at NOW: settling by lease writes nothing.
+    assert (
+        outbox.settle_for_gone(
             store.engine,
             campaign_id=campaign_id,
-            now=now,
-            run_id="run-new",
-            stale=dt.timedelta(hours=1),
+            holder="gone",
+            results=results,
+            now=NOW,
+            actor="tester",
+            why="lease",
+            lease_expired=True,
         )
-
-    assert recover(NOW) == 1
-    rows = {m.id: m for m in store.messages().values()}
-    assert (rows[dead.id].status, rows[live.id].status, rows[far.id].status) == (
-        "uncertain",
-        "sending",
-        "sending",
+        is None
     )
-    (event,) = store.events(EventKind.UNCERTAIN)
-    assert event.message_id == dead.id and event.via == "run-new"
-    assert event.detail is not None and dead_run in event.detail
-    # A run of this process that has ended holds nothing; another host's claim only goes stale.
-    outbox.end_run(live_run)
-    assert recover(NOW + dt.timedelta(minutes=30)) == 1
-    assert recover(NOW + dt.timedelta(hours=2)) == 1
-    assert store.statuses() == {"uncertain": 3, "queued": 7}
+    assert outbox.claims_held_by(store.engine, campaign_id=campaign_id, holder="gone") == gone
+    settled = outbox.settle_for_gone(
+        store.engine,
+        campaign_id=campaign_id,
+        holder="gone",
+        results=results,
+        now=later,
+        actor="tester",
+        why="its lease ran out",
+        lease_expired=True,
+    )
+    assert settled == 3
+    # A second recoverer finds nothing left to settle.
+    assert (
+        outbox.settle_for_gone(
+            store.engine,
+            campaign_id=campaign_id,
+            holder="gone",
+            results=results,
+            now=later,
+            actor="tester",
+            why="its lease ran out",
+            lease_expired=True,
+        )
+        == 0
+    )
+    rows = {m.id: m for m in store.messages().values()}
+    assert [rows[c.id].status for c in gone] == ["queued", "uncertain", "sent"]
+    assert rows[live[0].id].status == "sending" and rows[legacy[0].id].status == "sending"
+    # The gone sender may not write any more: its claims are someone else's business now.
+    with pytest.raises(ClaimsLost, match="declared gone by tester"):
+        outbox.claim(store.engine, campaign_id=campaign_id, ids=[], sender_id="gone", now=later)
+    assert [e.actor for e in store.events(EventKind.UNCERTAIN)] == ["tester"]
     store.assert_log_explains_every_state()
 
 
@@ -495,16 +547,17 @@ def test_retry_requeues_what_was_asked_and_reopens_a_done_campaign(store: Store)
     with pytest.raises(NotFoundError, match="no campaign 'nope'"):
         outbox.requeue(store.engine, slug="nope", failed=True, uncertain=False, now=NOW)
     moved = outbox.requeue(store.engine, slug=SLUG, failed=True, uncertain=False, now=NOW)
-    assert moved == {"failed": 1}
+    assert moved == outbox.Requeued(moved={"failed": 1}, suppressed=0)
     assert store.statuses() == {"sent": 8, "uncertain": 1, "queued": 1}
     assert store.campaign.status == CampaignStatus.SENDING.value
     row = {m.id: m for m in store.messages().values()}[failed.id]
-    assert (row.attempts, row.next_attempt_at, row.claimed_by) == (0, None, None)
+    # The attempt count goes on: the log and the message agree on how often it was tried.
+    assert (row.attempts, row.next_attempt_at, row.claimed_by) == (1, None, None)
     moved = outbox.requeue(store.engine, slug=SLUG, failed=True, uncertain=True, now=NOW)
-    assert moved == {"failed": 0, "uncertain": 1}
+    assert moved == outbox.Requeued(moved={"failed": 0, "uncertain": 1}, suppressed=0)
     assert [e.detail for e in store.events(EventKind.REQUEUED)] == [
-        "mailer retry: was failed",
-        "mailer retry: was uncertain",
+        "mailer retry: was failed after 1 attempt(s)",
+        "mailer retry: was uncertain after 1 attempt(s)",
     ]
     store.assert_log_explains_every_state()
 
@@ -531,6 +584,42 @@ def test_start_freezes_the_templates_and_refuses_a_cancelled_campaign(store: Sto
         outbox.start_sending(
             store.engine, slug=SLUG, templates_dir=store.root / "templates", now=NOW
         )
+
+
+def test_start_refuses_a_held_campaign_as_send_does_and_never_lifts_the_hold(
+    store: Store,
+) -> None:
+    """One hold check: start_sending refuses what ensure_sendable refuses, with the same words,
+    and only `send --acknowledge-bounces` (ensure_sendable) lifts a bounce-spike hold."""
+    from mailer.errors import CampaignHeld
+
+    templates = store.root / "templates"
+    outbox.start_sending(store.engine, slug=SLUG, templates_dir=templates, now=NOW)
+    with Session(store.engine) as s, s.begin():
+        assert outbox.pause_for_bounce_spike(
+            s, campaign_id=store.campaign.id, reason="bounce spike: 9 of 30", now=NOW
+        )
+    for refuse in (
+        lambda: outbox.start_sending(store.engine, slug=SLUG, templates_dir=templates, now=NOW),
+        lambda: outbox.ensure_sendable(
+            store.engine, slug=SLUG, acknowledge_bounces=False, actor=ACTOR, now=NOW
+        ),
+    ):
+        with pytest.raises(CampaignHeld, match=r"bounce spike: 9 of 30.*--acknowledge-bounces"):
+            refuse()
+    assert (store.campaign.status, store.campaign.held) == ("paused", True)
+    outbox.ensure_sendable(store.engine, slug=SLUG, acknowledge_bounces=True, actor=ACTOR, now=NOW)
+    started = outbox.start_sending(store.engine, slug=SLUG, templates_dir=templates, now=NOW)
+    assert (started.status, started.held) == ("sending", False)
+    with Session(store.engine) as s:
+        acknowledged = s.execute(
+            select(Event.detail, Event.actor).where(
+                Event.kind == EventKind.CAMPAIGN_RESUMED.value
+            )
+        ).all()
+    assert acknowledged == [
+        (f"campaign {SLUG}: bounce spike acknowledged (send --acknowledge-bounces)", ACTOR.label)
+    ]
 
 
 def test_finish_says_done_paused_or_sending(store: Store) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from mailer.models import EventKind, MessageStatus
 from mailer.outbox import NextState
-from mailer.policy import SendPolicy, StopReason, next_state
+from mailer.policy import SendPolicy, StopReason, is_hard_bounce, next_state
 from mailer.transport import Outcome, OutcomeKind
 
 NOW = dt.datetime(2022, 3, 14, 12, 0, tzinfo=dt.UTC)
@@ -81,8 +83,42 @@ def test_a_5xx_fails_at_once_whatever_the_attempt() -> None:
             now=NOW,
         )
         assert state == NextState(
-            status=MessageStatus.FAILED, event=EventKind.FAILED, detail="5.1.1 no such user"
+            status=MessageStatus.FAILED,
+            event=EventKind.FAILED,
+            detail="5.1.1 no such user",
+            hard_bounce=True,
         )
+        policy_refusal = next_state(
+            outcome(OutcomeKind.PERMANENT, 554, "5.7.1 relay access denied"),
+            attempts=attempts,
+            policy=POLICY,
+            now=NOW,
+        )
+        assert policy_refusal.status is MessageStatus.FAILED and not policy_refusal.hard_bounce
+
+
+@pytest.mark.parametrize(
+    ("code", "reply", "hard"),
+    [
+        (550, "5.1.1 <mayor@example.org>: Recipient address rejected: User unknown", True),
+        (550, "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found", True),
+        (551, "5.1.6 mailbox has moved", True),
+        (553, "5.1.1 bad destination mailbox", True),
+        (550, "No such user here", True),
+        (550, "user unknown", True),
+        (550, "5.7.1 mailbox unavailable: message refused as spam", False),
+        (552, "5.2.2 mailbox full", False),
+        (554, "5.7.1 no such user -- just kidding, policy", False),
+        (550, "mailbox unavailable", False),
+        (550, "5.1.12 something else", False),
+        (450, "4.1.1 try later", False),
+    ],
+)
+def test_only_answers_that_say_the_address_does_not_exist_are_hard_bounces(
+    code: int, reply: str, hard: bool
+) -> None:
+    kind = OutcomeKind.TRANSIENT if code < 500 else OutcomeKind.PERMANENT
+    assert is_hard_bounce(outcome(kind, code, reply)) is hard
 
 
 def test_an_unknown_outcome_is_uncertain_and_has_no_retry_time() -> None:
@@ -108,6 +144,7 @@ def test_stop_reasons_keep_their_words() -> None:
         "paused",
         "interrupted",
         "systemic",
+        "bounce-spike",
         "error",
         "held",
     ]

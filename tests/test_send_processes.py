@@ -189,14 +189,14 @@ def test_sigkill_at_random_points_then_resume(
         wait_for_arrivals(server, proc, target)
         proc.kill()
         output, _ = proc.communicate(timeout=30)
-        if "now `uncertain`" in output:
+        if "left `sending`" in output:
             recovered_seen += 1
         assert_consistent(engine, server, killed=True)
     for _resume in range(5):
         proc = start_send(workspace, server.url(), "--concurrency", "4")
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode in (0, 3), output
-        if "now `uncertain`" in output:
+        if "left `sending`" in output:
             recovered_seen += 1
         states = assert_consistent(engine, server)
         if not {"queued", "retry", "sending"} & set(states.values()):
@@ -205,9 +205,10 @@ def test_sigkill_at_random_points_then_resume(
     assert len(states) == total
     assert set(states.values()) <= {"sent", "uncertain"}
     counts = collections.Counter(states.values())
-    # Each kill leaves only the pipeline's few batches in doubt: most of the list is known sent.
+    # Each kill leaves in doubt only the letters on the wire: 4 connections, 2 on each when
+    # the server pipelines (journal.py); the claimed rest went back to the queue.
     print("crash test outcome:", dict(counts))
-    assert counts["sent"] >= total - 4 * 250, counts
+    assert counts["uncertain"] <= 4 * 4 * 2, counts
     assert recovered_seen >= 1
 
 

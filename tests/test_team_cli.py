@@ -612,3 +612,44 @@ def test_the_confirmation_asks_for_a_rate_when_a_provider_has_none(
     assert "Send now? [y/N]" in shown
     assert "Aborted" in shown
     assert statuses(engine) == {}
+
+
+def test_quiet_days_are_checked_again_when_a_letter_is_claimed(
+    run: Cli, workspace: Path, engine: Engine, tmp_path: Path
+) -> None:
+    """A letter whose contact another campaign wrote to after it was queued is skipped by the
+    claim, with an event: here three letters refused once and requeued by `retry` (no longer
+    a first attempt, so the queue's own check leaves them alone) while another campaign wrote
+    to their contacts."""
+    emails = seed_campaign(engine, workspace, count=6, create=False)
+    run.ok("campaign", "create", "second", "--template", "plain", "--from", FROM,
+           "--skip-contacted-within", "14d")  # fmt: skip
+    refused = set(emails[:3])
+    with SmtpTestServer() as server:
+        server.on_rcpt = lambda a: "550 5.7.1 refused by policy" if a in refused else None
+        assert run("send", "second", "--smtp", server.url(), "--yes").exit_code == 3
+        assert statuses(engine, "second") == {"sent": 3, "failed": 3}
+        # Meanwhile the first campaign writes to those three.
+        run.ok("campaign", "create", "first", "--template", "plain", "--from", FROM,
+               *(f"--where=email={e}" for e in emails[:3]))  # fmt: skip
+        run.ok("send", "first", "--outbox", str(tmp_path / "first"), "--yes")
+        assert "Requeued 3 failed" in run.ok("retry", "second", "--failed").output
+        server.on_rcpt = None
+        before = len(server.recipients())
+        again = run.ok("send", "second", "--smtp", server.url(), "--yes")
+        assert len(server.recipients()) == before  # nothing more went out
+    assert statuses(engine, "second") == {"sent": 3, "skipped": 3}
+    assert "skipped 3 (suppressed, invalid address, or written to lately" in again.output
+    with Session(engine) as s:
+        skipped = s.execute(
+            select(Contact.email, Event.detail)
+            .join(Event, Event.contact_id == Contact.id)
+            .join(Campaign, Campaign.id == Event.campaign_id)
+            .where(Campaign.slug == "second", Event.kind == "skipped")
+        ).all()
+    assert {email for email, _ in skipped} == refused
+    assert all(
+        detail.startswith("quiet days: campaign first wrote to this contact on")
+        and detail.endswith("within the 14 quiet day(s); found at its claim")
+        for _, detail in skipped
+    )

@@ -91,6 +91,7 @@ def send(
     slug: str = SLUG,
     concurrency: int = 2,
     daily_cap: int | None = None,
+    rate: float | None = None,
     **options: object,
 ) -> SendReport:
     pool = SmtpPool(parse_smtp_url(server.url(), timeout=10), size=concurrency)
@@ -101,6 +102,7 @@ def send(
         transport=pool,
         concurrency=concurrency,
         daily_cap=daily_cap,
+        rate=rate,
         clock=clock,
         sleep=clock.sleep,
         timing_options=timing.RunTiming(**options),  # type: ignore[arg-type]
@@ -264,14 +266,55 @@ def test_in_the_autumn_hour_that_occurs_twice_no_letter_goes_twice_or_outside_it
     assert {at.astimezone(berlin).strftime("%Z") for at in got.values()} == {"CEST", "CET"}
     released = event_details(engine, "requeued")
     assert released and all(
-        d.startswith("released unsent (its sending window closed); due 2024-10-27 01:00 UTC")
+        d.startswith("released unsent, attempt ")
+        and d.endswith(" not made (its sending window closed); due 2024-10-27 01:00 UTC")
         for d in released
     )
 
 
-def test_spread_paces_a_days_cap_evenly_over_the_window(
+def test_a_letter_whose_window_closes_while_it_waits_for_a_connection_is_held(
     run: Cli, workspace: Path, engine: Engine, ws: Workspace, server: SmtpTestServer
 ) -> None:
+    """Two senders on one connection: the second letter passed its window check and waits for
+    the connection while the first one's server takes 31 minutes; by then its window has
+    closed, so it is held for the next one, not handed over."""
+    rows = [(f"w{i}@example.org", f"W{i}", "Berlin", "DE", "") for i in range(2)]
+    import_contacts(run, workspace, rows, "email,name,city,country,timezone")
+    create(run, workspace)
+    clock = FakeClock(dt.datetime(2024, 6, 3, 9, tzinfo=UTC))  # a Monday
+
+    def slow_server(envelope: object) -> None:
+        clock.now += dt.timedelta(minutes=31)
+
+    server.on_data = slow_server
+    report = send_engine.send_campaign(
+        workspace=ws,
+        engine=engine,
+        slug=SLUG,
+        transport=SmtpPool(parse_smtp_url(server.url(), timeout=10), size=1),
+        concurrency=2,
+        clock=clock,
+        sleep=clock.sleep,
+        timing_options=timing.RunTiming(windows=("Mon 09:00-09:30",), window_zone="UTC"),
+    )
+    assert report.sent == 1 and len(server.recipients()) == 1
+    assert list(sent_at(engine).values()) == [dt.datetime(2024, 6, 3, 9, tzinfo=UTC)]
+    assert [d.split(" not made ")[1] for d in event_details(engine, "requeued")] == [
+        "(its sending window closed); due 2024-06-10 09:00 UTC"
+    ]
+
+
+@pytest.mark.parametrize("rate", [None, 1.0], ids=["no-rate", "with-a-faster-rate"])
+def test_spread_paces_a_days_cap_evenly_over_the_window(
+    run: Cli,
+    workspace: Path,
+    engine: Engine,
+    ws: Workspace,
+    server: SmtpTestServer,
+    rate: float | None,
+) -> None:
+    """With a --rate as well, the spread (never faster than the rate) is this sender's pace:
+    the letters are spread all the same, and the campaign's shared pace is left alone."""
     rows = [(f"m{i}@example.org", f"M{i}", "Berlin", "DE", "") for i in range(6)]
     import_contacts(run, workspace, rows, "email,name,city,country,timezone")
     create(run, workspace)
@@ -286,12 +329,15 @@ def test_spread_paces_a_days_cap_evenly_over_the_window(
         clock,
         concurrency=1,
         daily_cap=16,
+        rate=rate,
         windows=("Mon-Fri 09:00-17:00",),
         window_zone="UTC",
         spread=True,
         seed=42,
     )
     assert report.sent == 6
+    with Session(engine) as s:
+        assert s.scalars(select(Campaign.pace_next_at)).one() is None
     times = sorted(sent_at(engine).values())
     # 8 open hours / 16 letters a day: one every 30 minutes, give or take 10 %, seeded.
     rng = random.Random(42)
@@ -457,10 +503,12 @@ def test_a_held_letter_is_neither_peeked_nor_claimed_early_and_is_due_at_exactly
     just_before = due_at - dt.timedelta(microseconds=1)
     assert peek.peek(10, skip=frozenset(), now=just_before) == []
     assert not peek.any(now=just_before)
-    early = outbox.claim(engine, campaign_id=campaign.id, ids=[mid], run_id="t", now=just_before)
-    assert early == []
+    early = outbox.claim(
+        engine, campaign_id=campaign.id, ids=[mid], sender_id="t", now=just_before
+    )
+    assert early.claims == []
     peek.expect_retries()
     assert peek.peek(10, skip=frozenset(), now=due_at) == [(mid, cid)]
-    claims = outbox.claim(engine, campaign_id=campaign.id, ids=[mid], run_id="t", now=due_at)
-    assert [c.id for c in claims] == [mid]
+    claimed = outbox.claim(engine, campaign_id=campaign.id, ids=[mid], sender_id="t", now=due_at)
+    assert [c.id for c in claimed.claims] == [mid]
     assert event_details(engine, "held") == ["due 2024-06-03 10:00 UTC: outside its window"]
