@@ -1,7 +1,7 @@
 """senders (identity, lease, heartbeat), the campaign's shared pace, an index for the daily cap
 
-Revision ID: 0007_reliability
-Revises: 0006_windows
+Revision ID: 0009_reliability
+Revises: 0008_mailflow
 Create Date: 2026-12-02 15:00:00
 
 - `senders`: one row per `mailer send` run on a campaign: who (OS user, host, process, SMTP
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007_reliability"
-down_revision: str | None = "0006_windows"
+revision: str = "0009_reliability"
+down_revision: str | None = "0008_mailflow"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
