@@ -34,14 +34,16 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import nacl.signing
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from typing import TYPE_CHECKING
 
 from mailer.addresses import encode_domain
 from mailer.errors import InvalidValueError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+# The cryptography libraries (OpenSSL, libsodium: 12 MB) load only where a key is used, so a
+# send or a compose worker without [dkim] carries none of them.
 
 RSA = "rsa-sha256"
 ED25519 = "ed25519-sha256"
@@ -122,6 +124,10 @@ def settings_from(*, section: object, root: Path) -> DkimSettings | None:
 
 
 def _read_key(path: Path) -> ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     where = f"mailer.toml [dkim] key_file {path}"
     try:
         data = path.read_bytes()
@@ -238,6 +244,10 @@ class DkimSigner:
     """Signs letters for one domain and selector with one key, read once."""
 
     def __init__(self, settings: DkimSettings) -> None:
+        import nacl.signing
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
         self.settings = settings
         self.domain = settings.domain
         self.selector = settings.selector
@@ -263,6 +273,9 @@ class DkimSigner:
         self._head_canonical = self._head_text.strip()
 
     def dns_record(self) -> DnsRecord:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         public = self._key.public_key()
         if isinstance(public, rsa.RSAPublicKey):
             raw = public.public_bytes(

@@ -386,11 +386,16 @@ _PlaceKey = tuple[str | None, str | None, str | None, str | None, str | None]
 def _place(key: _PlaceKey, places: dict[_PlaceKey, Place]) -> Place:
     """A contact's Place from its stored columns, once per distinct set of them (a list has
     many contacts per city)."""
+    tz, attributes_text, city, country, region = key
+    if attributes_text and not _PLACE_WORDS.search(attributes_text):
+        # Attributes that name no zone or place (a population, a note) do not make a place of
+        # their own: contacts of one city share one Place, whatever else they carry.
+        key = (tz, None, city, country, region)
+        attributes_text = None
     found = places.get(key)
     if found is None:
-        tz, attributes_text, city, country, region = key
         attributes = None
-        if attributes_text and _PLACE_WORDS.search(attributes_text):
+        if attributes_text:
             decoded = json.loads(attributes_text)
             attributes = decoded if isinstance(decoded, dict) else None
         found = places[key] = Place.of(
