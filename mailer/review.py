@@ -205,6 +205,9 @@ class CampaignSummary:
     # and when the first of them falls due.
     waiting: int = 0
     next_due_at: dt.datetime | None = None
+    # Failed letters whose address is suppressed since (a hard bounce, an unsubscribe): no
+    # retry can help them, and `mailer retry --failed` leaves them alone.
+    failed_suppressed: int = 0
 
     @property
     def total(self) -> int:
@@ -272,10 +275,16 @@ class CampaignSummary:
                 f"{c['sending']:,} claimed by a sender: if no `mailer send` is running, "
                 f"the next `mailer send {slug}` settles them"
             )
-        if c["failed"]:
+        retriable = c["failed"] - self.failed_suppressed
+        if retriable > 0:
             steps.append(
-                f"{c['failed']:,} failed: see why with `mailer log {slug} --status failed`; "
+                f"{retriable:,} failed: see why with `mailer log {slug} --status failed`; "
                 f"once the cause is fixed, `mailer retry {slug} --failed` queues them again"
+            )
+        if self.failed_suppressed:
+            steps.append(
+                f"{self.failed_suppressed:,} failed and suppressed since (no such mailbox, "
+                "unsubscribed, or asked not to be written to): no retry can help them"
             )
         if c["uncertain"]:
             steps.append(
@@ -451,7 +460,23 @@ def _summary(
                 Message.next_attempt_at > now,
             )
         ).one()
+    failed_suppressed = 0
+    if counts[MessageStatus.FAILED.value]:
+        failed_suppressed = int(
+            session.scalar(
+                select(func.count())
+                .select_from(Message)
+                .join(Contact, Contact.id == Message.contact_id)
+                .join(Suppression, Suppression.email == Contact.email)
+                .where(
+                    Message.campaign_id == campaign.id,
+                    Message.status == MessageStatus.FAILED.value,
+                )
+            )
+            or 0
+        )
     return CampaignSummary(
+        failed_suppressed=failed_suppressed,
         waiting=int(waiting or 0),
         next_due_at=_aware(next_due),
         outcomes=campaign_outcomes(session, campaign_id=campaign.id),

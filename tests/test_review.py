@@ -543,3 +543,36 @@ def test_status_and_log_agree(sample: sessionmaker[Session], run: Cli) -> None:
     events = _csv(run.ok("log", "spring", "--events", "--format", "csv").stdout)
     sent_events = {r["email"] for r in events if r["kind"] == "sent"}
     assert sent_events == {r["email"] for r in rows if r["status"] == "sent"}
+
+
+def test_status_does_not_advise_a_retry_for_failed_letters_now_suppressed(
+    sample: sessionmaker[Session],
+) -> None:
+    # Issue 14 item 7: a letter refused with "no such user" suppresses its address; `retry
+    # --failed` leaves it alone, so `status` must not advise a retry that cannot help.
+    from sqlalchemy import select
+
+    from mailer.models import Contact, Suppression
+
+    with sample() as session, session.begin():
+        failed = (
+            session.execute(
+                select(Contact.email)
+                .join(Message, Message.contact_id == Contact.id)
+                .where(Message.status == "failed")
+                .order_by(Contact.email)
+            )
+            .scalars()
+            .all()
+        )
+        assert len(failed) == 3
+        session.add(Suppression(email=failed[0], reason="hard_bounce", source="test"))
+    with sample() as session:
+        (spring,) = review.campaign_status(session, "spring")
+    assert spring.failed_suppressed == 1
+    steps = spring.next_steps()
+    assert any(step.startswith("2 failed: see why") for step in steps), steps
+    assert any(
+        step.startswith("1 failed and suppressed since") and "no retry can help" in step
+        for step in steps
+    ), steps
