@@ -1136,6 +1136,8 @@ AUDIT_COLUMNS: tuple[str, ...] = (
     "message_id",
 )
 AUDIT_TABLE_COLUMNS: tuple[str, ...] = ("at", "kind", "campaign", "email", "actor", "detail")
+# What the audit query reads, in order: every column but `host`, which is worked out from `actor`.
+_AUDIT_QUERIED = tuple(column for column in AUDIT_COLUMNS if column != "host")
 
 
 def actor_host(actor: str | None) -> str | None:
@@ -1181,25 +1183,7 @@ def audit_rows(
     while True:
         page = session.connection().execute(base.where(Event.id > after)).all()
         for row in page:
-            item = dict(
-                zip(
-                    (
-                        "id",
-                        "at",
-                        "kind",
-                        "campaign",
-                        "email",
-                        "status",
-                        "smtp_code",
-                        "detail",
-                        "via",
-                        "actor",
-                        "message_id",
-                    ),
-                    row,
-                    strict=True,
-                )
-            )
+            item = dict(zip(_AUDIT_QUERIED, row, strict=True))
             item["at"] = _aware(row[1])
             item["host"] = actor_host(item["actor"])
             yield item

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from mailer import outbox, tokens
 from mailer.addresses import address_problem, display, normalise
 from mailer.errors import InvalidValueError, MailerError
-from mailer.models import Campaign, Contact, Message, Suppression
+from mailer.models import Campaign, Contact, Message
 
 
 class TokenProblem(enum.Enum):
@@ -109,10 +109,6 @@ def target_for_email(session: Session, email: str) -> Target:
         contact_id=row[0] if row else None,
         language=row[1] if row else None,
     )
-
-
-def is_suppressed(session: Session, email: str) -> bool:
-    return session.scalar(select(Suppression.id).where(Suppression.email == email)) is not None
 
 
 def unsubscribe(

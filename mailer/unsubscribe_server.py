@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from mailer import db, unsubscribe, workspace_secret
+from mailer import audience, db, unsubscribe, workspace_secret
 from mailer.clock import Clock, utcnow
 from mailer.config import Workspace
 from mailer.errors import DatabaseError, InvalidValueError, MailerError
@@ -102,7 +102,7 @@ def create_app(*, workspace: Workspace, engine: Engine, clock: Clock = utcnow) -
                         via=VIA,
                     )
                     return _Answer(Page.DONE, 200, target)
-                if unsubscribe.is_suppressed(session, target.email):
+                if audience.suppression_for(session, target.email) is not None:
                     return _Answer(Page.DONE, 200, target)
                 return _Answer(Page.ASK, 200, target)
         except BadToken as exc:
